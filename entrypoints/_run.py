@@ -1,0 +1,59 @@
+"""Shared by the MLproject entry point scripts: turn ``key=value`` pairs into CLI flags.
+
+MLproject commands render every parameter, set or not, so each script receives ``key=value``
+words; empty values mean "not given" and boolean flags take ``true``/``false``. The script then
+runs the same click command a user runs, so `mlflow run . -e STEP` and `lifecycle STEP` cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+
+def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
+    """Translate ``["source=x", "overwrite=true", "set=a=1,b=2"]`` into click arguments."""
+    from lifecycle.cli import COMMANDS, cli
+
+    ctx_cmd = cli.get_command(None, command)  # type: ignore[arg-type]
+    if ctx_cmd is None:
+        raise SystemExit(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    params = {p.name: p for p in ctx_cmd.params}
+    positional: list[str] = []
+    flags: list[str] = []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            positional.append(word)
+            continue
+        name = key.replace("-", "_")
+        param = params.get(name)
+        if param is None:
+            raise SystemExit(f"{command}: unknown parameter {key!r}; valid: {', '.join(sorted(params))}")
+        if value == "":
+            continue
+        if getattr(param, "param_type_name", "") == "argument":
+            positional.append(value)
+            continue
+        opt = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                flags.append(opt)
+            continue
+        if getattr(param, "multiple", False):
+            # MLproject parameters are single strings: several values are separated by ';'.
+            for item in value.split(";"):
+                if item.strip():
+                    flags += [opt, item.strip()]
+            continue
+        flags += [opt, value]
+    return [command, *positional, *flags]
+
+
+def run(command: str, argv: Sequence[str] | None = None) -> None:
+    """Run ``lifecycle COMMAND`` with the entry point's ``key=value`` words; exit with its code."""
+    from lifecycle.cli import main
+
+    args = to_cli_args(command, list(sys.argv[1:] if argv is None else argv))
+    main(args)

@@ -1,0 +1,92 @@
+"""One error type per failure a user must tell apart.
+
+Library code raises these; only :mod:`lifecycle.cli` turns them into one-line messages and exit
+codes. Exit codes are part of the public contract (schedulers and CI scripts branch on them), so
+they never change once released:
+
+====  ==========================================================
+code  meaning
+====  ==========================================================
+1     unexpected crash (a bug: a traceback is printed)
+2     bad usage or configuration (unknown key, bad value, bad flag)
+3     a promotion gate refused the change (not a crash)
+4     bad input data (missing file, bad encoding, empty corpus ...)
+5     something named does not exist (model, version, run, alias)
+6     the output already exists (use --overwrite)
+7     the tracking server cannot be reached
+8     permission denied by the tracking server
+9     a concurrent change held the lock or won the race
+10    monitor verdict ``warn``            (used by ``lifecycle monitor``)
+11    monitor verdict ``retrain``         (used by ``lifecycle monitor``)
+12    training diverged (loss became NaN/inf)
+13    out of memory on the accelerator
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+
+class LifecycleError(Exception):
+    """Base class of every error the CLI reports as a one-line message."""
+
+    exit_code = 1
+
+
+class ConfigError(LifecycleError):
+    """A configuration file, ``--set`` override or flag is invalid."""
+
+    exit_code = 2
+
+
+class GateRejected(LifecycleError):
+    """A promotion policy refused the requested change; the registry is unchanged."""
+
+    exit_code = 3
+
+
+class DataError(LifecycleError):
+    """Input data is missing, unreadable, malformed or empty."""
+
+    exit_code = 4
+
+
+class NotFoundError(LifecycleError):
+    """A named model, version, run, alias or artifact does not exist."""
+
+    exit_code = 5
+
+
+class OutputExistsError(LifecycleError):
+    """The output location exists and ``--overwrite`` was not given."""
+
+    exit_code = 6
+
+
+class TrackingUnavailableError(LifecycleError):
+    """The MLflow tracking server could not be reached after bounded retries."""
+
+    exit_code = 7
+
+
+class PermissionDeniedError(LifecycleError):
+    """The tracking server refused the operation for these credentials."""
+
+    exit_code = 8
+
+
+class ConcurrencyError(LifecycleError):
+    """Another process holds the lock, or changed the state we meant to change."""
+
+    exit_code = 9
+
+
+class TrainingDivergedError(LifecycleError):
+    """The training loss became NaN or infinite."""
+
+    exit_code = 12
+
+
+class AcceleratorOutOfMemoryError(LifecycleError):
+    """The accelerator ran out of memory."""
+
+    exit_code = 13

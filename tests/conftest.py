@@ -1,0 +1,99 @@
+"""Shared fixtures: an isolated tracking database, real servers, and tiny prepared data.
+
+Fixtures that start processes are session-scoped; tests isolate themselves by names
+(experiments, registered models), not by servers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory):
+    """Point MLflow at a session-private sqlite database: tests never touch ./mlflow.db."""
+    root = tmp_path_factory.mktemp("tracking")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    # Hub access is impossible here and must never be attempted silently.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking database for one test (for tests that count runs or versions)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A registered-model / experiment name no other test uses."""
+    return f"lm-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` with a sqlite backend, shared by the session."""
+    work = tmp_path_factory.mktemp("mlflow-server-sqlite")
+    server = servers.start_mlflow_server(f"sqlite:///{work / 'backend.db'}", work)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on a fresh PostgreSQL database (skips, or fails in CI, without one)."""
+    reason = servers.postgres_available()
+    if reason:
+        if servers.REQUIRE_POSTGRES:
+            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
+        pytest.skip(reason)
+    uri = servers.create_postgres_database()
+    work = tmp_path_factory.mktemp("mlflow-server-pg")
+    server = servers.start_mlflow_server(uri, work)
+    yield server
+    server.stop()
+    servers.drop_postgres_database(uri)
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared data from a slice of the built-in corpus: small vocab, 64-token blocks.
+
+    Made through the CLI, exactly as a user would, so every stage's tests consume the real
+    prepare output contract.
+    """
+    from lifecycle.cli import main
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    try:
+        main(["prepare", "--source", "builtin:pydoc", "--output", str(out), "--vocab-size", "512",
+              "--block-size", "64", "--max-documents", "400"])
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fast unit tests first, then the end-to-end tests that start servers and `mlflow run`.
+
+    A broken import then fails in seconds (pytest runs with -x in CI), and the slow tests only
+    run once the cheap ones pass.
+    """
+    items.sort(key=lambda item: 1 if item.get_closest_marker("e2e") else 0)

@@ -1,0 +1,138 @@
+"""Real processes for the tests: `mlflow server` on loopback with sqlite or PostgreSQL backends.
+
+Each kind of server starts once per test session (it takes ~18 s here); every test then uses its
+own experiment or registered-model name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POSTGRES_DSN = os.environ.get("LIFECYCLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+#: CI sets this so that PostgreSQL-backed tests run or fail, never skip.
+REQUIRE_POSTGRES = os.environ.get("LIFECYCLE_REQUIRE_POSTGRES", "") not in ("", "0", "false")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:  # noqa: BLE001 - keep polling
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server` and how to reach it."""
+
+    url: str
+    backend_uri: str
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        """Terminate the server (and its gunicorn/uvicorn workers)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None = None,
+                        extra_env: dict[str, str] | None = None) -> MlflowServer:
+    """Start `mlflow server` on a free loopback port, serving artifacts through the server."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update({
+        # Let the server deliver registry webhooks to a receiver on loopback (the UI guard).
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        **(extra_env or {}),
+    })
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "2"]
+    if app_name:
+        cmd += ["--app-name", app_name]
+    log_path = workdir / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=120, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
+    return MlflowServer(url=url, backend_uri=backend_uri, proc=proc, log_path=log_path, env=env)
+
+
+def postgres_available() -> str | None:
+    """None when PostgreSQL answers at the test DSN, else the reason it does not."""
+    try:
+        import psycopg2
+    except ImportError:
+        return "psycopg2 is not installed (pip install -e '.[test]')"
+    try:
+        conn = psycopg2.connect(POSTGRES_DSN, connect_timeout=3)
+        conn.close()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL not reachable at {POSTGRES_DSN}: {str(exc).strip().splitlines()[0]}"
+
+
+def create_postgres_database() -> str:
+    """Create a fresh database for one test session and return its SQLAlchemy URI."""
+    import psycopg2
+
+    name = f"lifecycle_test_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(POSTGRES_DSN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    base = POSTGRES_DSN.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+def drop_postgres_database(uri: str) -> None:
+    """Drop a database made by :func:`create_postgres_database` (best effort)."""
+    import psycopg2
+
+    name = uri.rsplit("/", 1)[1]
+    try:
+        conn = psycopg2.connect(POSTGRES_DSN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+    except Exception:  # noqa: BLE001
+        pass
