@@ -20,6 +20,11 @@ def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
     if ctx_cmd is None:
         raise SystemExit(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
     params = {p.name: p for p in ctx_cmd.params}
+    # Also accept the option's own spelling: `set=...` for `--set` whose click name is `overrides`.
+    for p in ctx_cmd.params:
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                params.setdefault(opt[2:].replace("-", "_"), p)
     positional: list[str] = []
     flags: list[str] = []
     for word in words:

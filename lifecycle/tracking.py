@@ -217,7 +217,7 @@ def _describe_registered(client: Any, name: str) -> str:
     names = [m.name for m in models]
     if name in names:
         versions = client.search_model_versions(f"name='{name}'", max_results=50)
-        listing = ", ".join(sorted((v.version for v in versions), key=int))
+        listing = ", ".join(sorted((str(v.version) for v in versions), key=int))
         aliases = next((m.aliases for m in models if m.name == name), {}) or {}
         alias_text = ", ".join(f"@{a}->v{v}" for a, v in sorted(aliases.items()))
         return f" (versions of {name}: {listing or 'none'}{'; aliases ' + alias_text if alias_text else ''})"

@@ -21,6 +21,10 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("tracking")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    # With a sqlite tracking URI MLflow puts artifacts under ./mlruns of the current directory;
+    # this variable (what `mlflow server` itself sets for its store) keeps test artifacts, also
+    # those of `mlflow run` subprocesses, out of the checkout.
+    os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = str(root / "artifacts")
     # Hub access is impossible here and must never be attempted silently.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

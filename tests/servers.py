@@ -66,12 +66,16 @@ class MlflowServer:
 
 
 def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None = None,
-                        extra_env: dict[str, str] | None = None) -> MlflowServer:
-    """Start `mlflow server` on a free loopback port, serving artifacts through the server."""
+                        extra_env: dict[str, str] | None = None, port: int | None = None) -> MlflowServer:
+    """Start `mlflow server` on a free loopback port, serving artifacts through the server.
+
+    ``port`` restarts a stopped server on the port it had (clients keep their URI).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("_MLFLOW_SERVER_ARTIFACT_ROOT", None)  # the server sets its own from --artifacts-destination
     env.update({
         # Let the server deliver registry webhooks to a receiver on loopback (the UI guard).
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
@@ -120,7 +124,8 @@ def create_postgres_database() -> str:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     base = POSTGRES_DSN.rsplit("/", 1)[0]
-    return f"{base}/{name}"
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (v3), which is not installed here.
+    return f"{base}/{name}".replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
 def drop_postgres_database(uri: str) -> None:

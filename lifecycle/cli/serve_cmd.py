@@ -1,0 +1,80 @@
+"""``lifecycle serve``: `mlflow models serve` for a registered model, with our settings in the env.
+
+It resolves ``models:/NAME@ALIAS`` (or ``/VERSION``) first, so a missing alias is a one-line
+error with what exists instead of a server that dies while loading, then replaces itself with
+``mlflow models serve -m URI --env-manager local`` (signals and exit code are the server's own).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from lifecycle.errors import ConfigError
+
+
+@click.command("serve")
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True, help="Registry alias to serve.")
+@click.option("--version", "version", default=None, help="Serve this version number instead of an alias.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", "-p", default=5001, show_default=True, type=int, help="Port to listen on.")
+@click.option("--workers", "-w", default=1, show_default=True, type=int,
+              help="Server worker processes (each loads its own copy of the model).")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu (default: CUDA when available).")
+@click.option("--max-batch-size", type=int, default=None, help="Most rows per generate call.")
+@click.option("--batch-wait-ms", type=float, default=None, help="How long a request waits for others to batch with.")
+@click.option("--coalesce/--no-coalesce", default=None, help="Batch concurrent requests together (default on).")
+@click.option("--max-new-tokens-cap", type=int, default=None, help="Largest max_new_tokens a request may ask for.")
+@click.option("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")
+@click.option("--inference-log", type=click.Path(dir_okay=False), default=None,
+              help="Append one JSON line per request here (LIFECYCLE_INFERENCE_LOG).")
+@click.option("--log-text", is_flag=True, default=False,
+              help="Also record prompts and completions, PII-scrubbed (LIFECYCLE_INFERENCE_LOG_TEXT=1).")
+@click.option("--timeout", type=int, default=None, help="Request timeout in seconds (MLflow's default: 60).")
+def serve(name: str, alias: str, version: str | None, host: str, port: int, workers: int, device: str | None,
+          max_batch_size: int | None, batch_wait_ms: float | None, coalesce: bool | None,
+          max_new_tokens_cap: int | None, max_prompt_tokens: int | None, inference_log: str | None,
+          log_text: bool, timeout: int | None) -> None:
+    """Serve registered model NAME (at --alias, default production) over HTTP.
+
+    POST /invocations with {"inputs": ["prompt", ...], "params": {"max_new_tokens": 32}},
+    {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]}.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.tracking import _check_model_uri
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    env = dict(os.environ)
+    settings = {
+        "LIFECYCLE_DEVICE": device,
+        "LIFECYCLE_MAX_BATCH_SIZE": max_batch_size,
+        "LIFECYCLE_BATCH_WAIT_MS": batch_wait_ms,
+        "LIFECYCLE_COALESCE": None if coalesce is None else str(coalesce).lower(),
+        "LIFECYCLE_MAX_NEW_TOKENS_CAP": max_new_tokens_cap,
+        "LIFECYCLE_MAX_PROMPT_TOKENS": max_prompt_tokens,
+        "LIFECYCLE_INFERENCE_LOG": os.path.abspath(inference_log) if inference_log else None,
+        "LIFECYCLE_INFERENCE_LOG_TEXT": "1" if log_text else None,
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": timeout,
+    }
+    env.update({k: str(v) for k, v in settings.items() if v is not None})
+    # Validate the settings here, where a bad value is a one-line error, not a dead worker.
+    from lifecycle.serving.settings import serving_config
+
+    serving_config({}, environ=env)
+    uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
+    client = MlflowClient()
+    _check_model_uri(client, uri)
+    resolved = version or client.get_model_version_by_alias(name, alias).version
+    env["LIFECYCLE_MODEL_NAME"] = name
+    env["LIFECYCLE_MODEL_VERSION"] = str(resolved)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "-h", host, "-p", str(port), "-w", str(workers)]
+    click.echo(f"serving {name} version {resolved} ({uri}) at http://{host}:{port}/invocations", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)

@@ -1,0 +1,148 @@
+"""The serving engine: one loaded model, its limits, the coalescer and the inference recorder.
+
+The pyfunc class (:mod:`lifecycle.serving.model`) is a thin MLflow adapter around this; the
+engine itself is plain Python + torch, so benchmarks and tests can measure it against a bare
+``model.generate`` without MLflow in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from lifecycle.serving.batching import Coalescer
+from lifecycle.serving.generate import (
+    Completion,
+    context_length,
+    encode_prompt,
+    generate_batch,
+    load_model,
+    pick_device,
+)
+from lifecycle.serving.records import InferenceRecorder
+from lifecycle.serving.requests import GenParams, InvalidRequest, parse_inputs, parse_params, plain_chat_prompt
+from lifecycle.serving.settings import ServingConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "truncated"]
+
+
+class Engine:
+    """Validate, batch, generate and record; ``predict`` returns the output DataFrame."""
+
+    def __init__(self, model_dir: str | Path, config: ServingConfig | None = None, *,
+                 recorder: InferenceRecorder | None = None):
+        self.config = config or ServingConfig()
+        self.device = pick_device(self.config.device)
+        import torch
+
+        if self.device.type == "cpu" and self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        # Generation may run on another thread (the batching worker, the server's request
+        # threads); they get this thread's CPU thread count, not OpenMP's per-thread default.
+        self.threads = torch.get_num_threads() if self.device.type == "cpu" else None
+        self.model, self.tokenizer = load_model(model_dir, self.device)
+        self.context = context_length(self.model)
+        self.recorder = recorder
+        # Static cache + compile only pays off (and only works well) on CUDA.
+        self.static_cache = bool(self.config.compile and self.device.type == "cuda")
+        self.coalescer = (Coalescer(self._run_batch, max_batch=self.config.max_batch_size,
+                                    wait_s=self.config.batch_wait_ms / 1000.0)
+                          if self.config.coalesce else None)
+
+    def warmup(self) -> None:
+        """One short generation so the first real request does not pay for lazy initialisation."""
+        self._generate(["Hello"], parse_params({"max_new_tokens": 2}, max_new_tokens_cap=self.config.max_new_tokens_cap,
+                                               default_max_new_tokens=self.config.default_max_new_tokens))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages with the tokenizer's template, or the plain format without one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return plain_chat_prompt(messages)
+
+    def prompt_limit(self, params: GenParams) -> int:
+        """Most prompt tokens a request with ``params`` may carry."""
+        limit = self.context - params.max_new_tokens
+        if self.config.max_prompt_tokens is not None:
+            limit = min(limit, self.config.max_prompt_tokens)
+        if limit < 1:
+            raise InvalidRequest(
+                f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
+                f"{self.context}-token context; use at most {self.context - 1}"
+            )
+        return limit
+
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Generate for every row of ``model_input``; the DataFrame of :data:`OUTPUT_COLUMNS`."""
+        import pandas as pd
+
+        start = time.perf_counter()
+        gen: GenParams | None = None
+        prompts: list[str] = []
+        try:
+            gen = parse_params(params, max_new_tokens_cap=self.config.max_new_tokens_cap,
+                               default_max_new_tokens=self.config.default_max_new_tokens)
+            prompts = parse_inputs(model_input, self.chat_prompt)
+            completions, batch_size = self._generate(prompts, gen)
+        except InvalidRequest as exc:
+            self._record(start, gen, prompts, [], 0, error=str(exc), status="invalid")
+            raise
+        except Exception as exc:
+            self._record(start, gen, prompts, [], 0, error=f"{type(exc).__name__}: {exc}", status="error")
+            raise
+        self._record(start, gen, prompts, completions, batch_size)
+        return pd.DataFrame([[c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, c.truncated]
+                             for c in completions], columns=OUTPUT_COLUMNS)
+
+    def record_refusal(self, message: str) -> None:
+        """Record a request refused before it reached :meth:`predict` (e.g. by MLflow's param checks)."""
+        self._record(time.perf_counter(), None, [], [], 0, error=message, status="invalid")
+
+    def _generate(self, prompts: list[str], gen: GenParams) -> tuple[list[Completion], int]:
+        limit = self.prompt_limit(gen)
+        items = []
+        for text in prompts:
+            ids, truncated = encode_prompt(self.tokenizer, text, max_prompt_tokens=limit, truncate=gen.truncate)
+            items.append((ids, gen, truncated))
+        if self.coalescer is not None:
+            return self.coalescer.submit(gen.batch_key(), items)
+        out: list[Completion] = []
+        size = self.config.max_batch_size
+        for i in range(0, len(items), size):
+            out.extend(self._run_batch(gen.batch_key(), items[i:i + size]))
+        return out, min(len(items), size)
+
+    def _run_batch(self, key: Any, items: list[tuple[list[int], GenParams, bool]]) -> list[Completion]:
+        # Every item shares the batch key, so the first one's params stand for the batch.
+        params = items[0][1]
+        results = generate_batch(self.model, self.tokenizer, [ids for ids, _, _ in items],
+                                 [p.max_new_tokens for _, p, _ in items], params, static_cache=self.static_cache, threads=self.threads)
+        for result, (_, _, truncated) in zip(results, items):
+            result.truncated = truncated
+        return results
+
+    def _record(self, start: float, gen: GenParams | None, prompts: list[str], completions: list[Completion],
+                batch_size: int, *, error: str | None = None, status: str = "ok") -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.record(
+                latency_ms=(time.perf_counter() - start) * 1000.0,
+                rows=[{"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                       "finish_reason": c.finish_reason, "truncated": c.truncated} for c in completions],
+                batch_size=batch_size, params=gen.as_dict() if gen else None, error=error, status=status,
+                prompts=prompts, completions=[c.text for c in completions],
+            )
+        except Exception as exc:  # noqa: BLE001 - monitoring must never fail a request
+            log.warning("could not write inference record: %s", exc)
+
+    def close(self) -> None:
+        """Stop the batching thread and close the record sink."""
+        if self.coalescer is not None:
+            self.coalescer.close()
+        if self.recorder is not None:
+            self.recorder.close()
