@@ -1,0 +1,65 @@
+"""``lifecycle prepare``: the click face of :func:`lifecycle.data.prepare.prepare`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("prepare")
+@click.option("--source", default=None, help="File, folder, hf:NAME[:CONFIG], saved dataset, runs:/ URI or builtin:pydoc (default).")
+@click.option("--output", required=True, type=click.Path(), help="Prepared data folder to create.")
+@click.option("--config", "config", default=None, type=click.Path(), help="YAML file with a PrepareConfig.")
+@click.option("--set", "set", multiple=True, help="Override a config key, e.g. --set quality.min_words=20.")
+@click.option("--tokenizer", default=None, help="Reuse a tokenizer: folder, model, prepared data, runs:/ or models:/ URI.")
+@click.option("--vocab-size", type=int, default=None, help="Vocabulary size of a trained BPE tokenizer.")
+@click.option("--block-size", type=int, default=None, help="Tokens per packed block.")
+@click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
+@click.option("--text-column", default=None, help="Column holding the text (jsonl/json/csv/parquet/datasets).")
+@click.option("--document-per-file", is_flag=True, default=False, help=".txt/.md: one document per file.")
+@click.option("--dedup-against", default=None, help="Earlier prepared data to deduplicate against (folder or runs:/ URI).")
+@click.option("--pii", type=click.Choice(["replace", "drop", "off"]), default=None, help="Replace PII with placeholders, drop the document, or off.")
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help="Non-UTF-8 bytes: fail (strict) or replace and count.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output folder.")
+@click.option("--num-proc", type=int, default=None, help="Worker processes for the per-document steps.")
+@click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
+def prepare(source: str | None, output: str, config: str | None, set: tuple[str, ...],  # noqa: A002 - flag names
+            tokenizer: str | None, vocab_size: int | None, block_size: int | None, max_documents: int | None,
+            text_column: str | None, document_per_file: bool, dedup_against: str | None, pii: str | None,
+            errors: str | None, overwrite: bool, num_proc: int | None, seed: int | None) -> None:
+    """Clean, filter, deduplicate, scrub, split, tokenize and pack a corpus into OUTPUT."""
+    from lifecycle.config import load_config
+    from lifecycle.data.config import PrepareConfig
+    from lifecycle.data.prepare import prepare as run_prepare
+
+    # Parameter names match the flags (and the MLproject parameters: entrypoints/_run.py).
+    cfg = load_config(
+        PrepareConfig, config, set,
+        **{
+            "source.uri": source,
+            "source.text_column": text_column,
+            "source.document_per_file": True if document_per_file else None,
+            "source.max_documents": max_documents,
+            "source.errors": errors,
+            "tokenizer.name_or_path": tokenizer,
+            "tokenizer.vocab_size": vocab_size,
+            "pack.block_size": block_size,
+            "dedup.against": dedup_against,
+            "pii.mode": pii,
+            "num_proc": num_proc,
+            "seed": seed,
+        },
+    )
+    outcome = run_prepare(cfg, output, overwrite=overwrite)
+    card = outcome.card
+    summary = {
+        "output": str(outcome.output),
+        "run_id": outcome.run_id,
+        "artifact_uri": f"runs:/{outcome.run_id}/prepared",
+        "digest": card["digest"],
+        "documents": card["counts"]["documents_kept"],
+        "splits": card["splits"],
+        "tokens": card["tokens"],
+    }
+    click.echo(json.dumps(summary))

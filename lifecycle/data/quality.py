@@ -1,0 +1,124 @@
+"""Quality filters in the spirit of Gopher (Rae et al. 2021) and C4, safe for CJK text.
+
+Each filter is a named check; :func:`first_failure` returns the name of the first one a
+document fails, so the data card can say which filter dropped how much. Words are runs of
+non-space characters, except that every CJK/kana/hangul character counts as a word of its own:
+Chinese and Japanese have no spaces, and counting a whole sentence as one 40-character "word"
+would fail the word-length and word-count rules for reasons that have nothing to do with quality.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from lifecycle.data.config import QualityConfig
+
+_CJK_RANGES = (
+    "\u3040-\u30ff"  # hiragana, katakana
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
+    "\uac00-\ud7af"  # hangul syllables
+    "\U00020000-\U0002ffff"
+)
+_CJK_CHAR = re.compile(f"[{_CJK_RANGES}]")
+# A word: one CJK character, or a run of characters that are neither space nor CJK.
+WORD = re.compile(f"[{_CJK_RANGES}]|[^\\s{_CJK_RANGES}]+")
+
+# A whitespace-delimited run with no letter in it ([^\W\d_] is "a letter" in Python's re).
+_NO_ALPHA_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
+
+FILTER_NAMES = (
+    "empty",
+    "min_words",
+    "max_words",
+    "mean_word_length",
+    "symbol_word_ratio",
+    "ellipsis_lines",
+    "duplicate_lines",
+    "duplicate_paragraphs",
+    "alpha_words",
+)
+
+
+@dataclass
+class DocStats:
+    """What the filters look at, computed once per document."""
+
+    words: list[str]
+    cjk_chars: int
+    lines: list[str]
+    paragraphs: list[str]
+
+
+def words_of(text: str) -> list[str]:
+    """Split ``text`` into words, one per CJK character (see module docstring)."""
+    return WORD.findall(text)
+
+
+def doc_stats(text: str) -> DocStats:
+    """Compute the statistics the filters need."""
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    return DocStats(words=words_of(text), cjk_chars=len(_CJK_CHAR.findall(text)), lines=lines,
+                    paragraphs=paragraphs)
+
+
+def _dup_fraction(items: list[str]) -> float:
+    if not items:
+        return 0.0
+    return 1.0 - len(set(items)) / len(items)
+
+
+def _mean_word_length_ok(s: DocStats, c: QualityConfig) -> bool:
+    # Only non-CJK words have a meaningful length; a mostly-CJK text skips the rule. Every CJK
+    # character is a one-character word, so the non-CJK words are what is left after them.
+    n_latin = len(s.words) - s.cjk_chars
+    if n_latin <= 0 or s.cjk_chars >= n_latin:
+        return True
+    mean = (sum(map(len, s.words)) - s.cjk_chars) / n_latin
+    return c.min_mean_word_length <= mean <= c.max_mean_word_length
+
+
+def _symbol_ratio_ok(s: DocStats, c: QualityConfig, text: str) -> bool:
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    return symbols <= c.max_symbol_word_ratio * max(1, len(s.words))
+
+
+def _ellipsis_ok(s: DocStats, c: QualityConfig) -> bool:
+    if not s.lines:
+        return True
+    ending = sum(1 for ln in s.lines if ln.endswith(("...", "\u2026")))
+    return ending / len(s.lines) <= c.max_ellipsis_line_fraction
+
+
+def _alpha_ok(s: DocStats, c: QualityConfig, text: str) -> bool:
+    if not s.words:
+        return False
+    # Words with no letter at all (numbers, symbol runs); CJK characters are letters.
+    no_alpha = len(_NO_ALPHA_WORD.findall(text))
+    return 1.0 - no_alpha / len(s.words) >= c.min_alpha_word_fraction
+
+
+_CHECKS: list[tuple[str, Callable[[DocStats, QualityConfig, str], bool]]] = [
+    ("empty", lambda s, c, t: bool(t.strip())),
+    ("min_words", lambda s, c, t: len(s.words) >= c.min_words),
+    ("max_words", lambda s, c, t: len(s.words) <= c.max_words),
+    ("mean_word_length", lambda s, c, t: _mean_word_length_ok(s, c)),
+    ("symbol_word_ratio", lambda s, c, t: _symbol_ratio_ok(s, c, t)),
+    ("ellipsis_lines", lambda s, c, t: _ellipsis_ok(s, c)),
+    ("duplicate_lines", lambda s, c, t: _dup_fraction(s.lines) <= c.max_duplicate_line_fraction),
+    ("duplicate_paragraphs", lambda s, c, t: _dup_fraction(s.paragraphs) <= c.max_duplicate_paragraph_fraction),
+    ("alpha_words", lambda s, c, t: _alpha_ok(s, c, t)),
+]
+
+
+def first_failure(text: str, cfg: QualityConfig) -> str | None:
+    """Name of the first quality filter ``text`` fails, or ``None`` when it passes them all."""
+    if not text.strip():
+        return "empty"
+    stats = doc_stats(text)
+    for name, check in _CHECKS[1:]:
+        if not check(stats, cfg, text):
+            return name
+    return None

@@ -1,0 +1,114 @@
+"""Tokenizer: train a byte-level BPE on the train split, or reuse an existing one.
+
+A trained tokenizer is saved as a ``PreTrainedTokenizerFast`` folder (``tokenizer.json`` and
+friends) with bos/eos/pad set, loadable with ``AutoTokenizer.from_pretrained``. Byte-level BPE
+has no unknown token, so any UTF-8 text (Chinese included) round-trips exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from lifecycle.errors import ConfigError, DataError, NotFoundError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# A reused tokenizer with no limit reports this huge sentinel as model_max_length.
+_UNLIMITED = 10**12
+
+
+def train_tokenizer(batches: Iterable[list[str]], *, vocab_size: int, min_frequency: int = 2,
+                    length: int | None = None) -> Any:
+    """Train a byte-level BPE on batches of texts; return a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(batches, trainer=trainer, length=length)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
+
+
+def find_tokenizer_dir(path: Path) -> Path:
+    """The folder holding tokenizer files inside a tokenizer, model, prepared or pyfunc folder."""
+    for cand in (path, path / "tokenizer", path / "artifacts" / "model", path / "model"):
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            return cand
+    found = sorted(p.parent for p in path.rglob("tokenizer.json"))
+    if len(found) == 1:
+        return found[0]
+    raise NotFoundError(f"no tokenizer (tokenizer.json / tokenizer_config.json) found in {path}")
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """Load a tokenizer from a local folder or a hub name, making sure eos and pad are set."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    target = str(find_tokenizer_dir(path)) if path.exists() else str(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise NotFoundError(f"cannot load tokenizer {name_or_path}: {str(exc).splitlines()[0]}") from None
+    if tok.eos_token is None:
+        raise ConfigError(f"tokenizer {name_or_path} has no eos token; packing needs one between documents")
+    if tok.pad_token is None:
+        # Blocks are always full, so padding only matters downstream (batching prompts).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def max_block_size(tok: Any) -> int | None:
+    """The largest block a reused tokenizer allows (``model_max_length``), or ``None``: unlimited."""
+    limit = getattr(tok, "model_max_length", None)
+    if not isinstance(limit, int) or limit >= _UNLIMITED:
+        return None
+    return limit
+
+
+def check_block_size(tok: Any, block_size: int, name: str) -> None:
+    """Refuse a block size longer than the tokenizer (and its model) allows."""
+    limit = max_block_size(tok)
+    if limit is not None and block_size > limit:
+        raise DataError(f"block size {block_size} exceeds the tokenizer's model_max_length {limit} "
+                        f"({name}); use --block-size {limit} or less")
+
+
+def encode_batch(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens, through the Rust backend when possible."""
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if backend is not None:
+        fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [enc.ids for enc in fast(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Group ``items`` into lists of ``size``."""
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def check_eos(tok: Any) -> int:
+    """The eos id, or a clear error when the tokenizer has none."""
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no eos token id; packing needs one between documents")
+    return int(eos)

@@ -1,0 +1,146 @@
+"""Cleaning, quality filters, dedup, split, packing and the config: pure logic, no MLflow."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from lifecycle.config import load_config
+from lifecycle.data.clean import clean_text
+from lifecycle.data.config import PrepareConfig, QualityConfig
+from lifecycle.data.dedup import Deduplicator, MinHasher, exact_key, jaccard_estimate
+from lifecycle.data.pack import BlockPacker
+from lifecycle.data.quality import first_failure, words_of
+from lifecycle.data.split import assign_split
+from lifecycle.data.synthetic import chinese_document, english_document, generate_documents
+from lifecycle.errors import ConfigError
+
+Q = QualityConfig()
+
+
+def test_clean_normalises_unicode_controls_and_whitespace() -> None:
+    text = "Cafe\u0301\x00 \x07bar\t\t baz   \r\n\r\n\r\n\r\n    indented  code\u200b"
+    out = clean_text(text)
+    assert out == "Caf\u00e9 bar baz\n\n    indented code"
+
+
+def test_chinese_and_japanese_text_is_kept() -> None:
+    rng = random.Random(3)
+    zh = chinese_document(rng)
+    ja = "今日はとても良い天気ですね。私たちは公園で散歩をしました。桜の花がきれいに咲いていて、多くの人が写真を撮っていました。" * 2
+    assert " " not in zh
+    assert first_failure(zh, Q) is None
+    assert first_failure(ja, Q) is None
+    # Each CJK character is a word, so word-count rules see a real length.
+    assert len(words_of("你好，世界")) == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("too short to keep", "min_words"),
+        ("#### ### ## # " * 20 + "words here", "symbol_word_ratio"),
+        ("\n".join(f"line number {i} goes on and on..." for i in range(20)), "symbol_word_ratio"),
+        ("\n".join(["buy cheap watches now today"] * 10 + ["unique closing line with words"]), "duplicate_lines"),
+        (" ".join(["x1y2z3w4v5u6t7s8r9q0p1o2n3m4"] * 15), "mean_word_length"),
+        ("12 34 56 78 90 11 22 33 44 55 66 77 88 99 10 20 30 40 50 60 70 80 90", "alpha_words"),
+        ("   \n\n  ", "empty"),
+    ],
+)
+def test_junk_is_dropped_by_the_right_filter(text: str, expected: str) -> None:
+    assert first_failure(text, Q) == expected
+
+
+def test_ellipsis_line_filter() -> None:
+    cfg = QualityConfig(max_symbol_word_ratio=10.0)  # isolate the ellipsis rule
+    text = "\n".join(f"and then the story continues with item {i} \u2026" for i in range(10))
+    assert first_failure(text, cfg) == "ellipsis_lines"
+
+
+def test_clean_documents_pass() -> None:
+    for doc in generate_documents(50, seed=1, chinese_share=0.3):
+        assert first_failure(doc, Q) is None
+
+
+def test_exact_duplicates_ignore_case_and_whitespace() -> None:
+    a = "The Quick brown fox\n\njumps  over the lazy dog."
+    b = "the quick BROWN fox jumps over the lazy dog."
+    assert exact_key(a) == exact_key(b)
+    assert exact_key(a) != exact_key(a + " again")
+
+
+def test_near_duplicates_are_found_and_distinct_documents_are_not() -> None:
+    rng = random.Random(7)
+    base = english_document(rng, 150, 150)
+    words = base.split(" ")
+    near = " ".join(words[:-3] + ["entirely", "new", "ending."])  # ~95% shingle overlap
+    other = english_document(rng, 150, 150)
+    h = MinHasher(seed=0)
+    assert jaccard_estimate(h.signature(base), h.signature(near)) > 0.8
+    assert jaccard_estimate(h.signature(base), h.signature(other)) < 0.2
+    d = Deduplicator(seed=0)
+    assert d.check_and_add(exact_key(base), h.signature(base)) is None
+    assert d.check_and_add(exact_key(base.upper()), h.signature(base.upper())) == "exact"
+    assert d.check_and_add(exact_key(near), h.signature(near)) == "near"
+    assert d.check_and_add(exact_key(other), h.signature(other)) is None
+
+
+def test_dedup_against_reference_is_reported_separately() -> None:
+    rng = random.Random(8)
+    old, new = english_document(rng, 120, 120), english_document(rng)
+    h = MinHasher(seed=0)
+    d = Deduplicator(seed=0)
+    assert d.add_reference([(exact_key(old), h.signature(old))]) == 1
+    assert d.check_and_add(exact_key(old), h.signature(old)) == "exact_against"
+    tweaked = old.replace(".", "!", 1)
+    assert d.check_and_add(exact_key(tweaked), h.signature(tweaked)) == "near_against"
+    assert d.check_and_add(exact_key(new), h.signature(new)) is None
+
+
+def test_signatures_are_identical_across_instances() -> None:
+    text = english_document(random.Random(1))
+    assert np.array_equal(MinHasher(seed=3).signature(text), MinHasher(seed=3).signature(text))
+
+
+def test_split_is_stable_and_roughly_proportional() -> None:
+    docs = list(generate_documents(2000, seed=2))
+    first = {d: assign_split(d, validation=0.1, test=0.1, seed=0) for d in docs[:1000]}
+    # Adding documents never moves old ones: the split depends on the document only.
+    for d in docs[:1000]:
+        assert assign_split(d, validation=0.1, test=0.1, seed=0) == first[d]
+    counts = {s: list(first.values()).count(s) for s in ("train", "validation", "test")}
+    assert 60 < counts["validation"] < 140 and 60 < counts["test"] < 140
+    moved = sum(assign_split(d, validation=0.1, test=0.1, seed=1) != first[d] for d in docs[:1000])
+    assert moved > 100  # the seed does change the assignment
+
+
+def test_packer_makes_full_blocks_with_eos_between_documents() -> None:
+    p = BlockPacker(block_size=4, eos_id=0)
+    blocks = p.add([[1, 2, 3], [4, 5], [6]])  # 1 2 3 0 | 4 5 0 6 | 0
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]
+    assert p.remainder == 1 and p.tokens == 9 and p.blocks == 2
+    assert p.add([[7, 8]]).tolist() == [[0, 7, 8, 0]]
+
+
+def test_config_from_yaml_and_overrides(tmp_path) -> None:
+    path = tmp_path / "prep.yaml"
+    path.write_text("quality:\n  min_words: 3\ndedup:\n  threshold: 0.7\npack:\n  block_size: 32\n")
+    cfg = load_config(PrepareConfig, path, ["dedup.near=false", "split.test=0.2"], **{"pack.block_size": 16})
+    assert cfg.quality.min_words == 3 and cfg.dedup.threshold == 0.7 and cfg.dedup.near is False
+    assert cfg.pack.block_size == 16 and cfg.split.test == 0.2
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["dedup.threshold=1.5", "split.validation=0.6", "tokenizer.vocab_size=100", "pii.types=[email,ssn]",
+     "quality.min_wrds=3", "pack.block_size=1", "num_proc=0", "pii.mode=hide"],
+)
+def test_bad_config_values_are_refused(override: str) -> None:
+    if override.startswith("split.validation"):
+        overrides = [override, "split.test=0.5"]
+    else:
+        overrides = [override]
+    with pytest.raises(ConfigError):
+        load_config(PrepareConfig, None, overrides)

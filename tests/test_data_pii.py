@@ -1,0 +1,63 @@
+"""PII scrubbing: every type is found and replaced by its typed placeholder, counted once."""
+
+from __future__ import annotations
+
+import pytest
+
+from lifecycle.data import pii
+from lifecycle.data.clean import clean_text
+from lifecycle.data.sources import pydoc_documents
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "secret"),
+    [
+        ("write to jane.doe+news@example.co.uk today", "email", "jane.doe+news@example.co.uk"),
+        ("call +1 (415) 555-2671 after nine", "phone", "555-2671"),
+        ("London office +44 20 7946 0958.", "phone", "7946 0958"),
+        ("US desk (415) 555-2671 today", "phone", "555-2671"),
+        ("or dial 415-555-2671 instead", "phone", "555-2671"),
+        ("请拨打13812345678联系我", "phone", "13812345678"),
+        ("手机：+86 139-1234-5678。", "phone", "1234-5678"),
+        ("the host 192.168.10.254 answered", "ipv4", "192.168.10.254"),
+        ("paid with 4111 1111 1111 1111 yesterday", "credit_card", "4111 1111 1111 1111"),
+        ("card 5500-0000-0000-0004 expired", "credit_card", "5500-0000-0000-0004"),
+        ("amex 378282246310005 on file", "credit_card", "378282246310005"),
+        ("aws id AKIAIOSFODNN7EXAMPLE in config", "aws_access_key", "AKIAIOSFODNN7EXAMPLE"),
+        ("OPENAI_API_KEY=sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789", "api_key", "sk-proj-Abcdef"),
+        ("token ghp_" + "x1" * 18 + " leaked", "api_key", "ghp_"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\nabc==\n-----END RSA PRIVATE KEY-----\nafter",
+         "private_key", "MIIEpAIBAAKCAQEA7"),
+    ],
+)
+def test_each_type_is_scrubbed(text: str, kind: str, secret: str) -> None:
+    out, counts = pii.scrub(text)
+    assert secret not in out
+    assert pii.PLACEHOLDERS[kind] in out
+    assert counts == {kind: 1}
+
+
+def test_card_numbers_need_luhn_and_version_numbers_are_not_ips() -> None:
+    text = "order 4111 1111 1111 1112, version 1.2.3.4.5, pi 3.14159265358979, '+3.140000'"
+    out, counts = pii.scrub(text)
+    assert out == text and counts == {}
+    assert pii.luhn_ok("4111111111111111") and not pii.luhn_ok("4111111111111112")
+
+
+def test_counts_add_up_and_types_can_be_limited() -> None:
+    text = "a@b.io, c@d.org and 10.0.0.1"
+    out, counts = pii.scrub(text)
+    assert counts == {"email": 2, "ipv4": 1}
+    assert out == "<EMAIL>, <EMAIL> and <IPV4>"
+    out, counts = pii.scrub(text, types=["ipv4"])
+    assert counts == {"ipv4": 1} and "a@b.io" in out
+
+
+def test_builtin_corpus_has_no_false_positives() -> None:
+    # CPython's docs are full of numbers, versions and format examples, and hold no PII.
+    found = {}
+    for doc in pydoc_documents():
+        _, counts = pii.scrub(clean_text(doc))
+        for k, v in counts.items():
+            found[k] = found.get(k, 0) + v
+    assert found == {}

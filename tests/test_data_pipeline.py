@@ -1,0 +1,136 @@
+"""The prepare pipeline on generated corpora (no MLflow): counts, outputs and their contract."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import load_config
+from lifecycle.data.config import PrepareConfig
+from lifecycle.data.pipeline import run_pipeline
+from lifecycle.data.synthetic import chinese_document, english_document, generate_documents
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def _cfg(source: Path, *overrides: str) -> PrepareConfig:
+    return load_config(PrepareConfig, None, ["tokenizer.vocab_size=400", "pack.block_size=32",
+                                             "split.validation=0.15", "split.test=0.15", *overrides],
+                       **{"source.uri": str(source)})
+
+
+def _raw(folder: Path, split: str) -> list[str]:
+    lines = (folder / "raw" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A corpus with planted duplicates, near duplicates, PII, Chinese documents and junk."""
+    rng = random.Random(11)
+    base = list(generate_documents(120, seed=5, chinese_share=0.0))
+    chinese = [chinese_document(rng) for _ in range(15)]
+    exact_dups = [base[0], base[1].upper(), "  " + base[2].replace(" ", "   ")]
+    near_dups = [base[3].replace(".", "!") + " extra", " ".join(base[4].split(" ")[:-2]) + " changed words."]
+    pii_doc = english_document(rng) + " Contact me at someone@example.com or +1 (415) 555-2671."
+    junk = ["$$$ ### !!! " * 30, "click here", "\n".join(["same line over and over again"] * 12)]
+    docs = base + chinese + exact_dups + near_dups + [pii_doc] + junk
+    folder = tmp_path_factory.mktemp("corpus")
+    src = _write_jsonl(folder / "docs.jsonl", docs)
+    out = folder / "prepared"
+    out.mkdir()
+    result = run_pipeline(_cfg(src), out)
+    return {"src": src, "out": out, "card": result.card, "result": result, "base": base, "chinese": chinese,
+            "docs": docs}
+
+
+def test_counts_in_the_card(corpus: dict) -> None:
+    card = corpus["card"]
+    assert card["counts"]["documents_read"] == len(corpus["docs"])
+    assert card["dedup"]["exact"] == 3
+    assert card["dedup"]["near"] == 2
+    assert sum(card["filters"].values()) == 3
+    assert card["pii"]["email"] == 1 and card["pii"]["phone"] == 1
+    kept = card["counts"]["documents_kept"]
+    assert kept == sum(card["splits"].values()) == 120 + 15 + 1
+    assert all(card["splits"][s] > 0 for s in ("train", "validation", "test"))
+    assert card["format"] == "lm" and len(card["digest"]) == 64 and card["block_size"] == 32
+    samples = corpus["result"].drop_samples
+    assert "dedup_exact" in samples and "dedup_near" in samples
+
+
+def test_chinese_documents_survive_and_pii_is_scrubbed(corpus: dict) -> None:
+    texts = [t for s in ("train", "validation", "test") for t in _raw(corpus["out"], s)]
+    assert sum(1 for t in texts if t in corpus["chinese"]) == 15
+    joined = "\n".join(texts)
+    assert "someone@example.com" not in joined and "<EMAIL>" in joined and "<PHONE>" in joined
+
+
+def test_tokenizer_round_trip_and_packed_blocks(corpus: dict) -> None:
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    out = corpus["out"]
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert tok.eos_token and tok.pad_token and tok.bos_token
+    assert len(tok) == corpus["card"]["vocab_size"] <= 400
+    for text in _raw(out, "validation")[:5] + ["混合 text 你好，世界！ tabs\tand  spaces"]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    for split in ("train", "validation", "test"):
+        ds = load_from_disk(str(out / split))
+        assert ds.column_names == ["input_ids"]
+        assert len(ds) == corpus["card"]["blocks"][split] > 0
+        assert {len(r) for r in ds["input_ids"]} == {32}
+    train = load_from_disk(str(out / "train"))
+    flat = [i for row in train["input_ids"] for i in row]
+    # EOS separates documents: one per train document, minus the dropped tail.
+    assert flat.count(tok.eos_token_id) >= corpus["card"]["splits"]["train"] - 1
+    first_doc = _raw(out, "train")[0]
+    n = len(tok(first_doc, add_special_tokens=False)["input_ids"])
+    assert flat[n] == tok.eos_token_id and tok.decode(flat[:n]) == first_doc
+
+
+def test_split_is_stable_when_the_corpus_grows(corpus: dict, tmp_path: Path) -> None:
+    more = list(generate_documents(60, seed=99, chinese_share=0.2))
+    src = _write_jsonl(tmp_path / "grown.jsonl", corpus["docs"] + more)
+    out = tmp_path / "grown"
+    out.mkdir()
+    run_pipeline(_cfg(src, "dedup.near=false"), out)
+    for split in ("train", "validation", "test"):
+        assert set(_raw(corpus["out"], split)) <= set(_raw(out, split))
+
+
+def test_dedup_against_earlier_prepared_data(corpus: dict, tmp_path: Path) -> None:
+    fresh = list(generate_documents(40, seed=123))
+    src = _write_jsonl(tmp_path / "next.jsonl", corpus["base"][:30] + fresh)
+    out = tmp_path / "next"
+    out.mkdir()
+    card = run_pipeline(_cfg(src), out, reference_dir=corpus["out"]).card
+    assert card["dedup"]["exact_against"] == 30
+    assert card["dedup"]["reference_documents"] == corpus["card"]["counts"]["documents_kept"]
+    assert card["counts"]["documents_kept"] == 40
+
+
+def test_same_input_same_digest_and_pii_drop_mode(corpus: dict, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    out.mkdir()
+    assert run_pipeline(_cfg(corpus["src"]), out).card["digest"] == corpus["card"]["digest"]
+    out2 = tmp_path / "drop"
+    out2.mkdir()
+    card = run_pipeline(_cfg(corpus["src"], "pii.mode=drop"), out2).card
+    assert card["filters"]["pii"] == 1 and card["counts"]["documents_kept"] == 135
+    assert card["digest"] != corpus["card"]["digest"]
+
+
+def test_worker_processes_give_the_same_result(corpus: dict, tmp_path: Path) -> None:
+    out = tmp_path / "procs"
+    out.mkdir()
+    card = run_pipeline(_cfg(corpus["src"], "num_proc=2", "batch_size=16"), out).card
+    assert card["digest"] == corpus["card"]["digest"]
+    assert card["dedup"] == corpus["card"]["dedup"]
