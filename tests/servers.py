@@ -7,6 +7,7 @@ own experiment or registered-model name.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,12 +58,21 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Terminate the server (and its gunicorn/uvicorn workers)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        _stop_group(self.proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session, workers included (they would outlive it)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None = None,
@@ -80,6 +90,9 @@ def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None
         # Let the server deliver registry webhooks to a receiver on loopback (the UI guard).
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        # The job runner adds ~7 worker processes per server that the tests never use; on two
+        # cores under load they slowed startup until the server's workers died.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         **(extra_env or {}),
     })
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
@@ -94,7 +107,7 @@ def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None
     try:
         wait_http(f"{url}/health", timeout=120, proc=proc)
     except Exception:
-        proc.kill()
+        _stop_group(proc)
         raise RuntimeError(f"mlflow server did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
     return MlflowServer(url=url, backend_uri=backend_uri, proc=proc, log_path=log_path, env=env)
 

@@ -1,0 +1,133 @@
+"""Registry commands: promote, rollback, status, history, guard (serve / install)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from lifecycle.errors import LifecycleError
+
+
+def _print_gates(outcome: Any) -> None:
+    for r in outcome.gates:
+        flag = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}[r.status]
+        mode = "" if r.mode == "enabled" else f" [{r.mode}]"
+        click.echo(f"  {flag} {r.gate}{mode}: {r.reason}")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--to", "target", required=True, help="staging or production.")
+@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: registry_policies/default.yaml).")
+@click.option("--dry-run", is_flag=True, help="Evaluate and record the gates; move nothing.")
+@click.option("--reason", default="", help="Why (kept in the ledger).")
+def promote(name: str, version: str, target: str, policy_path: str | None, dry_run: bool, reason: str) -> None:
+    """Promote VERSION of model NAME to staging or production if the policy's gates pass.
+
+    Exit 3 when a gate refuses (the rejection is recorded in the ledger; nothing moves).
+    """
+    from lifecycle.registry.promote import promote as do_promote
+
+    try:
+        outcome = do_promote(name, version, target, policy_path=policy_path, dry_run=dry_run, reason=reason)
+    except LifecycleError as exc:
+        if getattr(exc, "outcome", None) is not None:
+            _print_gates(exc.outcome)  # type: ignore[attr-defined]
+        raise
+    _print_gates(outcome)
+    click.echo(f"{outcome.message} (ledger event #{outcome.event.seq})")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--to", "to", default=None, help="Version to roll back to (default: the one that held production before).")
+@click.option("--reason", required=True, help="Why (kept in the ledger).")
+@click.option("--expect-current", default=None, help="Act only if production is this version (safe to retry).")
+@click.option("--force", is_flag=True, help="Allow a --to version that never passed the production gates.")
+def rollback(name: str, to: str | None, reason: str, expect_current: str | None, force: bool) -> None:
+    """Move production of NAME back to the version that held it before (from the ledger).
+
+    Safe to retry: with --expect-current V the call acts only while production is V, and is a
+    recorded no-op if a rollback from V already happened. Without it, a rollback right after
+    another rollback is refused (exit 9) instead of silently going back a second version.
+    """
+    from lifecycle.registry.rollback import rollback as do_rollback
+
+    outcome = do_rollback(name, reason=reason, to=to, expect_current=expect_current, force=force)
+    click.echo(f"{outcome.message} (ledger event #{outcome.event.seq})")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--last", default=5, show_default=True, help="Ledger events to show.")
+def status(name: str, as_json: bool, last: int) -> None:
+    """Show aliases, legacy stages and the last ledger events of NAME."""
+    from lifecycle.registry.ledger import Event
+    from lifecycle.registry.status import format_event, status as do_status
+
+    info = do_status(name, last=last)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted(info["aliases"].items())) or "none"
+    click.echo(f"{name}: aliases {aliases}")
+    for v in info["versions"]:
+        click.echo(f"  v{v['version']:<4} stage {v['stage']:<10} {' '.join('@' + a for a in v['aliases'])}")
+    if not info["consistent"]:
+        click.echo(f"  WARNING: @production is {info['aliases'].get('production')} but the ledger says "
+                   f"{info['ledger_production']} (moved outside lifecycle; run the guard)")
+    for ev in info["events"]:
+        click.echo("  " + format_event(Event(**ev)))
+
+
+@click.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as a JSON list.")
+def history(name: str, as_json: bool) -> None:
+    """Show every ledger event of NAME in order (* marks events that moved an alias)."""
+    from dataclasses import asdict
+
+    from lifecycle.registry.status import format_event, history as do_history
+
+    events = do_history(name)
+    if as_json:
+        click.echo(json.dumps([asdict(e) for e in events], indent=2))
+        return
+    if not events:
+        click.echo(f"{name}: no ledger events")
+    for ev in events:
+        click.echo(format_event(ev))
+
+
+@click.group()
+def guard() -> None:
+    """The webhook guard that holds registry-UI alias moves to the policy."""
+
+
+@guard.command("serve")
+@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: registry_policies/default.yaml).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int)
+@click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")
+def guard_serve(policy_path: str | None, host: str, port: int, secret: str | None) -> None:
+    """Receive registry webhooks and revert alias moves that fail the policy."""
+    from lifecycle.registry.guard import serve
+
+    serve(policy_path=policy_path, host=host, port=port, secret=secret or os.environ.get("LIFECYCLE_GUARD_SECRET"))
+
+
+@guard.command("install")
+@click.option("--url", required=True, help="Where the guard listens, e.g. http://127.0.0.1:8787/webhook.")
+@click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")
+@click.option("--name", "hook_name", default="lifecycle-guard", show_default=True)
+def guard_install(url: str, secret: str | None, hook_name: str) -> None:
+    """Register (or update) the guard's webhook with the tracking server."""
+    from lifecycle.registry.guard import install
+
+    hook = install(url, secret=secret or os.environ.get("LIFECYCLE_GUARD_SECRET"), name=hook_name)
+    click.echo(f"webhook {hook.webhook_id} -> {hook.url} ({', '.join(f'{e.entity.value}.{e.action.value}' for e in hook.events)})")
