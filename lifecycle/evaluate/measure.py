@@ -1,0 +1,134 @@
+"""Measure one model (challenger or baseline) on prepared data and a prompt set.
+
+The steps run in an order that keeps one copy of the weights in memory at a time: first the
+teacher-forced measurements (block loss, bits-per-byte, reference likelihood) on a plain
+``AutoModelForCausalLM``, then generation, behavioural checks and latency through the pyfunc model.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lifecycle.evaluate import checks as checks_mod
+from lifecycle.evaluate import generation, latency, loss
+from lifecycle.evaluate.config import EvalConfig
+from lifecycle.evaluate.dataset import EvalData, tokenizers_match
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SideResult:
+    """Everything measured on one model, with the per-unit values comparisons pair up."""
+
+    label: str
+    uri: str
+    metrics: dict[str, float]
+    block_nll: np.ndarray
+    blocks_digest: str
+    doc_bpb: np.ndarray
+    prompt_bpb: list[float]
+    generations: list[str]
+    prompt_rouge: list[float]
+    checks: list[checks_mod.CheckResult]
+    vocab_digest: str
+    served_via: str = ""
+    served_device: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """A digest of the tokenizer's vocabulary (equal digests: the same token ids for a text)."""
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _blocks_for(data: EvalData, tokenizer: Any, model: Any, cfg: EvalConfig, notes: list[str]) -> np.ndarray:
+    """The prepared blocks when this tokenizer made them, else the documents packed with it."""
+    if data.prepared and tokenizers_match(data, tokenizer):
+        blocks = data.blocks
+    else:
+        size = cfg.loss.block_size or data.block_size or min(loss.context_length(model), 256)
+        size = min(size, loss.context_length(model))
+        if data.prepared:
+            notes.append(f"tokenizer differs from the prepared data's: loss over the split's raw documents "
+                         f"packed with this model's tokenizer into blocks of {size}")
+        blocks = loss.pack_documents(tokenizer, data.documents, size)
+    assert blocks is not None
+    return blocks[: cfg.loss.max_blocks] if cfg.loss.max_blocks else blocks
+
+
+def _generate(predict: Any, prompts: Sequence[generation.Prompt], cfg: EvalConfig) -> list[str]:
+    params = {"max_new_tokens": cfg.generation.max_new_tokens, "do_sample": False, "truncate": True}
+    out: list[str] = []
+    size = cfg.generation.batch_size
+    for lo in range(0, len(prompts), size):
+        frame = predict([p.prompt for p in prompts[lo:lo + size]], params)
+        out += [str(t) for t in frame["text"]]
+    return out
+
+
+def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts: Sequence[generation.Prompt],
+                  suite: Sequence[checks_mod.Check], cfg: EvalConfig, *, device: str,
+                  progress: bool = True) -> SideResult:
+    """Run every measurement of one model; metric names without the ``eval/`` prefix."""
+    from lifecycle.evaluate.predictor import Predictor
+
+    notes: list[str] = []
+    model, tokenizer = loss.load_lm(model_dir, device)
+    blocks = _blocks_for(data, tokenizer, model, cfg, notes)
+    block = loss.block_losses(model, blocks, batch_size=cfg.loss.batch_size, device=device, progress=progress,
+                              desc=f"{label} loss")
+    docs = data.documents[: cfg.loss.max_documents] if cfg.loss.max_documents else data.documents
+    dn = loss.document_nll(model, tokenizer, docs, window=cfg.loss.window, batch_size=cfg.loss.batch_size,
+                           device=device, progress=progress, desc=f"{label} bits/byte")
+    bpb = generation.load_metric("bits_per_byte").compute(nll=dn.nll.tolist(), num_bytes=dn.num_bytes.tolist())
+    prompt_bpb = generation.continuation_nll(model, tokenizer, prompts, device=device,
+                                             batch_size=cfg.generation.batch_size)
+    vdigest = vocab_digest(tokenizer)
+    metrics: dict[str, float] = {
+        "loss": block.loss,
+        "perplexity": block.perplexity,
+        "loss_tokens_per_s": block.tokens_per_s,
+        "bits_per_byte": float(bpb["bits_per_byte"]),
+        "num_blocks": float(len(block.block_nll)),
+        "num_documents": float(len(docs)),
+        "num_prompts": float(len(prompts)),
+        "reference_bits_per_byte": float(np.mean(prompt_bpb)),
+    }
+    blocks_digest = hashlib.sha256(np.ascontiguousarray(blocks).tobytes()).hexdigest()[:16]
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+    predictor = Predictor(model_dir, device=None if cfg.device == "auto" else cfg.device)
+    try:
+        texts = _generate(predictor, prompts, cfg)
+        refs = [p.reference for p in prompts]
+        metrics.update(generation.generation_metrics(texts, refs))
+        rouge = generation.per_prompt_rouge(texts, refs)
+        results = checks_mod.run_suite(list(suite), predictor)
+        metrics.update({f"check_{r.name}": 1.0 if r.passed else 0.0 for r in results})
+        if cfg.latency.enabled:
+            timed = [latency.measure(predictor, [p.prompt for p in prompts], batch_size=b,
+                                     requests=cfg.latency.requests, warmup=cfg.latency.warmup,
+                                     max_new_tokens=cfg.latency.max_new_tokens, sync=predictor.sync)
+                     for b in cfg.latency.batch_sizes]
+            metrics.update(latency.latency_metrics(timed))
+        via, served_on = predictor.via, predictor.device
+    finally:
+        predictor.close()
+    return SideResult(label=label, uri=uri, metrics=metrics, block_nll=block.block_nll, blocks_digest=blocks_digest,
+                      doc_bpb=dn.per_document_bpb, prompt_bpb=prompt_bpb, generations=texts, prompt_rouge=rouge,
+                      checks=results, vocab_digest=vdigest, served_via=via, served_device=served_on, notes=notes)

@@ -1,0 +1,50 @@
+"""Exact match as a local `evaluate` module: the fraction of predictions equal to their reference.
+
+Whitespace is normalised (runs collapse to one space, ends stripped) because a generation that
+differs only in a trailing newline is the same answer; case and punctuation count unless asked.
+"""
+
+import re
+
+import datasets
+import evaluate
+
+_DESCRIPTION = "Fraction of predictions that equal their reference after whitespace normalisation."
+_KWARGS = """
+Args:
+    predictions: list of generated strings.
+    references: list of reference strings (one per prediction).
+    ignore_case: compare case-insensitively (default False).
+Returns:
+    exact_match: float in [0, 1] (0.0 for empty inputs).
+"""
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm(text, ignore_case):
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if ignore_case else text
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
+class ExactMatch(evaluate.Metric):
+    """Exact string match rate."""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS,
+            features=datasets.Features({
+                "predictions": datasets.Value("string"),
+                "references": datasets.Value("string"),
+            }),
+        )
+
+    def _compute(self, predictions, references, ignore_case=False):
+        pairs = list(zip(predictions, references))
+        if not pairs:
+            return {"exact_match": 0.0}
+        hits = sum(_norm(p, ignore_case) == _norm(r, ignore_case) for p, r in pairs)
+        return {"exact_match": hits / len(pairs)}

@@ -1,0 +1,124 @@
+"""Evaluation results on the registered model version: ``eval/...`` and ``compare/...`` tags.
+
+Policies read these tags from the version itself (not from whichever run is newest). Tags are
+written last, after every metric has been computed and logged, so a failed evaluation leaves the
+version untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from lifecycle.errors import NotFoundError
+
+TAG_EVAL_RUN = "eval_run_id"
+TAG_EVAL_DIGEST = "eval_data_digest"
+TAG_COMPARE_BASELINE = "compare_baseline"
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A registered model version (the alias it was named by, if any)."""
+
+    name: str
+    version: str
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        """``models:/NAME/VERSION``."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def registered_version(uri: str | os.PathLike[str]) -> VersionRef | None:
+    """The version a ``models:/NAME/VERSION``, ``@alias`` or legacy-stage URI names (None for
+    paths, ``runs:/`` URIs and MLflow 3 logged-model ids ``models:/m-...``)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.tracking import parse_model_uri, translate_mlflow_error
+
+    text = os.fspath(uri)
+    if not text.startswith("models:/"):
+        return None
+    name, version, alias = parse_model_uri(text)
+    if name.startswith("m-"):
+        return None
+    client = MlflowClient()
+    try:
+        if version:
+            return VersionRef(name, str(client.get_model_version(name, version).version))
+        if alias:
+            return VersionRef(name, str(client.get_model_version_by_alias(name, alias).version), alias)
+        stage = text[len("models:/"):].split("/", 2)[1] if text.count("/") >= 2 else ""
+        latest = client.get_latest_versions(name, stages=[stage] if stage else None)
+    except MlflowException as exc:
+        raise translate_mlflow_error(exc, f"cannot resolve {text}") from None
+    if not latest:
+        raise NotFoundError(f"{text}: no version in that stage")
+    return VersionRef(name, str(max(latest, key=lambda v: int(v.version)).version))
+
+
+def production_version(name: str) -> VersionRef | None:
+    """The version behind ``models:/NAME@production``, or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, "production")
+    except MlflowException:
+        return None
+    return VersionRef(name, str(mv.version), "production")
+
+
+def format_value(value: float) -> str:
+    """A tag value policies parse back with ``float()`` without losing precision."""
+    return repr(float(value))
+
+
+def version_tags(metrics: Mapping[str, float], *, run_id: str, data_digest: str,
+                 compare: Mapping[str, float] | None = None, baseline: str | None = None,
+                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The tags for a version: ``eval/<m>`` (and ``compare/<m>``), run id, digest, baseline."""
+    tags = {f"eval/{k}": format_value(v) for k, v in metrics.items()}
+    tags[TAG_EVAL_RUN] = run_id
+    tags[TAG_EVAL_DIGEST] = data_digest
+    if compare:
+        tags.update({f"compare/{k}": format_value(v) for k, v in compare.items()})
+        if baseline:
+            tags[TAG_COMPARE_BASELINE] = baseline
+    tags.update(extra or {})
+    return tags
+
+
+def write_version_tags(ref: VersionRef, tags: Mapping[str, str]) -> None:
+    """Set every tag on the version (one call each: the registry has no batch tag call).
+
+    ``eval/``/``compare/`` tags of an earlier evaluation that this one did not produce are
+    removed, so a policy never reads a comparison or metric from a different run.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.tracking import translate_mlflow_error
+
+    client = MlflowClient()
+    try:
+        current = client.get_model_version(ref.name, ref.version).tags or {}
+        stale = [k for k in current if k not in tags
+                 and (k.startswith(("eval/", "compare/", "eval_", "compare_")))]
+        for key in stale:
+            client.delete_model_version_tag(ref.name, ref.version, key)
+        for key, value in tags.items():
+            client.set_model_version_tag(ref.name, ref.version, key, value)
+    except MlflowException as exc:
+        raise translate_mlflow_error(exc, f"cannot tag {ref.uri}") from None
+
+
+def read_version_tags(ref: VersionRef) -> dict[str, Any]:
+    """The version's current tags (for reports and tests)."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_model_version(ref.name, ref.version).tags)
