@@ -1,0 +1,227 @@
+"""Training throughput side by side: the project's loop (tracking on) vs a bare loop vs HF Trainer.
+
+Same model shape, micro-batch, sequence length and number of steps, run in turn in one process;
+prints tokens/s of each and the ratios. On a GPU it also prints MFU (bf16 autocast).
+
+    python benchmarks/bench_train.py --quick            # CPU, about a minute
+    python benchmarks/bench_train.py --preset gpt2 --steps 300 --batch-size 16 --seq-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lifecycle.train.config import TrainConfig  # noqa: E402
+from lifecycle.train.data import PreparedData  # noqa: E402
+from lifecycle.train.distributed import DistContext, pick_device  # noqa: E402
+from lifecycle.train.model import build_model, get_preset  # noqa: E402
+
+#: Dense bf16 peak of the accelerator, for MFU (H100/H200 SXM: 989 TFLOP/s).
+DEFAULT_PEAK_TFLOPS = 989.0
+
+
+class Vocab:
+    """What build_model needs of a tokenizer: a size and special ids (no text is tokenized here)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.eos_token_id = self.bos_token_id = self.pad_token_id = size - 1
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B)."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+class Timer:
+    """Wall time between the end of warmup step ``warmup`` and the last step."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.t0: float | None = None
+        self.t1: float | None = None
+        self.steps = 0
+
+    def step(self, n: int) -> None:
+        if n < self.warmup:
+            return
+        if self.device.type == "cuda" and n == self.warmup:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if n == self.warmup:
+            self.t0 = now
+        else:
+            self.t1, self.steps = now, n - self.warmup
+
+    def finish(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.t1 = time.perf_counter()
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step * self.steps / (self.t1 - self.t0)
+
+
+def run_project(args: Any, model: Any, data: PreparedData, device: torch.device) -> float:
+    """The project's Trainer with an MLflow run and the asynchronous metric sink."""
+    import mlflow
+
+    from lifecycle.tracking import AsyncMetricLogger
+    from lifecycle.train.callbacks import MetricSink
+    from lifecycle.train.loop import Trainer
+
+    timer = Timer(device, args.warmup)
+    total = args.warmup + args.steps
+    cfg = TrainConfig(max_steps=total, batch_size=args.batch_size, eval_every=10**9, eval_batches=1,
+                      checkpoint_every=10**9, progress=True, compile=args.compile, warmup_steps=2,
+                      precision="auto", output=tempfile.mkdtemp(prefix="bench-ckpt-"))
+    with mlflow.start_run(run_name="bench_train") as run:
+        logger = AsyncMetricLogger(run.info.run_id)
+        sink = MetricSink(logger)
+
+        def log(metrics: Any, step: int) -> None:
+            sink(metrics, step)
+            if "train/loss" in metrics:
+                timer.step(step)
+
+        trainer = Trainer(cfg, model, data, ctx=DistContext(device=device), log=log, checkpoints=None)
+        trainer.fit()
+        logger.close()
+    if timer.t1 is None:
+        raise RuntimeError("no steps timed")
+    return timer.tokens_per_s(args.batch_size * args.seq_len)
+
+
+def run_bare(args: Any, model: Any, data: PreparedData, device: torch.device) -> float:
+    """Forward, backward, clip, AdamW step: nothing else."""
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    fwd = torch.compile(model) if args.compile else model
+    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else torch.autocast(device_type="cpu", enabled=False))
+    timer = Timer(device, args.warmup)
+    n = len(data.train)
+    for step in range(1, args.warmup + args.steps + 1):
+        i = ((step - 1) * args.batch_size) % (n - args.batch_size)
+        x = data.train[i: i + args.batch_size].to(device, non_blocking=True)
+        with amp:
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        timer.step(step)
+    timer.finish()
+    return timer.tokens_per_s(args.batch_size * args.seq_len)
+
+
+def run_hf(args: Any, model: Any, data: PreparedData, device: torch.device) -> float:
+    """transformers' Trainer with its defaults for logging and saving turned off."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    timer = Timer(device, args.warmup)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs: Any, state: Any, control: Any, **kw: Any) -> None:
+            timer.step(state.global_step)
+
+    ids = data.train[: max(len(data.train), args.batch_size)].tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=1e-4, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
+            bf16=device.type == "cuda", use_cpu=device.type != "cuda", dataloader_num_workers=0,
+            torch_compile=args.compile, disable_tqdm=True, seed=0)
+        Trainer(model=model, args=targs, train_dataset=ds, callbacks=[Clock()]).train()
+    timer.finish()
+    return timer.tokens_per_s(args.batch_size * args.seq_len)
+
+
+def main() -> None:
+    """Run the three loops in turn and print tokens/s, ratios and (GPU) MFU."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model, few steps (CPU smoke run)")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (after warmup)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", default="project,bare,hf", help="comma list of project,bare,hf")
+    ap.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
+    args = ap.parse_args()
+    quick = dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096)
+    full = dict(preset="gpt2", steps=100, warmup=10, batch_size=16, seq_len=1024, vocab=50257)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp_tracking = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        tmp_tracking = tempfile.mkdtemp(prefix="bench-mlflow-")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_tracking}/mlflow.db"
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator().manual_seed(0)
+    rows = max(4 * args.batch_size, 64)
+    vocab = Vocab(args.vocab)
+    data = PreparedData(root=Path("."), train=torch.randint(0, args.vocab - 1, (rows, args.seq_len), generator=gen),
+                        validation=torch.randint(0, args.vocab - 1, (args.batch_size, args.seq_len), generator=gen),
+                        tokenizer=vocab, card={})
+
+    loops: dict[str, Callable[..., float]] = {"project": run_project, "bare": run_bare, "hf": run_hf}
+    results: dict[str, float] = {}
+    fpt = None
+    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+        model = build_model(args.preset, vocab, n_positions=max(args.seq_len, get_preset(args.preset).n_positions), seed=0)
+        fpt = fpt or flops_per_token(model, args.seq_len)
+        results[name] = loops[name](args, model, data, device)
+        print(f"{name:8s} {results[name]:12,.0f} tokens/s", flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    threads = torch.get_num_threads()
+    print(f"\npreset={args.preset} batch={args.batch_size} seq={args.seq_len} steps={args.steps} "
+          f"device={device} threads={threads} compile={args.compile}")
+    for name, tps in results.items():
+        line = f"  {name:8s} {tps:12,.0f} tokens/s"
+        if "bare" in results:
+            line += f"   {tps / results['bare']:.3f}x bare"
+        if device.type == "cuda" and fpt:
+            line += f"   MFU {100 * tps * fpt / (args.peak_tflops * 1e12):.1f}%"
+        print(line)
+    if "project" in results and "bare" in results:
+        ratio = results["project"] / results["bare"]
+        print(f"project/bare = {ratio:.3f} (target >= 0.95){'' if ratio >= 0.95 else '  BELOW TARGET'}")
+    if "project" in results and "hf" in results:
+        print(f"project/hf   = {results['project'] / results['hf']:.3f}")
+    if math.isnan(sum(results.values())):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``lifecycle train``: train or fine-tune a causal LM on prepared data and register it."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("train")
+@click.option("--data", required=True, help="Prepared data: a folder or runs:/<run_id>/prepared.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of TrainConfig keys.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--model-name", help="Registered model name (default: lifecycle-lm).")
+@click.option("--preset", help="Model size when training from scratch: tiny, small or gpt2.")
+@click.option("--base-model", help="Fine-tune this model: folder, hub name, runs:/ or models:/NAME@ALIAS.")
+@click.option("--max-steps", type=int, help="Optimizer steps.")
+@click.option("--batch-size", type=int, help="Micro-batch per process (global = batch * grad_accum * processes).")
+@click.option("--learning-rate", type=float, help="Peak learning rate.")
+@click.option("--seed", type=int, help="Seed of model init and data order.")
+@click.option("--output", help="Checkpoint folder.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output (same MLflow run).")
+@click.option("--overwrite", is_flag=True, help="Delete existing checkpoints in --output and start over.")
+def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_name: str | None,
+          preset: str | None, base_model: str | None, max_steps: int | None, batch_size: int | None,
+          learning_rate: float | None, seed: int | None, output: str | None, resume: bool,
+          overwrite: bool) -> None:
+    """Train a causal LM on prepared data, log it to one MLflow run and register it.
+
+    Run under `torchrun --nproc_per_node N -m lifecycle train ...` for DDP training.
+    """
+    from lifecycle.config import load_config
+    from lifecycle.train.config import TrainConfig
+    from lifecycle.train.loop import TrainingInterrupted
+    from lifecycle.train.run import train as run_train
+
+    cfg = load_config(TrainConfig, config_path, overrides, preset=preset, base_model=base_model,
+                      max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                      output=output, model_name=model_name)
+    try:
+        outcome = run_train(cfg, data, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        # Preemption is not a crash: the checkpoint is written and the MLflow run marked KILLED.
+        # 128 + signal number (143 for SIGTERM, 130 for Ctrl-C) tells a scheduler "terminated",
+        # neither success nor failure.
+        click.echo(f"Stopped by {stop.signame} after step {stop.step}; checkpoint {stop.checkpoint}. "
+                   "Continue with the same command plus --resume.", err=True)
+        sys.exit(130 if stop.signame == "SIGINT" else 143)
+    if outcome.run_id is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    resumed = f" (resumed from step {outcome.resumed_from})" if outcome.resumed_from is not None else ""
+    click.echo(f"Trained {outcome.steps} steps{resumed}; best val/loss {outcome.best_val_loss:.4f} "
+               f"at step {outcome.best_step}{' (early stop)' if outcome.stopped_early else ''}; run {outcome.run_id}")
+    if outcome.model_uri:
+        click.echo(outcome.model_uri)

@@ -1,0 +1,119 @@
+"""The training stage's configuration: one validated dataclass tree.
+
+Everyday options are top-level keys (they also have CLI flags: ``--preset``, ``--max-steps``,
+``--batch-size``, ``--learning-rate``, ``--seed``, ``--output``); LoRA lives in its own section
+(``--set lora.r=8``). Values are checked in ``__post_init__`` so a bad value fails before any
+model is built, with a message that says what would be valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lifecycle.errors import ConfigError
+from lifecycle.train.model import PRESETS
+
+#: The registered model name used when ``--model-name`` is not given.
+DEFAULT_MODEL_NAME = "lifecycle-lm"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through ``peft``; ``r > 0`` turns them on."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    #: Module names to adapt; empty means "the attention/MLP projections of this architecture".
+    target_modules: list[str] = field(default_factory=list)
+    #: Merge the adapters into the logged weights (a plain model every stage can load).
+    merge: bool = True
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ConfigError("lora.r must be >= 0 (0 turns LoRA off)")
+        if self.alpha <= 0:
+            raise ConfigError("lora.alpha must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("lora.dropout must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LoRA adapters are trained instead of the full model."""
+        return self.r > 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what is trained and how (logged as the run's params)."""
+
+    # What to train.
+    preset: str = "tiny"
+    base_model: Optional[str] = None
+    dropout: float = 0.0
+    # Optimisation (batch_size is the micro-batch per process; the global batch per optimizer
+    # step is batch_size * grad_accum * world_size).
+    max_steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # Validation, early stopping and checkpoints.
+    eval_every: int = 50
+    eval_batches: int = 0
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    output: str = "checkpoints"
+    # Hardware.
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    # Tracking and registration.
+    log_every: int = 1
+    experiment: Optional[str] = None
+    system_metrics: bool = True
+    log_model: bool = True
+    model_name: str = DEFAULT_MODEL_NAME
+    progress: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.base_model is None and self.preset not in PRESETS:
+            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.lora.enabled and self.base_model is None:
+            raise ConfigError("LoRA fine-tunes an existing model: give --base-model (or set lora.r=0)")
+        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
+                    "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("warmup_steps", "eval_batches", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_grad_norm < 0:
+            raise ConfigError("max_grad_norm must be >= 0 (0 turns clipping off)")
+        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
+            raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
+        if not self.model_name.strip():
+            raise ConfigError("model_name must not be empty")
+
+
+#: Keys a resumed run may change (everything else must match the checkpoint's config).
+RESUME_MUTABLE_KEYS = frozenset({"max_steps", "progress", "log_model", "model_name", "experiment",
+                                 "eval_batches", "keep_checkpoints", "system_metrics"})

@@ -1,0 +1,349 @@
+"""The training loop: AdamW, warmup + cosine, accumulation, clipping, validation, checkpoints.
+
+The loop knows nothing about MLflow: it reports metrics through a ``log`` callable (the run
+orchestration hands it an asynchronous MLflow logger) so it never waits on a tracking server and
+can be tested on its own. Everything that decides the numbers (weights, optimizer, schedule, RNG,
+data position) is in the checkpoint, so a resumed run continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from lifecycle.errors import AcceleratorOutOfMemoryError, TrainingDivergedError
+from lifecycle.train.checkpoint import CheckpointManager, set_rng_state
+from lifecycle.train.config import TrainConfig
+from lifecycle.train.data import PreparedData, SampleOrder
+from lifecycle.train.distributed import DistContext
+
+LogFn = Callable[[Mapping[str, float], int], None]
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM (or SIGINT) arrived: a checkpoint was written and the loop stopped cleanly."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signame: str):
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signame = signame
+        super().__init__(f"stopped by {signame} after step {step}; checkpoint {checkpoint}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished loop hands back to the orchestration."""
+
+    model: Any
+    steps: int
+    final_train_loss: float
+    best_val_loss: float
+    best_step: int
+    last_val_loss: float
+    stopped_early: bool
+    tokens_per_s: float
+    checkpoint: Path | None
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases and norm weights (1-D) are not regularised (GPT-2 practice)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def oom_error(exc: BaseException, cfg: TrainConfig) -> AcceleratorOutOfMemoryError:
+    """The one-line OOM message, suggesting a smaller micro-batch with more accumulation."""
+    smaller = max(1, cfg.batch_size // 2)
+    accum = cfg.grad_accum * max(1, cfg.batch_size // smaller)
+    first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    return AcceleratorOutOfMemoryError(
+        f"accelerator out of memory at micro-batch {cfg.batch_size} ({first[:160]}); keep the same "
+        f"global batch with a smaller micro-batch and more accumulation: --batch-size {smaller} "
+        f"--set grad_accum={accum}" + ("" if cfg.batch_size > 1 else ", or a smaller --preset")
+    )
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        # Signal handlers can only be installed from the main thread (tests may run elsewhere).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signame = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """One training run of ``model`` on prepared ``data`` under ``cfg``."""
+
+    def __init__(self, cfg: TrainConfig, model: Any, data: PreparedData, *, ctx: DistContext,
+                 log: LogFn | None = None, checkpoints: CheckpointManager | None = None,
+                 resume_from: Path | None = None, extra_state: Mapping[str, Any] | None = None):
+        import torch
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.data = data
+        self.log = log or (lambda metrics, step: None)
+        self.checkpoints = checkpoints
+        self.extra_state = dict(extra_state or {})
+        self.device = ctx.device if ctx.device is not None else torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)) else None
+        self.model = model.to(self.device)
+        self.module = self.model  # the unwrapped model: saved, evaluated and returned
+        self.order = SampleOrder(len(data.train), seed=cfg.seed, micro_batch=cfg.batch_size,
+                                 grad_accum=cfg.grad_accum, world_size=ctx.world_size, rank=ctx.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = cuda  # fused AdamW is one kernel per step on CUDA; CPU keeps the reference path
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
+        warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, warmup=warmup, total=total, min_ratio=floor))
+        self.step = 0
+        self.best_val = math.inf
+        self.best_step = -1
+        self.bad_evals = 0
+        self.last_val = math.nan
+        self.best_state: dict[str, Any] | None = None
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.forward_model = self.model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _restore(self, path: Path) -> None:
+        ck = CheckpointManager.load(path, map_location=self.device)
+        self.module.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        st = ck["state"]
+        self.step = int(st["step"])
+        self.best_val = float(st["best_val_loss"]) if st.get("best_val_loss") is not None else math.inf
+        self.best_step = int(st.get("best_step", -1))
+        self.bad_evals = int(st.get("bad_evals", 0))
+        self.last_val = float(st["last_val_loss"]) if st.get("last_val_loss") is not None else math.nan
+        self.best_state = ck["best"]
+        self.history = {k: [tuple(x) for x in v] for k, v in st.get("history", self.history).items()}
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint: position, early-stopping state and lineage."""
+        from lifecycle.config import to_dict
+
+        return {
+            "step": self.step,
+            "samples_consumed": self.order.samples_consumed(self.step),
+            "epoch": self.order.epoch_at(self.step),
+            "world_size": self.ctx.world_size,
+            "global_batch": self.order.global_batch,
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "last_val_loss": None if math.isnan(self.last_val) else self.last_val,
+            "config": to_dict(self.cfg),
+            "history": self.history,
+            **self.extra_state,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint of the current step; every rank waits for it."""
+        path = None
+        if self.ctx.is_main and self.checkpoints is not None:
+            path = self.checkpoints.save(
+                self.step, model_state=self.module.state_dict(), optimizer_state=self.optimizer.state_dict(),
+                scheduler_state=self.scheduler.state_dict(), trainer_state=self.trainer_state(),
+                best_state=self.best_state)
+        self.ctx.barrier()
+        return path
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        """Mean token loss on the validation split (sharded over ranks, summed back exactly)."""
+        import torch
+
+        rows = self.data.validation
+        if self.cfg.eval_batches:
+            rows = rows[: self.cfg.eval_batches * self.cfg.batch_size * self.ctx.world_size]
+        shard = rows[self.ctx.rank:: self.ctx.world_size]
+        was_training = self.module.training
+        self.module.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for i in range(0, len(shard), self.cfg.batch_size):
+                x = shard[i: i + self.cfg.batch_size].to(self.device, non_blocking=True)
+                with self._autocast():
+                    loss = self.module(input_ids=x, labels=x).loss
+                total[0] += loss.double() * len(x)
+                total[1] += len(x)
+        self.ctx.all_reduce_sum(total)
+        self.module.train(was_training)
+        return float(total[0] / total[1])
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _progress(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not (self.cfg.progress and self.ctx.is_main), mininterval=0.5)
+
+    def fit(self) -> TrainResult:
+        """Train until ``max_steps`` or early stopping; restore the best weights at the end."""
+        try:
+            return self._fit()
+        except Exception as exc:
+            import torch
+
+            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() and "CUDA" in str(exc):
+                raise oom_error(exc, self.cfg) from None
+            raise
+
+    def _fit(self) -> TrainResult:
+        import torch
+
+        cfg = self.cfg
+        self.model.train()
+        tokens_per_step = self.order.global_batch * self.data.block_size
+        last_ckpt: Path | None = self.checkpoints.latest() if self.checkpoints is not None else None
+        stopped_early = False
+        tps = 0.0
+        loss_value = math.nan
+        # One small all-reduce per step carries the loss and the stop flag: every rank must agree
+        # to stop on the same step, or the next collective would hang.
+        flags = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with _StopSignal() as stop, self._progress() as bar:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                for a in range(cfg.grad_accum):
+                    x = self.data.train[self.order.micro_batch_rows(self.step, a)].to(self.device, non_blocking=True)
+                    sync = a == cfg.grad_accum - 1 or not self.ctx.distributed
+                    ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
+                    with ctx:
+                        with self._autocast():
+                            loss = self.forward_model(input_ids=x, labels=x).loss / cfg.grad_accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                if cfg.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                if self.ctx.distributed:
+                    flags[0] = loss_sum.double()
+                    flags[1] = 1.0 if stop.signame else 0.0
+                    self.ctx.all_reduce_sum(flags)
+                    loss_value = float(flags[0]) / self.ctx.world_size
+                    stop_now = flags[1] > 0
+                else:
+                    loss_value = float(loss_sum)
+                    stop_now = stop.signame is not None
+                gn = float(grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(gn)):
+                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                    raise TrainingDivergedError(
+                        f"training diverged at step {self.step + 1}: {what} is {loss_value if what == 'loss' else gn}; "
+                        f"last good checkpoint: {last_ckpt or 'none'}; lower --learning-rate "
+                        f"(now {cfg.learning_rate:g}) or raise warmup_steps")
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step / dt if dt > 0 else 0.0
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._emit({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": gn,
+                                "train/tokens_per_s": tps})
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    stopped_early = self._after_eval(self.evaluate())
+                    bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.last_val:.4f}", refresh=False)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or stopped_early or stop_now:
+                    last_ckpt = self.save_checkpoint() or last_ckpt
+                if stop_now:
+                    raise TrainingInterrupted(self.step, last_ckpt, stop.signame or "SIGTERM")
+                if stopped_early:
+                    break
+        if self.best_state is not None and self.best_step != self.step:
+            self.module.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
+        return TrainResult(model=self.module, steps=self.step, final_train_loss=loss_value,
+                           best_val_loss=self.best_val, best_step=self.best_step, last_val_loss=self.last_val,
+                           stopped_early=stopped_early, tokens_per_s=tps, checkpoint=last_ckpt,
+                           history=self.history)
+
+    def _emit(self, metrics: Mapping[str, float]) -> None:
+        """Report metrics and keep them in the checkpointed history.
+
+        The history lets a resume re-send what a killed process had queued but not delivered
+        before its last checkpoint, so a SIGKILL never loses logged steps.
+        """
+        self.log(metrics, self.step)
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append((self.step, value))
+
+    def _after_eval(self, val: float) -> bool:
+        """Log validation, keep the best weights; True when early stopping says stop."""
+        if not math.isfinite(val):
+            raise TrainingDivergedError(f"validation loss is {val} at step {self.step}; lower --learning-rate")
+        self.last_val = val
+        self._emit({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
+        if val < self.best_val - self.cfg.early_stopping_min_delta:
+            self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        patience = self.cfg.early_stopping_patience
+        return bool(patience and self.bad_evals >= patience)

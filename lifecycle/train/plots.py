@@ -1,0 +1,41 @@
+"""Training curves as a PNG (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], out: str | Path, *, title: str = "") -> Path:
+    """Plot loss curves (train and validation) and the learning rate side by side into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        points = sorted(history.get(key, ()))
+        if points:
+            steps, values = zip(*points)
+            ax_loss.plot(steps, values, style, label=key, markersize=3, linewidth=1.2)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.grid(alpha=0.3)
+    if ax_loss.lines:
+        ax_loss.legend()
+    lr = sorted(history.get("train/lr", ()))
+    if lr:
+        steps, values = zip(*lr)
+        ax_lr.plot(steps, values, color="tab:green", linewidth=1.2)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

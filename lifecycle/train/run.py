@@ -1,0 +1,312 @@
+"""The training stage as one MLflow run: data in, a registered model version out.
+
+Orchestration only: resolve the data, pick the starting model, run :class:`~lifecycle.train.loop.
+Trainer` with an asynchronous metric sink, then (rank 0) log the model through
+:func:`lifecycle.serving.log_model`, register it and tag the version with its lineage. Under
+torchrun every rank trains; only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lifecycle import tracking
+from lifecycle.config import flatten, to_dict
+from lifecycle.errors import ConfigError, DataError, OutputExistsError
+from lifecycle.train.checkpoint import CheckpointManager
+from lifecycle.train.config import RESUME_MUTABLE_KEYS, TrainConfig
+from lifecycle.train.data import PreparedData, load_prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What ``lifecycle train`` reports (rank 0; other ranks get ``run_id=None``)."""
+
+    run_id: str | None
+    model_uri: str | None
+    version: str | None
+    steps: int
+    best_val_loss: float
+    best_step: int
+    stopped_early: bool
+    resumed_from: int | None
+
+
+@dataclass
+class DataLineage:
+    """Where the training data came from."""
+
+    path: Path
+    uri: str
+    digest: str
+    run_id: str
+
+
+def _run_id_of_uri(uri: str) -> str:
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/", 1)[0]
+    return ""
+
+
+def _find_prepare_run(digest: str) -> str:
+    """The prepare run that produced ``digest`` (best effort; '' when none is found)."""
+    if not digest:
+        return ""
+    import mlflow
+
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, max_results=1, output_format="list",
+                                  filter_string=f"tags.{tracking.TAG_DATA_DIGEST} = '{digest}' and "
+                                                f"tags.`{tracking.TAG_STAGE}` = 'prepare'",
+                                  order_by=["attributes.start_time DESC"])
+    except Exception as exc:  # noqa: BLE001 - lineage is a nicety; never fail training over it
+        log.debug("search for the prepare run failed: %s", exc)
+        return ""
+    return runs[0].info.run_id if runs else ""
+
+
+def resolve_data(uri: str, *, search_runs: bool = True) -> tuple[PreparedData, DataLineage]:
+    """Load prepared data from a folder or a ``runs:/`` URI, with its lineage."""
+    path = tracking.resolve_artifact(uri, what="prepared data")
+    data = load_prepared(path)
+    run_id = _run_id_of_uri(uri) or str(data.card.get("run_id", "") or "")
+    if not run_id and search_runs:
+        run_id = _find_prepare_run(data.digest)
+    return data, DataLineage(path=Path(path), uri=uri, digest=data.digest, run_id=run_id)
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """Refuse to resume with a config that would change the numbers (max_steps may grow)."""
+    now, before = flatten(to_dict(cfg)), flatten(saved)
+    changed = sorted(k for k in set(now) | set(before)
+                     if k.split(".")[0] not in RESUME_MUTABLE_KEYS and now.get(k) != before.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"--resume with a different config ({diffs}); resume with the original settings, "
+                          "or start over with --overwrite")
+
+
+def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tuple[Any, bool]:
+    """Open the MLflow run (a new one, the resumed one, or the one `mlflow run` made)."""
+    import mlflow
+
+    system = cfg.system_metrics and importlib.util.find_spec("psutil") is not None
+    if run_id is None and mlflow.active_run() is not None:
+        mlflow.set_tags(tags)
+        return mlflow.active_run(), False
+    experiment_id = None
+    if run_id is None and cfg.experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        experiment_id = _experiment_id(cfg.experiment)
+    try:
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, tags=None if run_id else tags,
+                               log_system_metrics=system)
+    except Exception as exc:  # noqa: BLE001
+        raise tracking.translate_mlflow_error(exc, "cannot start the training run") from None
+    if run_id:
+        mlflow.set_tags(tags)
+    return run, True
+
+
+def _experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if needed.
+
+    Not ``mlflow.set_experiment``: it also exports MLFLOW_EXPERIMENT_ID into os.environ, which
+    would leak into every later run and child process of a long-lived caller.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process: use theirs
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineage, base_model: str,
+             best_val: float) -> tuple[str, str]:
+    """Log the model as the project's pyfunc model and register a version with lineage tags."""
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.serving import log_model
+
+    lineage_tags = {
+        tracking.TAG_DATA_DIGEST: lineage.digest,
+        tracking.TAG_DATA_RUN: lineage.run_id,
+        tracking.TAG_TRAIN_RUN: run_id,
+        tracking.TAG_BASE_MODEL: base_model or f"scratch:{cfg.preset}",
+    }
+    info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=lineage_tags)
+    version = str(info.registered_model_version)
+    client = MlflowClient()  # log_model already put lineage_tags on the version
+    origin = f"fine-tuned from {base_model}" if base_model else f"trained from scratch ({cfg.preset} preset)"
+    data_from = f"data run {lineage.run_id}" if lineage.run_id else f"data {lineage.uri}"
+    client.update_model_version(
+        cfg.model_name, version,
+        description=(f"Causal LM {origin} by training run {run_id} on {data_from} (digest {lineage.digest[:16]}); "
+                     f"{cfg.max_steps} steps, best val/loss {best_val:.4f}."))
+    return f"models:/{cfg.model_name}/{version}", version
+
+
+def train(cfg: TrainConfig, data_uri: str, *, resume: bool = False, overwrite: bool = False) -> TrainOutcome:
+    """Train (or resume) under ``cfg`` on ``data_uri``; register the result as ``cfg.model_name``."""
+    from lifecycle.train import distributed
+
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, data_uri, ctx, resume=resume, overwrite=overwrite)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite: bool) -> TrainOutcome:
+    data, lineage = resolve_data(data_uri, search_runs=ctx.is_main)
+    ckpts = CheckpointManager(cfg.output, keep=cfg.keep_checkpoints)
+    latest = ckpts.latest()
+    resume_state: dict[str, Any] | None = None
+    if latest is not None and not resume:
+        if not overwrite:
+            raise OutputExistsError(f"{cfg.output} already holds checkpoints (latest {latest.name}); continue that "
+                                    "run with --resume, or start over with --overwrite")
+        if ctx.is_main:
+            ckpts.clear()
+        ctx.barrier()
+        latest = None
+    if resume and latest is not None:
+        resume_state = CheckpointManager.read_state(latest)
+        check_resume_config(cfg, resume_state.get("config", {}))
+        if resume_state.get("data_digest") and resume_state["data_digest"] != lineage.digest:
+            raise DataError(f"--resume with different data: the checkpoint was trained on digest "
+                            f"{resume_state['data_digest'][:16]}, {data_uri} has {lineage.digest[:16]}")
+        if int(resume_state.get("world_size", 1)) != ctx.world_size:
+            raise ConfigError(f"the checkpoint was written by {resume_state.get('world_size')} processes; "
+                              f"resume with the same --nproc_per_node (now {ctx.world_size})")
+    elif resume:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", cfg.output)
+
+    from lifecycle.train.finetune import finalize_model, load_starting_point
+
+    start = load_starting_point(cfg, data.tokenizer, data.block_size)
+    run_id = resume_state.get("run_id") if resume_state else None
+    mlrun, own_run, logger, sink = None, False, None, None
+    if ctx.is_main:
+        tags = {tracking.TAG_STAGE: "train", tracking.TAG_CODE_VERSION: tracking.code_version(),
+                tracking.TAG_DATA_DIGEST: lineage.digest, tracking.TAG_DATA_RUN: lineage.run_id,
+                tracking.TAG_BASE_MODEL: start.base_model or f"scratch:{cfg.preset}", "data_uri": lineage.uri}
+        if resume_state:
+            tags["resumed_from_step"] = str(resume_state["step"])
+        mlrun, own_run = _start_run(cfg, run_id, tags)
+        run_id = mlrun.info.run_id
+    run_id = ctx.broadcast_object(run_id)
+    try:
+        if ctx.is_main:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            from lifecycle.train.callbacks import MetricSink, last_logged_steps, replay
+
+            n_params = sum(p.numel() for p in start.model.parameters())
+            n_train = sum(p.numel() for p in start.model.parameters() if p.requires_grad)
+            if resume_state is None:
+                params = {**flatten(cfg), "data.block_size": data.block_size, "data.train_blocks": len(data.train),
+                          "data.validation_blocks": len(data.validation), "world_size": ctx.world_size,
+                          "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world_size,
+                          "model.parameters": n_params, "model.trainable_parameters": n_train}
+                # `mlflow run` already logged the MLproject parameters, empty ones as ''; MLflow
+                # refuses to change a param, so a resolved value that differs goes under resolved.*
+                existing = MlflowClient().get_run(run_id).data.params
+                mlflow.log_params({(k if existing.get(k, str(v)) == str(v) else f"resolved.{k}"): v
+                                   for k, v in params.items()})
+            logger = tracking.AsyncMetricLogger(run_id)
+            already = last_logged_steps(MlflowClient(), run_id) if resume_state else {}
+            if resume_state:
+                replay(logger, resume_state.get("history", {}), already)
+            sink = MetricSink(logger, already)
+
+        from lifecycle.train.loop import Trainer
+
+        trainer = Trainer(cfg, start.model, data, ctx=ctx, log=sink, checkpoints=ckpts, resume_from=latest if resume_state else None,
+                          extra_state={"run_id": run_id, "data_digest": lineage.digest, "data_run_id": lineage.run_id,
+                                       "base_model": start.base_model})
+        result = trainer.fit()
+        ctx.barrier()
+        if not ctx.is_main:
+            return TrainOutcome(None, None, None, result.steps, result.best_val_loss, result.best_step,
+                                result.stopped_early, resume_state["step"] if resume_state else None)
+        ctx.close()  # rank 0 alone from here: model logging must not hold the process group open
+        logger.close()
+        logger = None
+        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model)
+        outcome.resumed_from = resume_state["step"] if resume_state else None
+        if own_run:
+            import mlflow
+
+            mlflow.end_run("FINISHED")
+        return outcome
+    except BaseException as exc:
+        if ctx.is_main:
+            _fail_run(exc, logger, own_run)
+        raise
+
+
+def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: DataLineage,
+            finalize_model: Any) -> TrainOutcome:
+    """Rank 0 after the loop: summary metrics, curves PNG, model folder, registration."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.train.model import save_model_dir
+    from lifecycle.train.plots import plot_curves
+
+    client = MlflowClient()
+    summary = {"train/steps": float(result.steps)}
+    if math.isfinite(result.best_val_loss):
+        summary.update({"val/best_loss": result.best_val_loss, "val/best_step": float(result.best_step)})
+    mlflow.log_metrics(summary, step=result.steps)
+    # The plot reads MLflow's history so a resumed run's PNG shows the whole run.
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+               for key in ("train/loss", "val/loss", "train/lr")}
+    with tempfile.TemporaryDirectory(prefix="lifecycle-train-") as tmp:
+        png = plot_curves(history, Path(tmp) / "training_curves.png", title=f"run {run_id[:8]}")
+        mlflow.log_artifact(str(png), artifact_path="plots")
+        model = finalize_model(result.model, cfg.lora, Path(tmp) / "lora_adapter")
+        if (Path(tmp) / "lora_adapter").is_dir():
+            mlflow.log_artifacts(str(Path(tmp) / "lora_adapter"), artifact_path="lora_adapter")
+        model_uri, version = None, None
+        if cfg.log_model:
+            model_dir = save_model_dir(model.to("cpu"), start.tokenizer, Path(tmp) / "model")
+            model_uri, version = register(model_dir, cfg, run_id, lineage, start.base_model, result.best_val_loss)
+            mlflow.set_tag("registered_model_version", model_uri)
+    return TrainOutcome(run_id=run_id, model_uri=model_uri, version=version, steps=result.steps,
+                        best_val_loss=result.best_val_loss, best_step=result.best_step,
+                        stopped_early=result.stopped_early, resumed_from=None)
+
+
+def _fail_run(exc: BaseException, logger: Any, own_run: bool) -> None:
+    """Deliver queued metrics, then end the run KILLED (signal) or FAILED (anything else)."""
+    import mlflow
+
+    from lifecycle.train.loop import TrainingInterrupted
+
+    try:
+        if logger is not None:
+            logger.close()
+    except Exception as close_exc:  # noqa: BLE001 - the original error matters more
+        log.error("metrics could not be delivered: %s", close_exc)
+    if own_run and mlflow.active_run() is not None:
+        mlflow.end_run("KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "FAILED")
