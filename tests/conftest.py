@@ -95,9 +95,12 @@ def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fast unit tests first, then the end-to-end tests that start servers and `mlflow run`.
+    """Fast unit tests first, then the modules with end-to-end tests (servers, `mlflow run`).
 
     A broken import then fails in seconds (pytest runs with -x in CI), and the slow tests only
     run once the cheap ones pass.
     """
-    items.sort(key=lambda item: 1 if item.get_closest_marker("e2e") else 0)
+    # Whole modules move, never single tests: interleaving two modules would stretch a
+    # module-scoped fixture (an experiment, an environment variable) over another's tests.
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: 1 if item.module.__name__ in slow_modules else 0)

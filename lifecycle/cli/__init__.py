@@ -39,8 +39,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _available(name: str) -> bool:
-    module = COMMANDS[name][0]
-    return importlib.util.find_spec(module) is not None
+    module, attr, _ = COMMANDS[name]
+    if importlib.util.find_spec(module) is None:
+        return False
+    # A module may exist before all of its commands do (monitor before report/retrain): the
+    # command modules import their heavy dependencies lazily, so importing one here is cheap.
+    return hasattr(importlib.import_module(module), attr)
 
 
 class LazyGroup(click.Group):
