@@ -108,16 +108,40 @@ def stage_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, str
     """
     import mlflow
 
+    experiment_id = None
     if experiment and not os.environ.get("MLFLOW_RUN_ID") and not nested:
-        mlflow.set_experiment(experiment)
+        experiment_id = get_or_create_experiment(experiment)
     all_tags = {TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), **(tags or {})}
     active = mlflow.active_run()
     if active is not None and not nested:
         mlflow.set_tags(all_tags)
         yield active
         return
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags, experiment_id=experiment_id) as run:
         yield run
+
+
+def get_or_create_experiment(name: str) -> str:
+    """The id of experiment ``name``, created if needed.
+
+    Not ``mlflow.set_experiment``: it also exports MLFLOW_EXPERIMENT_ID into os.environ and keeps
+    a process-wide active experiment, which would leak into every later run and child process of
+    a long-lived caller (a notebook, a scheduler, the pipeline).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process: use theirs
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class AsyncMetricLogger:

@@ -105,7 +105,7 @@ def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tu
         return mlflow.active_run(), False
     experiment_id = None
     if run_id is None and cfg.experiment and not os.environ.get("MLFLOW_RUN_ID"):
-        experiment_id = _experiment_id(cfg.experiment)
+        experiment_id = tracking.get_or_create_experiment(cfg.experiment)
     try:
         run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, tags=None if run_id else tags,
                                log_system_metrics=system)
@@ -114,28 +114,6 @@ def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tu
     if run_id:
         mlflow.set_tags(tags)
     return run, True
-
-
-def _experiment_id(name: str) -> str:
-    """The id of experiment ``name``, created if needed.
-
-    Not ``mlflow.set_experiment``: it also exports MLFLOW_EXPERIMENT_ID into os.environ, which
-    would leak into every later run and child process of a long-lived caller.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created concurrently by another process: use theirs
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineage, base_model: str,
