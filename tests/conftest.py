@@ -50,6 +50,20 @@ def unique_name() -> str:
     return f"lm-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def artifacts_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Log this test's runs to a fresh experiment of their own (artifacts in a temporary folder)."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    name = f"data-tests-{uuid.uuid4().hex[:8]}"
+    root = tmp_path_factory.mktemp("artifacts")
+    MlflowClient().create_experiment(name, artifact_location=root.as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    return name
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` with a sqlite backend, shared by the session."""

@@ -68,22 +68,6 @@ def test_replace_mode_counts_bad_bytes(tmp_path: Path) -> None:
         _docs(path)
 
 
-@pytest.fixture
-def artifacts_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Log this test's runs to an experiment whose artifacts live in a temporary folder.
-
-    With a sqlite tracking URI MLflow stores artifacts under ./mlruns of the working directory;
-    tests must not litter the repository with them.
-    """
-    import uuid
-
-    from mlflow.tracking import MlflowClient
-
-    name = f"data-tests-{uuid.uuid4().hex[:8]}"
-    root = tmp_path_factory.mktemp("artifacts")
-    MlflowClient().create_experiment(name, artifact_location=root.as_uri())
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
-    return name
 
 
 # -- bad input through the CLI ------------------------------------------------------------------

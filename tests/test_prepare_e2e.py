@@ -15,22 +15,6 @@ from lifecycle.data.synthetic import generate_documents
 
 REPO = Path(__file__).resolve().parents[1]
 
-@pytest.fixture
-def artifacts_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Log this test's runs to an experiment whose artifacts live in a temporary folder.
-
-    With a sqlite tracking URI MLflow stores artifacts under ./mlruns of the working directory;
-    tests must not litter the repository with them.
-    """
-    import uuid
-
-    from mlflow.tracking import MlflowClient
-
-    name = f"data-tests-{uuid.uuid4().hex[:8]}"
-    root = tmp_path_factory.mktemp("artifacts")
-    MlflowClient().create_experiment(name, artifact_location=root.as_uri())
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
-    return name
 
 
 
