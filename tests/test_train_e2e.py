@@ -47,6 +47,9 @@ def _wait_port_free(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with socket.socket() as s:
+            # As the server binds: connections in TIME_WAIT (the server closed them) don't count,
+            # only a process still listening does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return
