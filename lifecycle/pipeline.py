@@ -182,7 +182,7 @@ class Pipeline:
         from lifecycle.train.run import train
 
         cfg = dataclasses.replace(self.cfg.train, model_name=self.cfg.model_name,
-                                  output=str(Path(self.cfg.workdir) / "checkpoints"), progress=self.cfg.train.progress)
+                                  output=str(Path(self.cfg.workdir) / "checkpoints"))
         # Where checkpoints go and whether a bar is drawn do not change the model.
         keyed = {k: v for k, v in flatten(cfg).items() if k not in ("output", "progress", "system_metrics")}
         key = cache_key("train", keyed, data["digest"])

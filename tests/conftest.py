@@ -44,6 +44,17 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module single-threaded: tiny models gain nothing from several threads, and on a
+    shared 2-core machine two spinning threads made a training step 15x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture
 def unique_name() -> str:
     """A registered-model / experiment name no other test uses."""

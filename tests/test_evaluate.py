@@ -18,16 +18,7 @@ from lifecycle.evaluate.checks import Check, load_suite, run_check, run_suite
 from lifecycle.evaluate.config import EvalConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from several threads, and on a shared 2-core machine two
-    spinning threads made a training step 15x slower: run this module single-threaded."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

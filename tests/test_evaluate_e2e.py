@@ -26,16 +26,7 @@ FAST = ["generation.num_prompts=4", "generation.max_new_tokens=8", "latency.requ
         "latency.max_new_tokens=8", "compare.bootstrap_samples=500"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from several threads, and on a shared 2-core machine two
-    spinning threads made a training step 15x slower: run this module single-threaded."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fast_flags() -> list[str]:

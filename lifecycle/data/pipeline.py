@@ -34,6 +34,7 @@ from lifecycle.data.config import PrepareConfig
 from lifecycle.data.dedup import Deduplicator, MinHasher, exact_key, normalize_for_hash
 from lifecycle.data.pack import BlockPacker
 from lifecycle.data.quality import FILTER_NAMES, first_failure
+from lifecycle.data.raw import read_raw_texts
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.split import SPLITS, assign_split
 from lifecycle.data.tokenizer import (
@@ -166,13 +167,6 @@ def _progress(total: int | None = None, desc: str = "", unit: str = "doc") -> An
     return tqdm(total=total, desc=desc, unit=unit, disable=None, mininterval=1.0)
 
 
-def _read_jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open("r", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)["text"]
-
-
 # -- the pipeline --------------------------------------------------------------------------------
 
 def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = None,
@@ -272,7 +266,7 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
     tok_dir = workdir / "tokenizer"
     trained = tokenizer is None
     if trained:
-        tokenizer = train_tokenizer(batched(_read_jsonl_texts(raw_dir / "train.jsonl"), 1000),
+        tokenizer = train_tokenizer(batched(read_raw_texts(raw_dir / "train.jsonl"), 1000),
                                     vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency)
     tokenizer.save_pretrained(str(tok_dir))
     seconds["tokenizer"] = time.perf_counter() - t
@@ -358,7 +352,7 @@ def _reference_texts(folder: Path) -> Iterator[str]:
     if not files:
         raise DataError(f"--dedup-against {folder}: not a prepared data folder (no raw/*.jsonl)")
     for path in files:
-        yield from _read_jsonl_texts(path)
+        yield from read_raw_texts(path)
 
 
 def _pack_split(tokenizer: Any, raw: Path, out: Path, block_size: int, eos: int, batch_size: int,
@@ -372,7 +366,7 @@ def _pack_split(tokenizer: Any, raw: Path, out: Path, block_size: int, eos: int,
     packer = BlockPacker(block_size, eos)
     bar = _progress(n_docs, f"prepare: tokenize {out.name}")
     with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for texts in batched(_read_jsonl_texts(raw), batch_size):
+        for texts in batched(read_raw_texts(raw), batch_size):
             arr = packer.add(encode_batch(tokenizer, texts))
             bar.update(len(texts))
             if len(arr):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lifecycle.data.raw import read_raw_texts
 from lifecycle.errors import DataError
 
 
@@ -51,23 +52,6 @@ def find_prepared_dir(path: Path) -> Path | None:
     return None
 
 
-def read_jsonl_documents(path: Path, column: str = "text") -> list[str]:
-    """Documents of a ``{"text": ...}`` JSONL file; a malformed line names ``file:line``."""
-    docs: list[str] = []
-    with path.open("r", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(column), str):
-                raise DataError(f"{path}:{number}: expected an object with a string {column!r}")
-            docs.append(row[column])
-    return docs
-
-
 def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
     """Blocks, raw documents, tokenizer and digest of one split of a prepared folder."""
     from datasets import load_from_disk
@@ -99,7 +83,7 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
     raw = folder / "raw" / f"{split}.jsonl"
     if not raw.is_file():
         raise DataError(f"{source}: raw/{split}.jsonl is missing (bits-per-byte needs the split's raw text)")
-    documents = [d for d in read_jsonl_documents(raw) if d]
+    documents = [d for d in read_raw_texts(raw) if d]
     if not documents:
         raise DataError(f"{source}: split {split!r} has no raw documents (raw/{split}.jsonl is empty)")
     digest = str(card.get("digest") or "")

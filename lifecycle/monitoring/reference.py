@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lifecycle.data.raw import read_raw_texts
 from lifecycle.errors import DataError, NotFoundError
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
@@ -57,14 +58,7 @@ def load_reference(folder: Path, *, split: str = "test", max_segments: int = 200
     if not raw.is_file():
         raise NotFoundError(f"reference {folder} holds no raw/{split}.jsonl: pass --reference with a prepared data "
                             "folder or runs:/<data_run_id>/prepared made by `lifecycle prepare`")
-    docs: list[str] = []
-    with open(raw, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    docs.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{raw}:{n}: expected a JSON object with 'text'") from None
+    docs = list(read_raw_texts(raw))
     segments = split_segments(docs)
     if not segments:
         raise DataError(f"reference {raw} holds no text")
