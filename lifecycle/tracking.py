@@ -2,7 +2,9 @@
 
 Tracking follows MLflow's own default (``sqlite:///mlflow.db`` in the working directory in
 MLflow 3.x) unless ``MLFLOW_TRACKING_URI`` is set; nothing here ever calls
-``set_tracking_uri`` or creates ``./mlruns``.
+``set_tracking_uri`` or creates ``./mlruns``: with a database URI and no server, MLflow would put
+artifacts under ``./mlruns`` of whatever directory the command runs in, so the CLI points them at
+``mlartifacts`` beside the database instead (:func:`use_local_artifact_root`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,44 @@ def source_digest() -> str:
         h.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+#: MLflow's private variable for the artifact root of a database-backed store that has no server.
+#: It is what ``mlflow server --default-artifact-root`` sets for its own process; MLflow reads it
+#: whenever it builds a sqlite/PostgreSQL store, including the one behind ``MlflowClient``.
+_ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+
+
+def local_artifact_root(uri: str | None = None) -> Path | None:
+    """Where artifacts of a database-backed store with no server belong: ``mlartifacts`` beside
+    the sqlite file (``mlflow server``'s own default folder name), or in the working directory
+    for another database. ``None`` for a tracking server (it decides) or a file store.
+    """
+    if uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        db = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not db or db == ":memory:":
+            return Path.cwd() / "mlartifacts"
+        return Path(db).expanduser().resolve().parent / "mlartifacts"
+    if scheme in ("postgresql", "mysql", "mssql"):
+        return Path.cwd() / "mlartifacts"
+    return None
+
+
+def use_local_artifact_root() -> None:
+    """Keep artifacts out of ``./mlruns`` when tracking to a database without a server.
+
+    Called once by the CLI before any store is built. Experiments created afterwards (and the
+    Default experiment of a database created afterwards) keep their artifacts in
+    :func:`local_artifact_root`. A caller's own setting of the variable wins.
+    """
+    if os.environ.get(_ARTIFACT_ROOT_ENV):
+        return
+    root = local_artifact_root()
+    if root is not None:
+        os.environ[_ARTIFACT_ROOT_ENV] = root.as_uri()
 
 
 def tracking_uri() -> str:

@@ -89,3 +89,26 @@ def test_every_listed_command_has_help():
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Usage:" in result.output
+
+
+def test_default_tracking_keeps_artifacts_out_of_mlruns(tmp_path):
+    """With MLflow's embedded default (sqlite:///mlflow.db, no server), MLflow itself would put
+    artifacts under ./mlruns; the CLI keeps them in ./mlartifacts beside the database."""
+    import os
+
+    (tmp_path / "corpus.txt").write_text(
+        "\n\n".join(f"Document {i} talks about rivers, mountains and the music of village {i} "
+                    "in the early morning, with many more words to pass the quality filters." for i in range(60)),
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "_MLFLOW_SERVER_ARTIFACT_ROOT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "prepare", "--source", "corpus.txt", "--output", "prepared",
+         "--vocab-size", "300", "--block-size", "32"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()
+    cards = list((tmp_path / "mlartifacts").rglob("data_card.json"))
+    assert cards, "the prepare run's artifacts should be in ./mlartifacts"

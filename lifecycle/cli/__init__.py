@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Run the CLI, turning library errors into one-line messages and their exit codes."""
     # Distributed workers (torchrun) print errors once, from rank 0.
     quiet_rank = os.environ.get("RANK", "0") != "0"
+    from lifecycle.tracking import use_local_artifact_root
+
+    use_local_artifact_root()
     try:
         return cli.main(args=list(argv) if argv is not None else None, prog_name="lifecycle", standalone_mode=False)
     except LifecycleError as exc:
