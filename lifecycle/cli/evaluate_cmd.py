@@ -33,6 +33,10 @@ def evaluate(model: str, data: str, baseline: str | None, prompts_file: str | No
     Logs eval/loss, eval/perplexity, eval/bits_per_byte, eval/rougeL, eval/bleu, eval/exact_match,
     eval/latency_p50_ms, eval/latency_p95_ms, eval/tokens_per_s and eval/check_<name>; with a
     baseline also compare/<metric>_delta, compare/loss_delta_ci_low/high and compare/win_rate.
+
+    On instruction data (prepared with --format sft) loss, perplexity and bits-per-byte are on the
+    response tokens only, the prompts are the split's held-out prompts with their responses as
+    references, and eval/examples.json is a table of prompt, reference and answer.
     """
     from lifecycle.config import load_config
     from lifecycle.evaluate.config import EvalConfig

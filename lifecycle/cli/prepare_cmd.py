@@ -17,6 +17,12 @@ import click
 @click.option("--block-size", type=int, default=None, help="Tokens per packed block.")
 @click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
 @click.option("--text-column", default=None, help="Column holding the text (jsonl/json/csv/parquet/datasets).")
+@click.option("--format", "data_format", type=click.Choice(["auto", "lm", "sft"]), default=None,
+              help="lm: raw text packed into blocks; sft: prompt/response or chat records (loss on responses); "
+                   "auto (default): sft when the first record has those columns.")
+@click.option("--prompt-column", default=None, help="sft: column of the prompt (default prompt).")
+@click.option("--response-column", default=None, help="sft: column of the response (default response).")
+@click.option("--messages-column", default=None, help="sft: column of chat messages (default messages).")
 @click.option("--document-per-file", is_flag=True, default=False, help=".txt/.md: one document per file.")
 @click.option("--dedup-against", default=None, help="Earlier prepared data to deduplicate against (folder or runs:/ URI).")
 @click.option("--pii", type=click.Choice(["replace", "drop", "off"]), default=None, help="Replace PII with placeholders, drop the document, or off.")
@@ -26,7 +32,8 @@ import click
 @click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
 def prepare(source: str | None, output: str, config: str | None, set: tuple[str, ...],  # noqa: A002 - flag names
             tokenizer: str | None, vocab_size: int | None, block_size: int | None, max_documents: int | None,
-            text_column: str | None, document_per_file: bool, dedup_against: str | None, pii: str | None,
+            text_column: str | None, data_format: str | None, prompt_column: str | None,
+            response_column: str | None, messages_column: str | None, document_per_file: bool, dedup_against: str | None, pii: str | None,
             errors: str | None, overwrite: bool, num_proc: int | None, seed: int | None) -> None:
     """Clean, filter, deduplicate, scrub, split, tokenize and pack a corpus into OUTPUT."""
     from lifecycle.config import load_config
@@ -39,6 +46,10 @@ def prepare(source: str | None, output: str, config: str | None, set: tuple[str,
         **{
             "source.uri": source,
             "source.text_column": text_column,
+            "format": data_format,
+            "sft.prompt_column": prompt_column,
+            "sft.response_column": response_column,
+            "sft.messages_column": messages_column,
             "source.document_per_file": True if document_per_file else None,
             "source.max_documents": max_documents,
             "source.errors": errors,
@@ -58,6 +69,7 @@ def prepare(source: str | None, output: str, config: str | None, set: tuple[str,
         "run_id": outcome.run_id,
         "artifact_uri": f"runs:/{outcome.run_id}/prepared",
         "digest": card["digest"],
+        "format": card.get("format", "lm"),
         "documents": card["counts"]["documents_kept"],
         "splits": card["splits"],
         "tokens": card["tokens"],

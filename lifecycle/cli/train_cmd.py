@@ -27,6 +27,9 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
           overwrite: bool) -> None:
     """Train a causal LM on prepared data, log it to one MLflow run and register it.
 
+    Instruction data (`lifecycle prepare --format sft`) is detected from its data card: every
+    example is one row and the loss is on the responses only (full fine-tune or LoRA).
+
     Run under `torchrun --nproc_per_node N -m lifecycle train ...` for DDP training.
     """
     from lifecycle.config import load_config

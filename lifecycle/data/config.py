@@ -147,8 +147,13 @@ class TokenizerConfig:
     name_or_path: Optional[str] = None
     vocab_size: int = 8192
     min_frequency: int = 2
+    #: train the BPE on the first this-many bytes of the train split; null: 256 per vocab entry
+    #: (2 MB for 8192), 0: the whole train split.
+    sample_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.sample_bytes is not None and self.sample_bytes < 0:
+            raise ConfigError(f"tokenizer.sample_bytes: must be >= 0 (0: the whole train split), got {self.sample_bytes}")
         if self.vocab_size < 300:
             raise ConfigError(f"tokenizer.vocab_size: must be >= 300 (256 bytes + merges), got {self.vocab_size}")
         if self.min_frequency < 1:
@@ -167,9 +172,40 @@ class PackConfig:
 
 
 @dataclass
+class SftConfig:
+    """Instruction data (``format: sft``): prompt/response or chat records, loss on responses only."""
+
+    #: columns of prompt/response records.
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    #: column of chat records: a list of ``{"role": system|user|assistant, "content": ...}``.
+    messages_column: str = "messages"
+    #: an example longer than the block: cut the prompt's oldest tokens (``truncate``) or ``drop`` it.
+    overflow: Literal["truncate", "drop"] = "truncate"
+    #: responses shorter than this many words are dropped (the ``min_words`` filter for responses).
+    min_response_words: int = 1
+    #: the statistical quality filters (word length, symbols, alphabetic share, repeated lines) judge
+    #: responses of at least this many words only: on a one-word answer they measure nothing.
+    quality_min_words: int = 10
+    #: several short examples per row (position ids restart per example and training masks each
+    #: example off from the others); off: one example per row, padded per batch.
+    packing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_column", "response_column", "messages_column"):
+            if not getattr(self, name):
+                raise ConfigError(f"sft.{name}: must not be empty")
+        if self.min_response_words < 0 or self.quality_min_words < 0:
+            raise ConfigError("sft.min_response_words and sft.quality_min_words must be >= 0")
+
+
+@dataclass
 class PrepareConfig:
     """Everything the prepare stage needs, section by section."""
 
+    #: ``lm`` (raw text, packed), ``sft`` (prompt/response or chat records), or ``auto``: ``sft``
+    #: when the source's first record has the sft columns, else ``lm``.
+    format: Literal["auto", "lm", "sft"] = "auto"
     source: SourceConfig = field(default_factory=SourceConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -178,6 +214,7 @@ class PrepareConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     #: worker processes for the per-document steps (1: in-process).
     num_proc: int = 1
     #: salts the split hash and the MinHash permutations.

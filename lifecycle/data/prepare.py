@@ -21,6 +21,7 @@ from lifecycle.config import flatten
 from lifecycle.data.card import plot_length_histogram
 from lifecycle.data.config import PrepareConfig
 from lifecycle.data.pipeline import PipelineResult, remove_tree, run_pipeline
+from lifecycle.data.sft import detect_format, run_sft_pipeline
 from lifecycle.data.sources import check_source
 from lifecycle.errors import ConfigError, OutputExistsError
 
@@ -82,6 +83,13 @@ def _publish(work: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _run_format(fmt: str, cfg: PrepareConfig) -> Any:
+    """The pipeline of a data format: packed raw text (``lm``) or one row per example (``sft``)."""
+    if fmt == "sft":
+        return run_sft_pipeline
+    return run_pipeline
+
+
 def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
             run_name: str | None = None) -> PrepareOutcome:
     """Run the prepare stage as one MLflow run and write the prepared folder to ``output``."""
@@ -97,6 +105,7 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
 
         cfg = replace(cfg, source=replace(cfg.source, uri=str(local)))
     check_source(cfg.source)
+    fmt = detect_format(cfg)
     tokenizer_path = _resolve_tokenizer(cfg.tokenizer.name_or_path)
     reference = _resolve(cfg.dedup.against, "--dedup-against folder") if cfg.dedup.against else None
 
@@ -111,8 +120,9 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
             params = {f"cfg.{k}": v for k, v in flatten(cfg).items()}
             params.update({"source": source_uri, "output": str(output)})
             mlflow.log_params({k: v[:6000] for k, v in params.items()})
-            result = run_pipeline(cfg, work, source_uri=source_uri, tokenizer_path=tokenizer_path,
-                                  reference_dir=reference)
+            pipeline = _run_format(fmt, cfg)
+            mlflow.set_tag("data_format", fmt)
+            result = pipeline(cfg, work, source_uri=source_uri, tokenizer_path=tokenizer_path, reference_dir=reference)
             _log_run(result, work, source_uri)
             mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
             run_id = run.info.run_id
@@ -140,6 +150,9 @@ def metrics_of(card: dict[str, Any], seconds: dict[str, float]) -> dict[str, flo
         m[f"data/docs/{split}"] = card["splits"][split]
         m[f"data/tokens/{split}"] = card["tokens"][split]
         m[f"data/blocks/{split}"] = card["blocks"][split]
+    for key in ("truncated_examples", "dropped_too_long", "response_tokens"):
+        for split, value in card.get("sft", {}).get(key, {}).items():
+            m[f"data/sft/{key}/{split}"] = value
     m["data/vocab_size"] = card["vocab_size"]
     m["data/block_size"] = card["block_size"]
     for name, value in seconds.items():

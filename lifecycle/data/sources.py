@@ -311,3 +311,165 @@ def _hf_documents(spec: str, cfg: SourceConfig, stats: SourceStats) -> Iterator[
         if cfg.text_column not in record:
             raise _missing_column(f"hf:{spec}", cfg.text_column, record.keys())
         yield _value_text(record[cfg.text_column], stats)
+
+
+# -- records (instruction data) ----------------------------------------------------------------
+# The document readers above pick one text column; instruction data needs whole records
+# (prompt and response, or a list of chat messages), so these readers yield dicts.
+
+def iter_records(cfg: SourceConfig, stats: SourceStats | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the records (dicts) of a table-like source, at most ``cfg.max_documents`` of them.
+
+    Sources: JSONL/JSON/CSV/Parquet files or folders of them, ``save_to_disk`` folders and
+    ``hf:`` datasets. Plain text files hold no records and are refused.
+    """
+    stats = stats if stats is not None else SourceStats()
+    check_source(cfg)
+    limit = cfg.max_documents
+    for record in _dispatch_records(cfg, stats):
+        if limit is not None and stats.documents >= limit:
+            return
+        stats.documents += 1
+        yield record
+
+
+def first_record_keys(cfg: SourceConfig) -> list[str] | None:
+    """The column names of a source's first record (None: a text source without records)."""
+    uri = cfg.uri
+    if uri == BUILTIN_PYDOC:
+        return None
+    path = Path(uri).expanduser()
+    if not uri.startswith("hf:") and path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        return None
+    if not uri.startswith("hf:") and path.is_dir() and not _is_saved_dataset(path):
+        if (path / "data_card.json").is_file():
+            return None  # an earlier prepared folder is read as raw text
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+        if not files:
+            return None
+    records = _dispatch_records(cfg, SourceStats())
+    try:
+        first = next(records, None)
+    except DataError:
+        return None  # not records (e.g. column-oriented JSON): the text readers say what is wrong
+    finally:
+        records.close()
+    return None if first is None else list(first)
+
+
+def _dispatch_records(cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[str, Any]]:
+    uri = cfg.uri
+    if uri == BUILTIN_PYDOC:
+        raise DataError(f"{BUILTIN_PYDOC} holds plain text, not prompt/response or chat records")
+    if uri.startswith("hf:"):
+        yield from _hf_records(uri[3:], stats)
+        return
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            yield from _saved_dataset_records(path)
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"{path}: no record files ({', '.join(TABLE_SUFFIXES)}) in this folder")
+        for file in files:
+            yield from _file_records(file, cfg, stats)
+    else:
+        yield from _file_records(path, cfg, stats)
+
+
+def _file_records(path: Path, cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[str, Any]]:
+    stats.files += 1
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        raise DataError(f"{path}: plain text holds no prompt/response or chat records; use JSONL, JSON, CSV or parquet")
+    if suffix == ".jsonl":
+        yield from _jsonl_records(path, cfg, stats)
+    elif suffix == ".json":
+        text = "".join(_decoded_lines(path, cfg, stats))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":
+                yield from _jsonl_records(path, cfg, stats)
+                return
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+        for i, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: item {i} is a {type(record).__name__}, expected an object")
+            yield record
+    elif suffix == ".csv":
+        csv.field_size_limit(sys.maxsize if sys.maxsize < 2**63 else 2**31 - 1)
+        reader = csv.DictReader(_decoded_lines(path, cfg, stats))
+        try:
+            for row in reader:
+                # A chat column in CSV is a JSON list in one cell.
+                yield {k: _maybe_json_list(v) for k, v in row.items() if k is not None}
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}")
+
+
+def _maybe_json_list(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _jsonl_records(path: Path, cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[str, Any]]:
+    for lineno, line in enumerate(_decoded_lines(path, cfg, stats), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+        yield record
+
+
+def _saved_dataset_records(path: Path) -> Iterator[dict[str, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: cannot load the saved dataset ({str(exc).splitlines()[0]})") from None
+    parts = [ds[s] for s in ds] if isinstance(ds, DatasetDict) else [ds]
+    for part in parts:
+        for batch in part.iter(batch_size=1024):
+            keys = list(batch)
+            for i in range(len(batch[keys[0]]) if keys else 0):
+                yield {k: batch[k][i] for k in keys}
+
+
+def _hf_records(spec: str, stats: SourceStats) -> Iterator[dict[str, Any]]:
+    from datasets import load_dataset
+
+    name, _, config = spec.partition(":")
+    if not name:
+        raise DataError("hf: source needs a dataset name, e.g. hf:NAME[:CONFIG]")
+    try:
+        ds = load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot load dataset hf:{spec} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for record in ds:
+        yield dict(record)

@@ -32,16 +32,35 @@ class EvalData:
     blocks: np.ndarray | None = None
     tokenizer_dir: Path | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    #: instruction data (format sft) only: the split's tokenized examples and their raw rows.
+    sft: SftSplit | None = None
 
     @property
     def prepared(self) -> bool:
-        """True when the blocks come from a prepared folder."""
-        return self.blocks is not None
+        """True when the blocks (or sft examples) come from a prepared folder."""
+        return self.blocks is not None or self.sft is not None
 
     @property
     def block_size(self) -> int | None:
-        """Length of the prepared blocks (None for a raw source)."""
+        """Length of the prepared blocks (sft: the longest an example may be; None for a raw source)."""
+        if self.sft is not None:
+            return int(self.card.get("block_size") or max(len(r) for r in self.sft.input_ids))
         return None if self.blocks is None else int(self.blocks.shape[1])
+
+
+@dataclass
+class SftSplit:
+    """One split of instruction data: token rows (row i is raw line i) and the raw examples."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    #: raw rows: text, prompt (as served), response (the reference), segments, and the example.
+    examples: list[dict[str, Any]]
+
+    def response_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each example's labelled text (what its response loss is spent on)."""
+        return np.array([max(sum(len(str(t).encode("utf-8")) for t, labelled, _ in e["segments"] if labelled), 1)
+                         for e in self.examples], dtype=np.int64)
 
 
 def find_prepared_dir(path: Path) -> Path | None:
@@ -77,6 +96,8 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
         raise DataError(f"{source}: split {split!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if "input_ids" not in ds.column_names:
         raise DataError(f"{source}: split {split!r} has no input_ids column (format {card.get('format')!r})")
+    if card.get("format") == "sft":
+        return _load_sft(folder, split, ds, card, source=source)
     if len(ds) == 0:
         raise DataError(f"{source}: split {split!r} is empty (0 blocks); evaluate another split with --split")
     blocks = np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int64)
@@ -92,6 +113,59 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
     tok = folder / "tokenizer"
     return EvalData(source=source, split=split, documents=documents, digest=digest, blocks=blocks,
                     tokenizer_dir=tok if tok.is_dir() else None, card=card)
+
+
+def _load_sft(folder: Path, split: str, ds: Any, card: dict[str, Any], *, source: str) -> EvalData:
+    from lifecycle.data.sft import read_examples
+
+    if len(ds) == 0:
+        raise DataError(f"{source}: split {split!r} holds no example; evaluate another split with --split")
+    if "labels" not in ds.column_names:
+        raise DataError(f"{source}: split {split!r} has no labels column; prepare it again with --format sft")
+    raw = folder / "raw" / f"{split}.jsonl"
+    if not raw.is_file():
+        raise DataError(f"{source}: raw/{split}.jsonl is missing (generation needs the split's prompts)")
+    examples = read_examples(raw)
+    if "position_ids" in ds.column_names:
+        return _load_packed_sft(folder, split, examples, card, source=source)
+    if len(examples) != len(ds):
+        raise DataError(f"{source}: raw/{split}.jsonl holds {len(examples)} examples but split {split!r} "
+                        f"{len(ds)} rows; the folder was changed after it was prepared")
+    digest = str(card.get("digest") or "")
+    if not digest:
+        raise DataError(f"{source}: data_card.json has no digest")
+    tok = folder / "tokenizer"
+    return EvalData(source=source, split=split, documents=[e["text"] for e in examples], digest=digest,
+                    tokenizer_dir=tok if tok.is_dir() else None, card=card,
+                    sft=SftSplit(input_ids=list(ds["input_ids"]), labels=list(ds["labels"]), examples=examples))
+
+
+def _load_packed_sft(folder: Path, split: str, examples: list[dict[str, Any]], card: dict[str, Any], *,
+                     source: str) -> EvalData:
+    """Packed instruction data: evaluation scores every example on its own, so the examples are
+    tokenized again from their segments (exactly as prepare encoded them before packing)."""
+    from transformers import AutoTokenizer
+
+    from lifecycle.data.sft import encode_segments
+
+    tok_dir = folder / "tokenizer"
+    if not tok_dir.is_dir():
+        raise DataError(f"{source}: no tokenizer/ folder (packed sft data is scored per example)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    block = int(card.get("block_size") or 0)
+    ids, labels = [], []
+    for example in examples:
+        enc = encode_segments(tokenizer, example["segments"], block_size=block,
+                              overflow=str(card.get("sft", {}).get("overflow", "truncate")))
+        if enc.dropped:
+            raise DataError(f"{source}: an example of raw/{split}.jsonl no longer fits its block of {block} tokens")
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+    digest = str(card.get("digest") or "")
+    if not digest:
+        raise DataError(f"{source}: data_card.json has no digest")
+    return EvalData(source=source, split=split, documents=[e["text"] for e in examples], digest=digest,
+                    tokenizer_dir=tok_dir, card=card, sft=SftSplit(input_ids=ids, labels=labels, examples=examples))
 
 
 def _read_raw_source(source: str) -> list[str]:
@@ -134,7 +208,7 @@ def load_eval_data(data: str | os.PathLike[str], split: str = "test") -> EvalDat
 
 def tokenizers_match(data: EvalData, tokenizer: Any) -> bool:
     """Whether ``tokenizer`` encodes like the prepared data's tokenizer (same vocabulary)."""
-    if data.blocks is None:
+    if not data.prepared:
         return True  # raw source: every model packs the text with its own tokenizer
     if data.tokenizer_dir is None:
         # Without the tokenizer files the card's vocabulary size is the only evidence.

@@ -44,11 +44,17 @@ def resolve_device(name: str = "auto") -> str:
 
 def load_lm(model_dir: Any, device: str = "cpu") -> tuple[Any, Any]:
     """Load the model (eval mode, on ``device``) and its tokenizer from one Hugging Face folder."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lifecycle.serving.variant import load_variant
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    model.to(device).eval()
+    # A compressed variant is measured as it is served (lifecycle.serving.variant).
+    model = load_variant(model_dir, torch.device(device))
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        model.to(device).eval()
     return model, tokenizer
 
 
@@ -224,3 +230,54 @@ def pack_documents(tokenizer: Any, documents: Sequence[str], block_size: int) ->
     if len(blocks) == 0:
         raise DataError(f"the text holds {packer.tokens} tokens: fewer than one block of {block_size}")
     return blocks
+
+
+@dataclass
+class ResponseLoss(BlockLoss):
+    """Loss of instruction examples on their response tokens only (prompts are context).
+
+    ``block_nll`` holds each example's mean NLL per response token; ``example_nll`` its sum (nats).
+    """
+
+    example_nll: np.ndarray = None  # type: ignore[assignment]
+    example_tokens: np.ndarray = None  # type: ignore[assignment]
+
+
+def response_losses(model: Any, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *,
+                    batch_size: int = 16, device: str = "cpu", pad_id: int = 0, progress: bool = True,
+                    desc: str = "response loss") -> ResponseLoss:
+    """Score each example's labelled tokens (labels != -100), each from the tokens before it."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from lifecycle.data.sft import IGNORE_INDEX, pad_rows
+
+    n = len(input_ids)
+    if n == 0:
+        raise DataError("no examples to evaluate (the split is empty)")
+    ctx = context_length(model)
+    longest = max(len(r) for r in input_ids)
+    if longest > ctx:
+        raise DataError(f"an example of {longest} tokens exceeds the model's context of {ctx} tokens")
+    # Similar lengths batched together waste little on padding.
+    order = sorted(range(n), key=lambda i: -len(input_ids[i]))
+    sums = np.zeros(n, dtype=np.float64)
+    counts = np.zeros(n, dtype=np.int64)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[lo:lo + batch_size]
+            x, y, m = pad_rows([input_ids[i] for i in idx], [labels[i] for i in idx], pad_id)
+            x, y, m = x.to(device), y.to(device), m.to(device)
+            logits = model(input_ids=x, attention_mask=m).logits[:, :-1, :].float()
+            target = y[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                  ignore_index=IGNORE_INDEX, reduction="none").view(target.shape).double()
+            sums[idx] = nll.sum(dim=1).cpu().numpy()
+            counts[idx] = (target != IGNORE_INDEX).sum(dim=1).cpu().numpy()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return ResponseLoss(block_nll=sums / np.maximum(counts, 1), total_nll=float(sums.sum()), tokens=int(counts.sum()),
+                        seconds=seconds, example_nll=sums, example_tokens=counts)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lifecycle.errors import DataError
 from lifecycle.evaluate import checks as checks_mod
 from lifecycle.evaluate import generation, latency, loss
 from lifecycle.evaluate.config import EvalConfig
@@ -76,14 +77,9 @@ def _generate(predict: Any, prompts: Sequence[generation.Prompt], cfg: EvalConfi
     return out
 
 
-def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts: Sequence[generation.Prompt],
-                  suite: Sequence[checks_mod.Check], cfg: EvalConfig, *, device: str,
-                  progress: bool = True) -> SideResult:
-    """Run every measurement of one model; metric names without the ``eval/`` prefix."""
-    from lifecycle.evaluate.predictor import Predictor
-
-    notes: list[str] = []
-    model, tokenizer = loss.load_lm(model_dir, device)
+def _teacher_forced_lm(label: str, model: Any, tokenizer: Any, data: EvalData, prompts: Sequence[generation.Prompt],
+                       cfg: EvalConfig, *, device: str, progress: bool, notes: list[str]) -> tuple:
+    """Raw text: loss over packed blocks, bits-per-byte over documents, reference likelihood."""
     blocks = _blocks_for(data, tokenizer, model, cfg, notes)
     block = loss.block_losses(model, blocks, batch_size=cfg.loss.batch_size, device=device, progress=progress,
                               desc=f"{label} loss")
@@ -93,7 +89,6 @@ def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts
     bpb = generation.load_metric("bits_per_byte").compute(nll=dn.nll.tolist(), num_bytes=dn.num_bytes.tolist())
     prompt_bpb = generation.continuation_nll(model, tokenizer, prompts, device=device,
                                              batch_size=cfg.generation.batch_size)
-    vdigest = vocab_digest(tokenizer)
     metrics: dict[str, float] = {
         "loss": block.loss,
         "perplexity": block.perplexity,
@@ -105,6 +100,79 @@ def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts
         "reference_bits_per_byte": float(np.mean(prompt_bpb)),
     }
     blocks_digest = hashlib.sha256(np.ascontiguousarray(blocks).tobytes()).hexdigest()[:16]
+    return metrics, block, dn.per_document_bpb, prompt_bpb, blocks_digest
+
+
+def sft_rows(data: EvalData, tokenizer: Any, model: Any, notes: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """The prepared example rows when this tokenizer made them, else the examples' segments
+    tokenized with this model's tokenizer (a baseline with another vocabulary)."""
+    from lifecycle.data.sft import encode_segments
+
+    assert data.sft is not None
+    if tokenizers_match(data, tokenizer):
+        return data.sft.input_ids, data.sft.labels
+    size = min(data.block_size or loss.context_length(model), loss.context_length(model))
+    notes.append(f"tokenizer differs from the prepared data's: the examples re-tokenized with this model's "
+                 f"tokenizer (at most {size} tokens each)")
+    ids, labels = [], []
+    for example in data.sft.examples:
+        enc = encode_segments(tokenizer, example["segments"], block_size=size, overflow="truncate")
+        if enc.dropped:
+            raise DataError(f"an example does not fit this model's context of {size} tokens once re-tokenized")
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+    return ids, labels
+
+
+def _teacher_forced_sft(label: str, model: Any, tokenizer: Any, data: EvalData, prompts: Sequence[generation.Prompt],
+                        cfg: EvalConfig, *, device: str, progress: bool, notes: list[str]) -> tuple:
+    """Instruction data: loss and perplexity on the response tokens only (prompts are context);
+    bits-per-byte of the responses; per-example values for the paired comparison."""
+    assert data.sft is not None
+    ids, labels = sft_rows(data, tokenizer, model, notes)
+    n = min(len(ids), cfg.loss.max_blocks) if cfg.loss.max_blocks else len(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loss.document_prefix_id(tokenizer)
+    rl = loss.response_losses(model, ids[:n], labels[:n], batch_size=cfg.loss.batch_size, device=device,
+                              pad_id=int(pad), progress=progress, desc=f"{label} response loss")
+    nbytes = data.sft.response_bytes()[:n]
+    example_bpb = rl.example_nll / loss.LN2 / nbytes
+    # The default prompt set is the split's first examples (same order): their response bits/byte
+    # are the reference likelihoods; a --prompts file is scored like raw-text prompts.
+    same = len(prompts) <= n and all(p.prompt == e["prompt"] for p, e in zip(prompts, data.sft.examples))
+    prompt_bpb = ([float(v) for v in example_bpb[:len(prompts)]] if same else
+                  generation.continuation_nll(model, tokenizer, prompts, device=device,
+                                              batch_size=cfg.generation.batch_size))
+    metrics: dict[str, float] = {
+        "loss": rl.loss,
+        "perplexity": rl.perplexity,
+        "loss_tokens_per_s": rl.tokens_per_s,
+        "bits_per_byte": float(rl.example_nll.sum() / loss.LN2 / max(int(nbytes.sum()), 1)),
+        "num_examples": float(n),
+        "num_response_tokens": float(rl.tokens),
+        "num_prompts": float(len(prompts)),
+        "reference_bits_per_byte": float(np.mean(prompt_bpb)) if prompt_bpb else float("nan"),
+    }
+    h = hashlib.sha256()
+    for row, lab in zip(ids[:n], labels[:n]):
+        h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|" + np.asarray(lab, dtype=np.int64).tobytes())
+    return metrics, rl, example_bpb, prompt_bpb, h.hexdigest()[:16]
+
+
+def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts: Sequence[generation.Prompt],
+                  suite: Sequence[checks_mod.Check], cfg: EvalConfig, *, device: str,
+                  progress: bool = True) -> SideResult:
+    """Run every measurement of one model; metric names without the ``eval/`` prefix."""
+    from lifecycle.evaluate.predictor import Predictor
+
+    notes: list[str] = []
+    model, tokenizer = loss.load_lm(model_dir, device)
+    if data.sft is not None:
+        metrics, block, doc_bpb, prompt_bpb, blocks_digest = _teacher_forced_sft(
+            label, model, tokenizer, data, prompts, cfg, device=device, progress=progress, notes=notes)
+    else:
+        metrics, block, doc_bpb, prompt_bpb, blocks_digest = _teacher_forced_lm(
+            label, model, tokenizer, data, prompts, cfg, device=device, progress=progress, notes=notes)
+    vdigest = vocab_digest(tokenizer)
     del model
     gc.collect()
     if device.startswith("cuda"):
@@ -130,5 +198,5 @@ def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts
     finally:
         predictor.close()
     return SideResult(label=label, uri=uri, metrics=metrics, block_nll=block.block_nll, blocks_digest=blocks_digest,
-                      doc_bpb=dn.per_document_bpb, prompt_bpb=prompt_bpb, generations=texts, prompt_rouge=rouge,
+                      doc_bpb=doc_bpb, prompt_bpb=prompt_bpb, generations=texts, prompt_rouge=rouge,
                       checks=results, vocab_digest=vdigest, served_via=via, served_device=served_on, notes=notes)

@@ -79,6 +79,29 @@ def _check_model(data: EvalData, model_dir: Path, uri: str, *, same_tokenizer: b
     return tokenizer
 
 
+def sft_prompts(data: EvalData, num_prompts: int) -> list[generation.Prompt]:
+    """Instruction data's prompt set: the split's first examples, each prompt as the model is
+    served it (chat rendered with the template) and its response as the reference."""
+    assert data.sft is not None
+    return [generation.Prompt(e["prompt"], e["response"]) for e in data.sft.examples[:num_prompts]]
+
+
+def example_table(prompts: list[generation.Prompt], ch: SideResult, bl: SideResult | None) -> dict[str, list[Any]]:
+    """Prompt, reference and answer per held-out example, with its scores, for people to read."""
+    norm = lambda t: " ".join(t.split())  # noqa: E731 - exact match ignores whitespace runs and ends
+    table: dict[str, list[Any]] = {
+        "prompt": [p.prompt for p in prompts],
+        "reference": [p.reference for p in prompts],
+        "answer": list(ch.generations),
+        "exact_match": [float(norm(a) == norm(p.reference)) for a, p in zip(ch.generations, prompts)],
+        "rougeL": list(ch.prompt_rouge),
+    }
+    if bl is not None:
+        table["baseline_answer"] = list(bl.generations)
+        table["baseline_exact_match"] = [float(norm(a) == norm(p.reference)) for a, p in zip(bl.generations, prompts)]
+    return table
+
+
 def compare_sides(ch: SideResult, bl: SideResult, cfg: EvalConfig) -> tuple[dict[str, float], str, Any, Any]:
     """compare/... values, the unit the bootstrap paired on, the table and the bootstrap result."""
     out = {f"{k}_delta": v for k, v in cmp.deltas({k: ch.metrics[k] for k in COMPARED if k in ch.metrics},
@@ -123,6 +146,9 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
     if prompts_file:
         prompts = generation.load_prompts(prompts_file, limit=cfg.generation.num_prompts)
         prompt_source = prompts_file
+    elif eval_data.sft is not None:
+        prompts = sft_prompts(eval_data, cfg.generation.num_prompts)
+        prompt_source = f"sft: the first {len(prompts)} examples of split {eval_data.split} (prompt, response)"
     else:
         g = cfg.generation
         prompts = generation.default_prompts(eval_data.documents, num_prompts=g.num_prompts,
@@ -142,7 +168,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
 
     # --- measure, log, then tag ---------------------------------------------------------------
     run_tags = {TAG_DATA_DIGEST: eval_data.digest, results.TAG_EVAL_DIGEST: eval_data.digest,
-                "eval_model": model}
+                "eval_model": model, "data_format": "sft" if eval_data.sft is not None else "lm"}
     if version is not None:
         run_tags["eval_model_version"] = version.uri
     with stage_run("evaluate", tags=run_tags, experiment=cfg.experiment) as run:
@@ -186,6 +212,8 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                                                   f"{eval_data.digest[:12]}; bootstrap paired on {paired_on}")})
                 extra_tags["compare_paired_on"] = paired_on
             mlflow.log_table(data=rows, artifact_file="eval/generations.json")
+            if eval_data.sft is not None:
+                mlflow.log_table(data=example_table(prompts, ch, bl), artifact_file="eval/examples.json")
             checks_out = {side.label: [vars(r) for r in side.checks] for side in (ch, bl) if side is not None}
             notes = {side.label: side.notes for side in (ch, bl) if side is not None and side.notes}
             summary = {"model": model, "baseline": baseline_uri, "data": data, "split": eval_data.split,

@@ -23,15 +23,55 @@ class PreparedData:
     """The parts of a prepared data folder the training loop needs."""
 
     root: Path
-    train: Any  # torch.LongTensor [N, block_size]
+    train: Any  # torch.LongTensor [N, block_size] (sft: [N, longest example], right-padded)
     validation: Any  # torch.LongTensor [M, block_size]
     tokenizer: Any
     card: dict[str, Any]
+    #: sft data only: labels (-100 on prompts and padding) and attention masks, shaped like the ids.
+    train_labels: Any = None
+    validation_labels: Any = None
+    train_mask: Any = None
+    validation_mask: Any = None
+    #: packed sft data only: position ids that restart at 0 for each example of a row.
+    train_positions: Any = None
+    validation_positions: Any = None
+
+    @property
+    def sft(self) -> bool:
+        """Whether this is instruction data (one example per row, loss on responses only)."""
+        return self.train_labels is not None
 
     @property
     def block_size(self) -> int:
-        """Tokens per packed block."""
+        """Tokens per packed block (sft: the longest an example may be)."""
+        if self.sft:
+            return int(self.card.get("block_size") or self.train.shape[1])
         return int(self.train.shape[1])
+
+    def batch(self, split: str, rows: Any) -> dict[str, Any]:
+        """Model inputs for ``rows`` of ``split``: ``input_ids`` and ``labels`` (sft adds the
+        ``attention_mask``, cut to the longest example of the batch so padding costs little)."""
+        x = getattr(self, split)[rows]
+        if not self.sft:
+            return {"input_ids": x, "labels": x}
+        mask = getattr(self, f"{split}_mask")[rows]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        batch = {"input_ids": x[:, :width], "attention_mask": mask[:, :width],
+                 "labels": getattr(self, f"{split}_labels")[rows][:, :width]}
+        positions = getattr(self, f"{split}_positions")
+        if positions is not None:
+            from lifecycle.data.sft import block_diagonal_mask
+
+            # Packed rows: each example attends only to itself, at the positions it has alone.
+            batch["position_ids"] = positions[rows][:, :width]
+            batch["attention_mask"] = block_diagonal_mask(batch["position_ids"])
+        return batch
+
+    def real_tokens(self, split: str, rows: Any) -> int:
+        """Tokens of ``rows`` that are not padding."""
+        if not self.sft:
+            return int(len(rows) * self.train.shape[1])
+        return int(getattr(self, f"{split}_mask")[rows].sum())
 
     @property
     def digest(self) -> str:
@@ -78,8 +118,9 @@ def load_prepared(root: str | Path) -> PreparedData:
             card = json.loads(card_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{card_path}: invalid JSON ({exc.msg})") from None
-    if card.get("format", "lm") != "lm":
-        raise DataError(f"{root} holds {card.get('format')!r}-format data; training takes 'lm' data")
+    fmt = card.get("format", "lm")
+    if fmt not in ("lm", "sft"):
+        raise DataError(f"{root} holds {fmt!r}-format data; training takes 'lm' or 'sft' data")
     tok_dir = root / "tokenizer"
     if not tok_dir.is_dir():
         raise DataError(f"prepared data {root} has no tokenizer/ folder; make it with `lifecycle prepare`")
@@ -87,6 +128,8 @@ def load_prepared(root: str | Path) -> PreparedData:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot load the tokenizer in {tok_dir}: {str(exc).splitlines()[0]}") from None
+    if fmt == "sft":
+        return _load_sft(root, tokenizer, card)
     train, validation = (_load_split(root, s) for s in SPLITS)
     if train.shape[1] != validation.shape[1]:
         raise DataError(f"{root}: train blocks have {train.shape[1]} tokens but validation blocks {validation.shape[1]}")
@@ -95,6 +138,35 @@ def load_prepared(root: str | Path) -> PreparedData:
         raise DataError(f"{root}: token id {top} is outside the tokenizer's vocabulary ({len(tokenizer)}); "
                         "the data and tokenizer/ do not belong together")
     return PreparedData(root=root, train=train, validation=validation, tokenizer=tokenizer, card=card)
+
+
+def _load_sft(root: Path, tokenizer: Any, card: dict[str, Any]) -> PreparedData:
+    """Instruction data: every example its own right-padded row with labels and a mask."""
+    from lifecycle.data.sft import load_rows, pad_positions, pad_rows
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parts: dict[str, Any] = {}
+    for split in SPLITS:
+        path = root / split
+        if not path.is_dir():
+            raise DataError(f"prepared data {root} has no {split}/ split; make it with `lifecycle prepare --output {root}`")
+        try:
+            ids, labels, positions = load_rows(path)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - datasets raises several types for a broken folder
+            raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if not ids:
+            raise DataError(f"{path} holds no example: prepare more examples (or larger split fractions)")
+        parts[split] = (*pad_rows(ids, labels, int(pad)), pad_positions(positions) if positions is not None else None)
+    (train, train_labels, train_mask, train_pos), (val, val_labels, val_mask, val_pos) = parts["train"], parts["validation"]
+    top = int(max(train.max(), val.max()))
+    if top >= len(tokenizer):
+        raise DataError(f"{root}: token id {top} is outside the tokenizer's vocabulary ({len(tokenizer)}); "
+                        "the data and tokenizer/ do not belong together")
+    return PreparedData(root=root, train=train, validation=val, tokenizer=tokenizer, card=card,
+                        train_labels=train_labels, validation_labels=val_labels, train_mask=train_mask,
+                        validation_mask=val_mask, train_positions=train_pos, validation_positions=val_pos)
 
 
 class SampleOrder:

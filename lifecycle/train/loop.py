@@ -215,6 +215,18 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for i in range(0, len(shard), self.cfg.batch_size):
+                if self.data.sft:
+                    # Mean over response tokens, weighted by their count: batches differ in how many.
+                    idx = torch.arange(self.ctx.rank, len(rows), self.ctx.world_size)[i: i + self.cfg.batch_size]
+                    batch = self._to_device(self.data.batch("validation", idx))
+                    n = (batch["labels"][:, 1:] != -100).sum()
+                    if int(n) == 0:
+                        continue  # nothing to score (the mean over zero tokens is NaN)
+                    with self._autocast():
+                        loss = self.module(**batch).loss
+                    total[0] += loss.double() * n
+                    total[1] += n
+                    continue
                 x = shard[i: i + self.cfg.batch_size].to(self.device, non_blocking=True)
                 with self._autocast():
                     loss = self.module(input_ids=x, labels=x).loss
@@ -223,6 +235,16 @@ class Trainer:
         self.ctx.all_reduce_sum(total)
         self.module.train(was_training)
         return float(total[0] / total[1])
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a batch to the device; raw-text blocks are their own labels, so that tensor moves once."""
+        moved: dict[int, Any] = {}
+        out = {}
+        for key, value in batch.items():
+            if id(value) not in moved:
+                moved[id(value)] = value.to(self.device, non_blocking=True)
+            out[key] = moved[id(value)]
+        return out
 
     def _autocast(self) -> Any:
         import torch
@@ -267,13 +289,17 @@ class Trainer:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.device)
+                step_tokens = 0
                 for a in range(cfg.grad_accum):
-                    x = self.data.train[self.order.micro_batch_rows(self.step, a)].to(self.device, non_blocking=True)
+                    rows = self.order.micro_batch_rows(self.step, a)
+                    batch = self._to_device(self.data.batch("train", rows))
+                    if self.data.sft:
+                        step_tokens += self.data.real_tokens("train", rows) * self.ctx.world_size
                     sync = a == cfg.grad_accum - 1 or not self.ctx.distributed
                     ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
                     with ctx:
                         with self._autocast():
-                            loss = self.forward_model(input_ids=x, labels=x).loss / cfg.grad_accum
+                            loss = self.forward_model(**batch).loss / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
                 if cfg.max_grad_norm > 0:
@@ -302,7 +328,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 dt = time.perf_counter() - t0
-                tps = tokens_per_step / dt if dt > 0 else 0.0
+                # sft rows differ in length: count the step's real tokens (this rank's, times ranks).
+                tps = (step_tokens if self.data.sft else tokens_per_step) / dt if dt > 0 else 0.0
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._emit({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": gn,
                                 "train/tokens_per_s": tps})

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from lifecycle import tracking
 from lifecycle.config import flatten, to_dict
@@ -141,18 +141,39 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
     return f"models:/{cfg.model_name}/{version}", version
 
 
-def train(cfg: TrainConfig, data_uri: str, *, resume: bool = False, overwrite: bool = False) -> TrainOutcome:
-    """Train (or resume) under ``cfg`` on ``data_uri``; register the result as ``cfg.model_name``."""
+def train(cfg: TrainConfig, data_uri: str, *, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = ()) -> TrainOutcome:
+    """Train (or resume) under ``cfg`` on ``data_uri``; register the result as ``cfg.model_name``.
+
+    ``callbacks`` see every metric the loop reports, ``(metrics, step)``, right after MLflow's
+    sink (rank 0); one that raises stops training and the exception propagates (the
+    hyperparameter search raises ``optuna.TrialPruned`` from here on the validation loss).
+    """
     from lifecycle.train import distributed
 
     ctx = distributed.setup(cfg.device)
     try:
-        return _train(cfg, data_uri, ctx, resume=resume, overwrite=overwrite)
+        return _train(cfg, data_uri, ctx, resume=resume, overwrite=overwrite, callbacks=callbacks)
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite: bool) -> TrainOutcome:
+def _chain(sink: Any, callbacks: Sequence[Callable[[Mapping[str, float], int], None]]) -> Any:
+    """The loop's ``log``: the MLflow sink first (so a stopping callback's metric is kept), then the callbacks."""
+    if not callbacks:
+        return sink
+
+    def log(metrics: Mapping[str, float], step: int) -> None:
+        if sink is not None:
+            sink(metrics, step)
+        for callback in callbacks:
+            callback(metrics, step)
+
+    return log
+
+
+def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite: bool,
+           callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = ()) -> TrainOutcome:
     data, lineage = resolve_data(data_uri, search_runs=ctx.is_main)
     ckpts = CheckpointManager(cfg.output, keep=cfg.keep_checkpoints)
     latest = ckpts.latest()
@@ -180,12 +201,17 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
     start = load_starting_point(cfg, data.tokenizer, data.block_size)
+    if data.sft and getattr(data.tokenizer, "chat_template", None) and not getattr(start.tokenizer, "chat_template", None):
+        # The examples were rendered with the data's chat template: the model must carry it, so
+        # serving renders chat requests the same way.
+        start.tokenizer.chat_template = data.tokenizer.chat_template
     run_id = resume_state.get("run_id") if resume_state else None
     mlrun, own_run, logger, sink = None, False, None, None
     if ctx.is_main:
         tags = {tracking.TAG_STAGE: "train", tracking.TAG_CODE_VERSION: tracking.code_version(),
                 tracking.TAG_DATA_DIGEST: lineage.digest, tracking.TAG_DATA_RUN: lineage.run_id,
-                tracking.TAG_BASE_MODEL: start.base_model or f"scratch:{cfg.preset}", "data_uri": lineage.uri}
+                tracking.TAG_BASE_MODEL: start.base_model or f"scratch:{cfg.preset}", "data_uri": lineage.uri,
+                "data_format": "sft" if data.sft else "lm"}
         if resume_state:
             tags["resumed_from_step"] = str(resume_state["step"])
         mlrun, own_run = _start_run(cfg, run_id, tags)
@@ -218,7 +244,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
 
         from lifecycle.train.loop import Trainer
 
-        trainer = Trainer(cfg, start.model, data, ctx=ctx, log=sink, checkpoints=ckpts, resume_from=latest if resume_state else None,
+        trainer = Trainer(cfg, start.model, data, ctx=ctx, log=_chain(sink, callbacks if ctx.is_main else ()), checkpoints=ckpts, resume_from=latest if resume_state else None,
                           extra_state={"run_id": run_id, "data_digest": lineage.digest, "data_run_id": lineage.run_id,
                                        "base_model": start.base_model})
         result = trainer.fit()
