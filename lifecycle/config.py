@@ -160,6 +160,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _changed(custom: Mapping[str, Any], plain: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``custom`` whose values differ from ``plain`` (nested)."""
+    out: dict[str, Any] = {}
+    for key, value in custom.items():
+        if isinstance(value, Mapping) and isinstance(plain.get(key), Mapping):
+            sub = _changed(value, plain[key])
+            if sub:
+                out[key] = sub
+        elif plain.get(key, object()) != value:
+            out[key] = value
+    return out
+
+
+def _with_section_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A partial section over the parent's own default for it (``field(default_factory=...)``).
+
+    Without this, ``--set train.eval_every=10`` would rebuild ``train`` from TrainConfig's class
+    defaults and silently drop what the parent config chose (the pipeline's learning rate ...).
+    """
+    if not isinstance(value, Mapping) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    try:
+        plain = to_dict(type(default)())
+    except Exception:  # noqa: BLE001 - a section without a no-argument default: nothing to compare
+        return value
+    custom = _changed(to_dict(default), plain)
+    return deep_merge(custom, value) if custom else value
+
+
 def from_mapping(cls: type[T], mapping: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``mapping``, refusing unknown keys and coercing types.
 
@@ -174,7 +206,8 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any], *, prefix: str = "") 
     if unknown:
         valid = ", ".join(prefix + name for name in fields)
         raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys: {valid}")
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in mapping.items()}
+    kwargs = {name: _coerce(_with_section_defaults(fields[name], value), hints[name], prefix + name)
+              for name, value in mapping.items()}
     try:
         return cls(**kwargs)  # type: ignore[call-arg]
     except ConfigError:

@@ -122,11 +122,20 @@ def find_cached(key: str, experiment_id: str) -> Any | None:
     return runs[0] if runs else None
 
 
-class Pipeline:
-    """Runs the steps in order under one parent run, reusing cached steps."""
+class StepRunner:
+    """Child runs of one parent run, each reused when an identical earlier step exists.
 
-    def __init__(self, cfg: PipelineConfig, *, force: bool = False, echo: Callable[[str], None] = print):
-        self.cfg = cfg
+    The building blocks shared by :class:`Pipeline` and continuous training
+    (:mod:`lifecycle.retrain`): each step method takes the stage's config and inputs explicitly.
+    """
+
+    #: Said in the ledger's reason of a promotion ("lifecycle pipeline", "lifecycle retrain").
+    reason = "pipeline"
+
+    def __init__(self, model_name: str, *, policy: str | None = None, force: bool = False,
+                 echo: Callable[[str], None] = print):
+        self.model_name = model_name
+        self.policy = policy
         self.force = force
         self.echo = echo
         self.steps: list[StepResult] = []
@@ -156,17 +165,17 @@ class Pipeline:
         return result
 
     # -- the steps ------------------------------------------------------------------------------
-    def prepare(self) -> StepResult:
+    def run_prepare(self, cfg: PrepareConfig, output: Path, *, name: str = "prepare",
+                    key_extra: tuple[Any, ...] = ()) -> StepResult:
+        """Prepare ``cfg.source`` into ``output``; outputs ``data`` (local), ``data_uri``, ``digest``, ``run_id``."""
         from lifecycle.data.prepare import prepare
 
-        cfg = self.cfg.prepare
-        output = Path(self.cfg.workdir) / "prepared"
-        key = cache_key("prepare", to_dict(cfg), source_fingerprint(cfg.source.uri))
+        key = cache_key(name, to_dict(cfg), source_fingerprint(cfg.source.uri), *key_extra)
 
         def run() -> dict[str, Any]:
-            outcome = prepare(cfg, output, overwrite=True, run_name="prepare")
+            outcome = prepare(cfg, output, overwrite=True, run_name=name)
             return {"data": str(outcome.output), "data_uri": f"runs:/{outcome.run_id}/prepared",
-                    "digest": outcome.card["digest"]}
+                    "digest": outcome.card["digest"], "run_id": outcome.run_id}
 
         def still_there(outputs: dict[str, Any]) -> bool:
             card = Path(outputs.get("data", "")) / "data_card.json"
@@ -176,41 +185,48 @@ class Pipeline:
             outputs["data"] = outputs.get("data_uri", "")
             return bool(outputs["data"])
 
-        return self._step("prepare", key, run, still_there)
+        return self._step(name, key, run, still_there)
 
-    def train(self, data: dict[str, Any]) -> StepResult:
+    def run_train(self, cfg: TrainConfig, data: dict[str, Any], *, name: str = "train") -> StepResult:
+        """Train ``cfg`` on the prepared ``data`` and register a version of ``model_name``."""
         from lifecycle.train.run import train
 
-        cfg = dataclasses.replace(self.cfg.train, model_name=self.cfg.model_name,
-                                  output=str(Path(self.cfg.workdir) / "checkpoints"))
+        cfg = dataclasses.replace(cfg, model_name=self.model_name)
         # Where checkpoints go and whether a bar is drawn do not change the model.
         keyed = {k: v for k, v in flatten(cfg).items() if k not in ("output", "progress", "system_metrics")}
-        key = cache_key("train", keyed, data["digest"])
+        key = cache_key(name, keyed, data["digest"])
 
         def run() -> dict[str, Any]:
             outcome = train(cfg, data["data"], overwrite=True)
             return {"model_uri": outcome.model_uri, "version": outcome.version, "train_run_id": outcome.run_id,
                     "best_val_loss": outcome.best_val_loss}
 
-        return self._step("train", key, run, lambda o: self._version_exists(o.get("version")))
+        return self._step(name, key, run, lambda o: self._version_exists(o.get("version")))
 
-    def evaluate(self, data: dict[str, Any], model: dict[str, Any]) -> StepResult:
+    def run_evaluate(self, cfg: EvalConfig, data: str, data_digest: str, version: str, *,
+                     baseline: str | None = None, name: str = "evaluate",
+                     valid: Callable[[dict[str, Any]], bool] | None = None) -> StepResult:
+        """Evaluate ``version`` on ``data`` (against ``baseline`` when given)."""
         from lifecycle.evaluate.run import evaluate_model
 
-        cfg = self.cfg.evaluate
-        model_uri = f"models:/{self.cfg.model_name}/{model['version']}"
-        key = cache_key("evaluate", to_dict(cfg), data["digest"], model_uri, model.get("train_run_id"))
+        model_uri = f"models:/{self.model_name}/{version}"
+        train_run = self._version_tag(version, "train_run_id")
+        key = cache_key(name, to_dict(cfg), data_digest, model_uri, train_run, baseline)
 
         def run() -> dict[str, Any]:
-            outcome = evaluate_model(model_uri, data["data"], cfg=cfg)
+            outcome = evaluate_model(model_uri, data, cfg=cfg, baseline=baseline)
             # Keys as the metric contract names them (eval/..., compare/...).
             metrics = {k if "/" in k else f"eval/{k}": v for k, v in outcome.metrics.items()}
-            return {"metrics": metrics, "compare": outcome.compare, "eval_run_id": outcome.run_id}
+            return {"metrics": metrics, "compare": outcome.compare, "eval_run_id": outcome.run_id,
+                    "baseline": outcome.baseline, "data_digest": outcome.data_digest}
 
-        return self._step("evaluate", key, run,
-                          lambda o: self._version_tag(model["version"], "eval_run_id") == o.get("eval_run_id"))
+        if valid is None:
+            def valid(o: dict[str, Any]) -> bool:
+                return self._version_tag(version, "eval_run_id") == o.get("eval_run_id")
+        return self._step(name, key, run, valid)
 
     def promote(self, version: str, target: str) -> StepResult:
+        """Promote ``version`` to ``target`` under the policy; a refusal is a result, not a crash."""
         from lifecycle.registry.promote import promote
 
         name = f"promote_{target}"
@@ -223,8 +239,8 @@ class Pipeline:
 
         def run() -> dict[str, Any]:
             try:
-                outcome = promote(self.cfg.model_name, version, target, policy_path=self.cfg.policy,
-                                  reason="lifecycle pipeline")
+                outcome = promote(self.model_name, version, target, policy_path=self.policy,
+                                  reason=f"lifecycle {self.reason}")
             except GateRejected as rejected:
                 # A refusal is a result, not a crash: production usually waits for a person.
                 gates = getattr(getattr(rejected, "outcome", None), "gates", [])
@@ -246,22 +262,43 @@ class Pipeline:
         if not version:
             return False
         try:
-            self._client().get_model_version(self.cfg.model_name, str(version))
+            self._client().get_model_version(self.model_name, str(version))
             return True
         except Exception:  # noqa: BLE001 - deleted or never registered: rerun the step
             return False
 
     def _version_tag(self, version: str, tag: str) -> str | None:
         try:
-            return self._client().get_model_version(self.cfg.model_name, str(version)).tags.get(tag)
+            return self._client().get_model_version(self.model_name, str(version)).tags.get(tag)
         except Exception:  # noqa: BLE001
             return None
 
     def _alias(self, alias: str) -> str | None:
         try:
-            return str(self._client().get_model_version_by_alias(self.cfg.model_name, alias).version)
+            return str(self._client().get_model_version_by_alias(self.model_name, alias).version)
         except Exception:  # noqa: BLE001 - no such alias yet
             return None
+
+
+class Pipeline(StepRunner):
+    """Runs the steps in order under one parent run, reusing cached steps."""
+
+    def __init__(self, cfg: PipelineConfig, *, force: bool = False, echo: Callable[[str], None] = print):
+        super().__init__(cfg.model_name, policy=cfg.policy, force=force, echo=echo)
+        self.cfg = cfg
+
+    def prepare(self) -> StepResult:
+        """The prepare step into ``<workdir>/prepared``."""
+        return self.run_prepare(self.cfg.prepare, Path(self.cfg.workdir) / "prepared")
+
+    def train(self, data: dict[str, Any]) -> StepResult:
+        """The train step, checkpoints in ``<workdir>/checkpoints``."""
+        cfg = dataclasses.replace(self.cfg.train, output=str(Path(self.cfg.workdir) / "checkpoints"))
+        return self.run_train(cfg, data)
+
+    def evaluate(self, data: dict[str, Any], model: dict[str, Any]) -> StepResult:
+        """The evaluate step (against production by default, as ``lifecycle evaluate`` does)."""
+        return self.run_evaluate(self.cfg.evaluate, data["data"], data["digest"], str(model["version"]))
 
     def run(self) -> PipelineOutcome:
         """Run every step in order under one parent run."""

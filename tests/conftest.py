@@ -129,3 +129,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # module-scoped fixture (an experiment, an environment variable) over another's tests.
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
     items.sort(key=lambda item: 1 if item.module.__name__ in slow_modules else 0)
+
+
+@pytest.fixture(scope="session")
+def lifecycle_history(prepared_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny model's whole life (train, gates, serving, `mlflow run -e retrain`, rollback,
+    monitor) for the retrain and report tests; see tests/history.py."""
+    import torch
+
+    from tests import history
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads on a shared 2-core machine
+    try:
+        return history.build(prepared_tiny, tmp_path_factory.mktemp("history"))
+    finally:
+        torch.set_num_threads(before)
