@@ -141,17 +141,39 @@ def test_settings_from_model_config_and_env():
 
 # ---------------------------------------------------------------- coalescer (pure threading)
 
-def test_coalescer_batches_concurrent_callers_and_returns_own_rows():
-    batches: list[tuple[object, list[str]]] = []
-    lock = threading.Lock()
+class Gate:
+    """A batch function that holds its first batch until released, so that callers arriving
+    meanwhile queue up deterministically (what happens under load while a generate runs)."""
 
-    def run(key, items):
-        with lock:
-            batches.append((key, list(items)))
-        time.sleep(0.02)  # a generate call takes a while; others queue meanwhile
-        return [f"{key}:{item}" for item in items]
+    def __init__(self, run):
+        self.run = run
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[tuple[object, list]] = []
+        self._first = True
 
-    co = Coalescer(run, max_batch=8, wait_s=0.05)
+    def __call__(self, key, items):
+        self.batches.append((key, list(items)))
+        if self._first:
+            self._first = False
+            self.entered.set()
+            assert self.release.wait(timeout=60)
+        return self.run(key, items)
+
+
+def wait_until(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_coalescer_batches_callers_that_queue_during_a_batch_and_returns_own_rows():
+    gate = Gate(lambda key, items: [f"{key}:{item}" for item in items])
+    co = Coalescer(gate, max_batch=8, wait_s=0.0)
+    first = threading.Thread(target=co.submit, args=("A", ["first"]))
+    first.start()
+    assert gate.entered.wait(timeout=30)  # the engine is busy with the first request
     results: dict[int, list[str]] = {}
 
     def call(i: int) -> None:
@@ -161,18 +183,57 @@ def test_coalescer_batches_concurrent_callers_and_returns_own_rows():
     threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    for t in threads:
+    wait_until(lambda: co.queued == 12)
+    gate.release.set()
+    for t in threads + [first]:
         t.join()
     co.close()
     for i in range(12):
         key = "A" if i % 3 else "B"
         assert results[i] == [f"{key}:r{i}-{j}" for j in range(i % 3 + 1)]
-    assert all(len(items) <= 8 for _, items in batches)
-    assert all(item.startswith("r") for _, items in batches for item in items)
-    # Incompatible keys never share a batch, and concurrency did produce multi-request batches.
-    assert all(len({k}) == 1 for k, _ in batches)
-    assert max(len(items) for _, items in batches) > 3
-    assert sum(len(items) for _, items in batches) == sum(i % 3 + 1 for i in range(12))
+    later = gate.batches[1:]
+    assert all(len(items) <= 8 for _, items in later)
+    # Incompatible keys never share a batch, and the callers that queued did share batches.
+    key_of = {f"r{i}-{j}": "A" if i % 3 else "B" for i in range(12) for j in range(3)}
+    assert all({key_of[item] for item in items} == {k} for k, items in later)
+    assert max(len(items) for _, items in later) > 3
+    assert sum(len(items) for _, items in later) == sum(i % 3 + 1 for i in range(12))
+    assert len(later) <= 5  # 4 rows of B in one batch, 20 rows of A in at most 4 batches of <= 8
+    with pytest.raises(RuntimeError, match="closed"):
+        co.submit("A", ["late"])
+
+
+def test_lone_caller_never_waits_for_the_batching_window():
+    # A window of 30 s: a fixed-window coalescer would hold a lone request that long.
+    co = Coalescer(lambda key, items: list(items), max_batch=4, wait_s=30.0)
+    start = time.monotonic()
+    assert co.submit("k", [1, 2]) == ([1, 2], 2)
+    assert time.monotonic() - start < 10
+
+
+def test_batch_waits_only_for_announced_callers():
+    batches: list[list[int]] = []
+    co = Coalescer(lambda key, items: batches.append(list(items)) or list(items), max_batch=4, wait_s=30.0)
+    # One caller announced (still parsing its request): a starting batch waits for it to queue.
+    arrival = co.expect()
+    leader = threading.Thread(target=co.submit, args=("k", [1]))
+    leader.start()
+    wait_until(lambda: co.busy)
+    time.sleep(0.05)
+    assert batches == []  # held for the announced caller
+    assert co.submit("k", [2], arrival) == ([2], 2)
+    leader.join()
+    assert batches == [[1, 2]]
+    # A caller that announces itself and is then refused releases the waiting batch at once.
+    arrival = co.expect()
+    leader = threading.Thread(target=co.submit, args=("k", [3]))
+    start = time.monotonic()
+    leader.start()
+    wait_until(lambda: co.busy)
+    co.forget(arrival)
+    co.forget(arrival)  # idempotent
+    leader.join()
+    assert batches[-1] == [3] and time.monotonic() - start < 10
 
 
 def test_coalescer_splits_large_requests_and_propagates_errors():
@@ -186,23 +247,64 @@ def test_coalescer_splits_large_requests_and_propagates_errors():
     bad = Coalescer(boom, max_batch=4, wait_s=0.0)
     with pytest.raises(RuntimeError, match="device lost"):
         bad.submit("k", [1])
-    # The worker survives a failed batch.
+    # A failed batch does not leave the engine marked busy: the next request runs (and fails).
     with pytest.raises(RuntimeError, match="device lost"):
         bad.submit("k", [2])
+    assert not bad.busy and bad.queued == 0
     co.close()
     bad.close()
 
 
-def test_idle_coalescer_worker_exits_and_restarts():
-    co = Coalescer(lambda key, items: list(items), max_batch=4, wait_s=0.0, idle_s=0.05)
+def test_coalescer_keeps_no_thread_and_nothing_alive():
+    """A model loaded only briefly (MLflow's input-example check inside log_model) must be freed:
+    the coalescer starts no thread that would keep its batch function (the engine) alive."""
+    import gc
+    import weakref
+
+    class Owner:
+        def run(self, key, items):
+            return list(items)
+
+    owner = Owner()
+    co = Coalescer(owner.run, max_batch=4, wait_s=0.0)
+    before = set(threading.enumerate())
     assert co.submit("k", [1])[0] == [1]
-    first = co._thread
-    deadline = time.monotonic() + 5
-    while first is not None and first.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not first.is_alive()
-    assert co.submit("k", [2])[0] == [2]  # a new worker picks up the next request
-    co.close()
+    assert set(threading.enumerate()) <= before
+    ref = weakref.ref(owner)
+    del owner, co
+    gc.collect()
+    assert ref() is None
+
+
+def test_scoring_server_runs_a_full_batch_of_requests_at_once(monkeypatch):
+    """Inside `mlflow models serve` the model widens the server's request thread pool: by default
+    it has min(32, cores + 4) threads (6 here), too few for 16 waiting requests to form a batch."""
+    import asyncio
+
+    from mlflow.pyfunc import scoring_server
+
+    from lifecycle.serving import model as served
+
+    monkeypatch.setattr(scoring_server, "asyncio", asyncio)  # restored after the test
+    monkeypatch.delenv(served._SCORING_SERVER_ENV, raising=False)
+    assert served._widen_scoring_server_threads(8) is None  # not in a scoring server: untouched
+    assert scoring_server.asyncio is asyncio
+    monkeypatch.setenv(served._SCORING_SERVER_ENV, "/some/model")
+    workers = served._widen_scoring_server_threads(8)
+    assert workers is not None and workers >= 16
+    assert served._widen_scoring_server_threads(8) == workers  # idempotent: one pool, not a stack
+    shim = scoring_server.asyncio
+    try:
+        assert shim.TimeoutError is asyncio.TimeoutError and shim.wait_for is asyncio.wait_for
+        barrier = threading.Barrier(16, timeout=30)
+
+        async def requests() -> list[int]:
+            return await asyncio.gather(*(shim.to_thread(barrier.wait) for _ in range(16)))
+
+        # 16 blocking calls that only return once all 16 run at the same time.
+        assert sorted(asyncio.run(requests())) == list(range(16))
+    finally:
+        shim._lifecycle_pool.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------- inference records
@@ -271,23 +373,34 @@ def test_stop_strings_and_finish_reasons(engine):
 
 
 def test_rows_with_different_limits_share_a_batch_exactly(tiny_model_dir):
+    """Requests that queue while a generate runs form the next batch together, and a row whose
+    ``max_new_tokens`` is lower than its neighbour's gets exactly what it gets alone."""
     from lifecycle.serving.engine import Engine
 
-    eng = Engine(tiny_model_dir, ServingConfig(coalesce=True, batch_wait_ms=200, cpu_threads=1, warmup=False))
+    eng = Engine(tiny_model_dir, ServingConfig(coalesce=True, cpu_threads=1, warmup=False))
     try:
         solo = {n: eng.predict(["class"], {"max_new_tokens": n}).iloc[0].text for n in (3, 9)}
+        # Hold the engine busy with a first request (the gate) while the two others arrive.
+        gate = Gate(eng._run_batch)
+        eng.coalescer = Coalescer(gate, max_batch=eng.config.max_batch_size, wait_s=0.0)
         out: dict[int, str] = {}
 
         def call(n: int) -> None:
             out[n] = eng.predict(["class"], {"max_new_tokens": n}).iloc[0].text
 
+        busy = threading.Thread(target=call, args=(5,))
+        busy.start()
+        assert gate.entered.wait(timeout=60)
         threads = [threading.Thread(target=call, args=(n,)) for n in (3, 9)]
         for t in threads:
             t.start()
-        for t in threads:
+        wait_until(lambda: eng.coalescer.queued == 2)
+        gate.release.set()
+        for t in threads + [busy]:
             t.join()
-        assert out == solo
-        assert eng.coalescer.stats.largest == 2  # both requests ran in one generate call
+        assert {3: out[3], 9: out[9]} == solo
+        assert [len(items) for _, items in gate.batches] == [1, 2]  # both ran in one generate call
+        assert eng.coalescer.stats.largest == 2
     finally:
         eng.close()
 

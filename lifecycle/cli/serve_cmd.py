@@ -25,7 +25,9 @@ from lifecycle.errors import ConfigError
               help="Server worker processes (each loads its own copy of the model).")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu (default: CUDA when available).")
 @click.option("--max-batch-size", type=int, default=None, help="Most rows per generate call.")
-@click.option("--batch-wait-ms", type=float, default=None, help="How long a request waits for others to batch with.")
+@click.option("--batch-wait-ms", type=float, default=None,
+              help="Longest a starting batch waits for requests still being parsed (default 5; a lone request "
+                   "never waits).")
 @click.option("--coalesce/--no-coalesce", default=None, help="Batch concurrent requests together (default on).")
 @click.option("--max-new-tokens-cap", type=int, default=None, help="Largest max_new_tokens a request may ask for.")
 @click.option("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")

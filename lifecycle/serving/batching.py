@@ -1,14 +1,23 @@
-"""Coalesce concurrent ``predict`` calls into shared ``generate`` calls.
+"""Coalesce concurrent ``predict`` calls into shared ``generate`` calls (leader/follower).
 
 ``mlflow models serve`` runs each request's ``predict`` in its own thread and never batches
 (mlflow#8007), so on its own a busy server decodes one request at a time. The
-:class:`Coalescer` queues each caller's rows; one worker thread takes the oldest waiting request,
-waits up to ``wait_s`` for others with the same batch key (compatible params) to arrive, runs one
-batch of at most ``max_batch`` rows, and hands each caller exactly its own rows back. Requests
-with other keys wait for a later batch, oldest first, so nobody starves. Requests that arrive
-while a batch runs join the next one without any extra wait.
+:class:`Coalescer` is the usual "continuous" scheme instead of a fixed batching window:
 
-Pure threading: the batch function is injected, so this is testable without a model.
+* a caller that finds the engine idle becomes the *leader*: it takes the oldest queued request
+  and every queued request with the same batch key (compatible params), up to ``max_batch`` rows,
+  and runs that batch at once in its own thread: a lone caller never waits;
+* callers that arrive while a batch runs queue up (*followers*); when the batch ends, its callers
+  get exactly their own rows back and one waiting follower leads the next batch, so under load
+  batches grow by themselves to what arrived during the previous one;
+* the only wait is optional and short: when callers are known to be on their way (they announced
+  themselves with :meth:`Coalescer.expect` and are still parsing and tokenizing), a leader whose
+  batch is not full waits up to ``wait_s`` for them to queue.
+
+Requests with another key wait for a later batch; batches are taken oldest request first, so
+nobody starves. Pure threading, no thread of its own (nothing to start after a fork, nothing that
+keeps a briefly loaded model alive): the batch function is injected, so this is testable without
+a model.
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -24,12 +32,21 @@ from typing import Any, Callable, Hashable, Sequence
 BatchFn = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     key: Hashable
     items: list[Any]
-    arrived: float
-    future: Future = field(default_factory=Future)
+    done: bool = False
+    result: list[Any] = field(default_factory=list)
+    batch_size: int = 0
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class Arrival:
+    """A caller on its way (see :meth:`Coalescer.expect`); counted until it queues or gives up."""
+
+    counted: bool = True
 
 
 @dataclass
@@ -44,104 +61,139 @@ class BatchStats:
 class Coalescer:
     """Run compatible concurrent requests as one batch; see the module docstring."""
 
-    def __init__(self, run: BatchFn, *, max_batch: int = 32, wait_s: float = 0.005, idle_s: float = 30.0):
+    def __init__(self, run: BatchFn, *, max_batch: int = 32, wait_s: float = 0.005):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._run = run
         self.max_batch = max_batch
         self.wait_s = max(0.0, wait_s)
-        # An idle worker exits (a later submit starts another): a model loaded only briefly, such
-        # as MLflow's input-example check inside log_model, is then freed instead of being kept
-        # alive by its worker thread.
-        self.idle_s = idle_s
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._busy = False  # a leader is running a batch
+        self._arriving = 0  # callers announced by expect() that have not queued yet
         self._closed = False
         self.stats = BatchStats()
 
-    def submit(self, key: Hashable, items: Sequence[Any]) -> tuple[list[Any], int]:
+    @property
+    def queued(self) -> int:
+        """Requests (or chunks of large requests) waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is running now."""
+        return self._busy
+
+    def expect(self) -> Arrival:
+        """Announce a caller that will :meth:`submit` soon (after parsing its request).
+
+        A leader that starts a batch while announced callers are still on their way waits up to
+        ``wait_s`` for them. Pass the arrival to :meth:`submit`, or to :meth:`forget` when the
+        request is refused before it gets there (safe to call after submit too).
+        """
+        with self._cond:
+            self._arriving += 1
+        return Arrival()
+
+    def forget(self, arrival: Arrival | None) -> None:
+        """The announced caller will not submit after all (e.g. its request was refused)."""
+        if arrival is None or not arrival.counted:
+            return
+        with self._cond:
+            if arrival.counted:
+                arrival.counted = False
+                self._arriving -= 1
+                self._cond.notify_all()
+
+    def submit(self, key: Hashable, items: Sequence[Any], arrival: Arrival | None = None) -> tuple[list[Any], int]:
         """Run ``items`` (sharing ``key``) in batches with other callers; (results, largest batch size).
 
         A request larger than ``max_batch`` is split into chunks that may land in different
-        batches; its results come back in its own order. Exceptions of a batch reach every caller
-        in it.
+        batches; its results come back in its own order. The exception of a failed batch reaches
+        every caller in it.
         """
         items = list(items)
         if not items:
+            self.forget(arrival)
             return [], 0
-        chunks = [items[i:i + self.max_batch] for i in range(0, len(items), self.max_batch)]
-        pending = [_Pending(key, chunk, time.monotonic()) for chunk in chunks]
+        mine = [_Pending(key, items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
         with self._cond:
+            if arrival is not None and arrival.counted:
+                arrival.counted = False
+                self._arriving -= 1
             if self._closed:
+                self._cond.notify_all()
                 raise RuntimeError("coalescer is closed")
-            self._ensure_worker()
-            self._queue.extend(pending)
+            self._queue.extend(mine)
+            # Wake a leader that waits for announced callers (followers just go back to sleep).
             self._cond.notify_all()
-        results: list[Any] = []
-        batch_size = 0
-        for p in pending:
-            rows, size = p.future.result()
-            results.extend(rows)
-            batch_size = max(batch_size, size)
-        return results, batch_size
+        while True:
+            with self._cond:
+                while self._busy and not all(p.done for p in mine):
+                    self._cond.wait()
+                if all(p.done for p in mine):
+                    break
+                # The engine is idle and part of this request is still queued: lead a batch.
+                self._busy = True
+                batch = self._take_batch()
+            self._lead(batch)
+        for p in mine:
+            if p.error is not None:
+                raise p.error
+        return [r for p in mine for r in p.result], max(p.batch_size for p in mine)
 
     def close(self) -> None:
-        """Stop the worker after the queued work is done."""
+        """Refuse new requests; those already queued still run (their callers lead them)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
 
-    # The worker starts on first use, not in __init__: MLflow's server may fork workers after
-    # loading the model, and threads do not survive a fork.
-    def _ensure_worker(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="lifecycle-coalescer", daemon=True)
-            self._thread.start()
-
-    def _take_batch(self) -> list[_Pending] | None:
-        with self._cond:
-            while not self._queue:
-                if self._closed or (not self._cond.wait(timeout=self.idle_s) and not self._queue):
-                    self._thread = None
-                    return None
-            first = self._queue[0]
-            deadline = first.arrived + self.wait_s
-            while True:
+    def _take_batch(self) -> list[_Pending]:
+        """Under the lock: the oldest request and compatible ones, up to ``max_batch`` rows."""
+        first = self._queue[0]
+        if self.wait_s > 0 and self._arriving > 0:
+            deadline = time.monotonic() + self.wait_s
+            while self._arriving > 0 and not self._closed:
                 rows = sum(len(p.items) for p in self._queue if p.key == first.key)
                 remaining = deadline - time.monotonic()
-                if rows >= self.max_batch or remaining <= 0 or self._closed:
+                if rows >= self.max_batch or remaining <= 0:
                     break
                 self._cond.wait(timeout=remaining)
-            batch: list[_Pending] = []
-            size = 0
-            for p in list(self._queue):
-                if p.key == first.key and size + len(p.items) <= self.max_batch:
-                    batch.append(p)
-                    size += len(p.items)
-                    self._queue.remove(p)
-            return batch
+        batch: list[_Pending] = []
+        size = 0
+        for p in list(self._queue):
+            if p.key == first.key and size + len(p.items) <= self.max_batch:
+                batch.append(p)
+                size += len(p.items)
+                self._queue.remove(p)
+                if size == self.max_batch:
+                    break
+        return batch
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            items = [item for p in batch for item in p.items]
-            try:
-                results = list(self._run(batch[0].key, items))
-                if len(results) != len(items):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-            except BaseException as exc:  # noqa: BLE001 - every caller must learn of the failure
-                for p in batch:
-                    p.future.set_exception(exc)
-                continue
-            self.stats.batches += 1
-            self.stats.rows += len(items)
-            self.stats.largest = max(self.stats.largest, len(items))
+    def _lead(self, batch: list[_Pending]) -> None:
+        """Run one batch outside the lock, hand every caller its rows, pass the lead on."""
+        items = [item for p in batch for item in p.items]
+        error: BaseException | None = None
+        results: list[Any] = []
+        try:
+            results = list(self._run(batch[0].key, items))
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except BaseException as exc:  # noqa: BLE001 - every caller in the batch must learn of the failure
+            error = exc
+        with self._cond:
             offset = 0
             for p in batch:
-                p.future.set_result((results[offset:offset + len(p.items)], len(items)))
-                offset += len(p.items)
+                if error is None:
+                    p.result = results[offset:offset + len(p.items)]
+                    offset += len(p.items)
+                p.error = error
+                p.batch_size = len(items)
+                p.done = True
+            if error is None:
+                self.stats.batches += 1
+                self.stats.rows += len(items)
+                self.stats.largest = max(self.stats.largest, len(items))
+            self._busy = False
+            # Callers of this batch return; one still queued becomes the next leader.
+            self._cond.notify_all()

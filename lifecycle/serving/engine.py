@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from lifecycle.serving.batching import Coalescer
+from lifecycle.serving.batching import Arrival, Coalescer
 from lifecycle.serving.generate import (
     Completion,
     context_length,
-    encode_prompt,
+    encode_prompts,
     generate_batch,
     load_model,
     pick_device,
@@ -41,8 +41,8 @@ class Engine:
 
         if self.device.type == "cpu" and self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
-        # Generation may run on another thread (the batching worker, the server's request
-        # threads); they get this thread's CPU thread count, not OpenMP's per-thread default.
+        # Generation runs on other threads (the server's request threads lead batches); they
+        # get this thread's CPU thread count, not OpenMP's per-thread default.
         self.threads = torch.get_num_threads() if self.device.type == "cpu" else None
         self.model, self.tokenizer = load_model(model_dir, self.device)
         self.context = context_length(self.model)
@@ -81,19 +81,25 @@ class Engine:
         import pandas as pd
 
         start = time.perf_counter()
+        # Tell the coalescer a caller is on its way, so a batch starting while this request is
+        # still being parsed and tokenized may wait a moment for it.
+        arrival = self.coalescer.expect() if self.coalescer is not None else None
         gen: GenParams | None = None
         prompts: list[str] = []
         try:
             gen = parse_params(params, max_new_tokens_cap=self.config.max_new_tokens_cap,
                                default_max_new_tokens=self.config.default_max_new_tokens)
             prompts = parse_inputs(model_input, self.chat_prompt)
-            completions, batch_size = self._generate(prompts, gen)
+            completions, batch_size = self._generate(prompts, gen, arrival)
         except InvalidRequest as exc:
             self._record(start, gen, prompts, [], 0, error=str(exc), status="invalid")
             raise
         except Exception as exc:
             self._record(start, gen, prompts, [], 0, error=f"{type(exc).__name__}: {exc}", status="error")
             raise
+        finally:
+            if arrival is not None:
+                self.coalescer.forget(arrival)
         self._record(start, gen, prompts, completions, batch_size)
         return pd.DataFrame([[c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, c.truncated]
                              for c in completions], columns=OUTPUT_COLUMNS)
@@ -102,14 +108,13 @@ class Engine:
         """Record a request refused before it reached :meth:`predict` (e.g. by MLflow's param checks)."""
         self._record(time.perf_counter(), None, [], [], 0, error=message, status="invalid")
 
-    def _generate(self, prompts: list[str], gen: GenParams) -> tuple[list[Completion], int]:
+    def _generate(self, prompts: list[str], gen: GenParams,
+                  arrival: Arrival | None = None) -> tuple[list[Completion], int]:
         limit = self.prompt_limit(gen)
-        items = []
-        for text in prompts:
-            ids, truncated = encode_prompt(self.tokenizer, text, max_prompt_tokens=limit, truncate=gen.truncate)
-            items.append((ids, gen, truncated))
+        items = [(ids, gen, truncated) for ids, truncated
+                 in encode_prompts(self.tokenizer, prompts, max_prompt_tokens=limit, truncate=gen.truncate)]
         if self.coalescer is not None:
-            return self.coalescer.submit(gen.batch_key(), items)
+            return self.coalescer.submit(gen.batch_key(), items, arrival)
         out: list[Completion] = []
         size = self.config.max_batch_size
         for i in range(0, len(items), size):
@@ -141,7 +146,7 @@ class Engine:
             log.warning("could not write inference record: %s", exc)
 
     def close(self) -> None:
-        """Stop the batching thread and close the record sink."""
+        """Refuse further batched requests and close the record sink."""
         if self.coalescer is not None:
             self.coalescer.close()
         if self.recorder is not None:

@@ -46,10 +46,15 @@ def load_model(model_dir: str | Path, device: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model.to(device)
-    model.eval()
+    from lifecycle.serving.variant import load_variant
+
+    # A compressed variant (int8 / half precision, see lifecycle.serving.variant) brings its own loader.
+    model = load_variant(model_dir, device)
+    if model is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model.to(device)
+        model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     # Left padding keeps every prompt's last token at the end of the row, where decoding continues.
     tokenizer.padding_side = "left"
@@ -70,7 +75,17 @@ def context_length(model: Any) -> int:
 
 def encode_prompt(tokenizer: Any, text: str, *, max_prompt_tokens: int, truncate: bool) -> tuple[list[int], bool]:
     """Token ids of ``text``; over ``max_prompt_tokens`` it is refused, or left-truncated if asked."""
-    ids = tokenizer(text)["input_ids"]
+    return _fit(tokenizer(text)["input_ids"], max_prompt_tokens=max_prompt_tokens, truncate=truncate)
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str], *, max_prompt_tokens: int,
+                   truncate: bool) -> list[tuple[list[int], bool]]:
+    """:func:`encode_prompt` for many prompts in one tokenizer call (half the cost of one by one)."""
+    encoded = tokenizer(list(texts), return_attention_mask=False)["input_ids"]
+    return [_fit(ids, max_prompt_tokens=max_prompt_tokens, truncate=truncate) for ids in encoded]
+
+
+def _fit(ids: list[int], *, max_prompt_tokens: int, truncate: bool) -> tuple[list[int], bool]:
     if not ids:
         raise InvalidRequest("prompt is empty after tokenization: give a non-empty prompt string")
     if len(ids) <= max_prompt_tokens:
@@ -97,7 +112,7 @@ def generate_batch(model: Any, tokenizer: Any, batch_ids: Sequence[Sequence[int]
     The batch runs to the largest ``max_new`` and each row is cut to its own, which is exactly
     what the row would have produced alone: decoding is causal and left padding is masked.
     ``threads`` sets torch's CPU threads for the calling thread: OpenMP settings are per thread,
-    so the batching worker and the server's request threads would otherwise use the default.
+    so the server's request threads (which lead batches) would otherwise use the default.
     """
     import torch
     from transformers import GenerationConfig
@@ -106,11 +121,9 @@ def generate_batch(model: Any, tokenizer: Any, batch_ids: Sequence[Sequence[int]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     width = max(len(ids) for ids in batch_ids)
-    input_ids = torch.full((len(batch_ids), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
-    for i, ids in enumerate(batch_ids):
-        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        attention[i, width - len(ids):] = 1
+    # Padded rows built as lists and turned into tensors in one call each (not one per row).
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in batch_ids], dtype=torch.long)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], dtype=torch.long)
     kwargs: dict[str, Any] = {"max_new_tokens": int(max(max_new)), "do_sample": params.do_sample,
                               "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
     if params.do_sample:

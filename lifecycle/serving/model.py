@@ -86,6 +86,63 @@ def _install_strict_params() -> None:
     pyfunc_module._enforce_params_schema = strict
 
 
+#: Set by ``mlflow models serve`` in the environment of its uvicorn workers (the model to load).
+_SCORING_SERVER_ENV = "__pyfunc_model_path__"
+
+
+class _ServerAsyncio:
+    """``asyncio`` as MLflow's scoring server sees it, with ``to_thread`` on a pool of our size."""
+
+    def __init__(self, real: Any, pool: Any, workers: int):
+        self._real = real
+        self._lifecycle_pool = pool
+        self._lifecycle_workers = workers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def to_thread(self, func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """What ``asyncio.to_thread`` does, on our pool instead of the loop's default one."""
+        import contextvars
+        import functools
+
+        loop = self._real.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await loop.run_in_executor(self._lifecycle_pool, call)
+
+
+def _widen_scoring_server_threads(max_batch: int) -> int | None:
+    """Let ``mlflow models serve`` run enough ``predict`` calls at once to fill a batch.
+
+    The scoring server hands each request to ``asyncio.to_thread``, i.e. to the event loop's
+    default pool of ``min(32, cores + 4)`` threads: 6 on a 2-core machine, so 16 concurrent
+    clients never formed a batch of more than 5 (one running, five queued) and the rest waited in
+    the event loop instead of in the coalescer's queue; even 20 threads on a 16-core GPU host
+    cannot fill a batch of 32. The model loads before uvicorn starts its loop, so the loop's
+    default pool cannot be set from here; instead the scoring server module (and only it, only
+    inside ``mlflow models serve``, only with coalescing on) gets an ``asyncio`` whose
+    ``to_thread`` uses a pool of ``2 * max_batch`` threads: one full batch running, the next one
+    queueing. Returns the pool size, or None where nothing was changed.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _SCORING_SERVER_ENV not in os.environ:
+        return None
+    from mlflow.pyfunc import scoring_server
+
+    current = getattr(scoring_server, "asyncio", None)
+    if current is None or not hasattr(current, "to_thread"):
+        return None  # a future MLflow that serves differently: leave it alone
+    existing = getattr(current, "_lifecycle_workers", None)
+    if existing is not None:
+        return existing
+    workers = max(2 * max_batch, min(32, (os.cpu_count() or 1) + 4))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lifecycle-predict")
+    scoring_server.asyncio = _ServerAsyncio(current, pool, workers)
+    return workers
+
+
 class LanguageModel(mlflow.pyfunc.PythonModel):
     """Causal LM text generation as an MLflow pyfunc model (see :mod:`lifecycle.serving`)."""
 
@@ -108,6 +165,11 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         if model_id:
             _ENGINES[model_id] = self.engine
         _install_strict_params()
+        if config.coalesce:
+            threads = _widen_scoring_server_threads(config.max_batch_size)
+            if threads:
+                log.info("scoring server: %d request threads so that batches of %d can form", threads,
+                         config.max_batch_size)
         if config.warmup:
             self.engine.warmup()
         log.info("loaded %s on %s (coalesce=%s, max_batch=%d, wait=%.1f ms)", model_dir, self.engine.device,

@@ -41,7 +41,9 @@ class ServingConfig:
     device: str | None = None
     #: Most rows one ``generate`` call takes (a larger request is split into several calls).
     max_batch_size: int = 32
-    #: How long the first request of a batch waits for others to join (milliseconds).
+    #: Longest a starting batch waits for requests that are already being parsed (milliseconds).
+    #: A lone request never waits: a batch starts at once when the engine is idle, and requests
+    #: that arrive while one runs form the next.
     batch_wait_ms: float = 5.0
     #: Coalesce concurrent ``predict`` calls into one ``generate`` (mlflow#8007: the server never does).
     coalesce: bool = True
