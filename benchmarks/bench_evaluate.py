@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, fewer blocks (< 2 minutes on a CPU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/run_all.py)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -106,6 +107,18 @@ def main() -> None:
               f"(prepare of the data, not counted: {prep_s:.1f} s)")
         print(f"  eval/loss_tokens_per_s={m['loss_tokens_per_s']:.0f}  eval/latency_p50_ms={m['latency_p50_ms']:.1f}  "
               f"eval/latency_p95_ms_bs8={m['latency_p95_ms_bs8']:.1f}  eval/tokens_per_s_bs8={m['tokens_per_s_bs8']:.0f}")
+    from benchmarks._report import write_json
+
+    naive_tps = n_tokens / naive
+    write_json("evaluate", {"preset": preset, "device": str(device), "tokens": int(n_tokens),
+                            "loss_naive_tokens_per_s": round(naive_tps, 1),
+                            "loss_batched_tokens_per_s": round(batched.tokens_per_s, 1),
+                            "bpb_tokens_per_s": round(float(bpb.num_tokens.sum() / bpb.seconds), 1),
+                            "full_evaluate_s": round(total, 2),
+                            "metrics": {k: m[k] for k in ("loss_tokens_per_s", "latency_p50_ms", "latency_p95_ms_bs8",
+                                                          "tokens_per_s_bs8") if k in m}},
+               ratios={"loss_batched_vs_naive": round(batched.tokens_per_s / naive_tps, 2),
+                       "full_evaluate_s": round(total, 2), "target": "loss_batched_vs_naive >= 2"}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def timed(fn, repeat: int = 3):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="20k records instead of 200k")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/run_all.py)")
     args = ap.parse_args()
     n = 20_000 if args.quick else 200_000
 
@@ -112,6 +113,14 @@ def main() -> None:
           f"(values {v_psi:.4f} / {v_ppsi:.4f})")
     print(f"KS  numpy {t_ks * 1e3:.1f} ms vs pure Python {t_pks * 1e3:.1f} ms: x{t_pks / t_ks:.1f} "
           f"(values {v_ks:.4f} / {v_pks:.4f})")
+    from benchmarks._report import write_json
+
+    write_json("monitor", {"records": n, "megabytes": round(mb, 2), "read_parse_s": round(t_read, 4),
+                           "records_per_s": round(n / t_read), "window_s": round(t_win, 4),
+                           "service_metrics_s": round(t_svc, 4), "psi_ms": {"numpy": t_psi * 1e3, "python": t_ppsi * 1e3},
+                           "ks_ms": {"numpy": t_ks * 1e3, "python": t_pks * 1e3}},
+               ratios={"psi_numpy_vs_python": round(t_ppsi / t_psi, 1), "ks_numpy_vs_python": round(t_pks / t_ks, 1),
+                       "records_per_s": round(n / t_read)}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Measured side by side in one run and printed as figures and ratios:
 
-1. ``predict`` through the loaded pyfunc model against a bare ``model.generate`` on the same
-   batch and the same weights (target: pyfunc >= 0.95x bare);
-2. the cost of inference records (JSONL sink on vs off) on single-prompt requests;
+1. ``predict`` through the loaded pyfunc model (coalescing on, and off) against a bare
+   ``model.generate`` on the same batch and the same weights, interleaved; the ratio is the
+   median of the per-round ratios (target: pyfunc >= 0.95x bare);
+2. the cost of inference records (JSONL sink on vs off) on single-prompt requests, the cheapest
+   request and so the one where records weigh most (target: not measurably slower);
 3. two real ``mlflow models serve --env-manager local`` processes of the same logged model, one
    with coalescing on and one off: requests/s and p50/p99 latency with 1 and with 16 concurrent
    clients (target: with 16 clients, coalescing >= 2x the throughput of no coalescing on CPU).
@@ -64,17 +66,34 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def paired(fns: dict[str, object], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of each function, called in turn ``repeats`` times: interleaved, so
+    that load changes on a shared machine hit every variant alike, and in an order rotated every
+    round (A B C, B C A, C A B), so that whatever a position in the round costs is shared too.
+
+    CPU time (of this process; one torch thread, so the work runs in the calling thread) is what
+    a busy shared machine barely disturbs; wall time is the target, and also shows any waiting.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
+    for round_ in range(repeats):
+        shift = round_ % len(items)
+        for name, fn in items[shift:] + items[:shift]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def ratio(fast: list[float], slow: list[float]) -> float:
+    """Median of the per-round ratios ``fast / slow`` (robust to load that drifts between rounds)."""
+    return statistics.median(f / s for f, s in zip(fast, slow))
 
 
 def bench_in_process(model_uri: str, batch: int, new_tokens: int, repeats: int, tmp: Path) -> dict[str, float]:
-    """pyfunc predict vs bare generate on one batch; record sink on vs off."""
+    """pyfunc predict (coalescing on and off) vs bare generate on one batch; record sink on vs off."""
     import mlflow
     import torch
     from transformers import GenerationConfig
@@ -83,6 +102,7 @@ def bench_in_process(model_uri: str, batch: int, new_tokens: int, repeats: int, 
 
     pm = mlflow.pyfunc.load_model(model_uri)
     engine = pm.unwrap_python_model().engine
+    coalescer = engine.coalescer
     model, tok = engine.model, engine.tokenizer
     texts = prompts(batch)
     params = {"max_new_tokens": new_tokens}
@@ -95,30 +115,56 @@ def bench_in_process(model_uri: str, batch: int, new_tokens: int, repeats: int, 
             model.generate(**enc, generation_config=config)
 
     def pyfunc() -> None:
+        engine.coalescer = coalescer
         pm.predict(texts, params=params)
 
-    bare()
-    pyfunc()
-    # Interleave the two so that load changes on a shared machine hit both alike.
-    t_bare, t_pyfunc = [], []
-    for _ in range(repeats):
-        t_bare.append(median_time(bare, 1))
-        t_pyfunc.append(median_time(pyfunc, 1))
-    out = {"bare_s": statistics.median(t_bare), "pyfunc_s": statistics.median(t_pyfunc)}
+    def pyfunc_no_coalescing() -> None:
+        engine.coalescer = None
+        pm.predict(texts, params=params)
 
+    for fn in (bare, pyfunc, pyfunc_no_coalescing):
+        fn()
+    t, c = paired({"bare": bare, "pyfunc": pyfunc, "pyfunc_off": pyfunc_no_coalescing}, repeats)
+    engine.coalescer = coalescer
+    out = {"bare_s": statistics.median(t["bare"]), "pyfunc_s": statistics.median(t["pyfunc"]),
+           "pyfunc_off_s": statistics.median(t["pyfunc_off"]),
+           "pyfunc_x": ratio(t["bare"], t["pyfunc"]), "pyfunc_off_x": ratio(t["bare"], t["pyfunc_off"]),
+           "pyfunc_cpu_x": ratio(c["bare"], c["pyfunc"]), "pyfunc_off_cpu_x": ratio(c["bare"], c["pyfunc_off"])}
+
+    # Records cost most, relatively, on the cheapest request: one short prompt, 4 new tokens.
     single = {"max_new_tokens": 4}
     recorder = InferenceRecorder(tmp / "bench-records.jsonl", model_name="bench", model_version="1")
-    off, on = [], []
-    for i in range(repeats * 5):
+
+    def record_off() -> None:
         engine.recorder = None
-        off.append(median_time(lambda: engine.predict([texts[i % batch]], single), 1))
+        engine.predict([texts[0]], single)
+
+    def record_on() -> None:
         engine.recorder = recorder
-        on.append(median_time(lambda: engine.predict([texts[i % batch]], single), 1))
+        engine.predict([texts[0]], single)
+
+    # The record's own cost, timed where it runs: inside predict, right after a generate (caches
+    # are cold then: 3-5x what the same call costs in a tight loop).
+    write_record = engine._record
+    in_predict: list[float] = []
+
+    def timed_record(*args, **kwargs) -> None:
+        start = time.perf_counter()
+        write_record(*args, **kwargs)
+        if engine.recorder is not None:
+            in_predict.append(time.perf_counter() - start)
+
+    engine._record = timed_record
+
+    # "off" twice: the ratio of the two identical variants is this run's noise floor.
+    t, c = paired({"off": record_off, "on": record_on, "off_again": record_off}, repeats * 10)
     engine.recorder = None
+    del engine._record
     recorder.close()
-    record_cost = recorder_probe(tmp)
-    out.update(record_off_ms=statistics.median(off) * 1e3, record_on_ms=statistics.median(on) * 1e3,
-               record_write_us=record_cost)
+    out.update(record_off_ms=statistics.median(t["off"]) * 1e3, record_on_ms=statistics.median(t["on"]) * 1e3,
+               record_x=ratio(t["off"], t["on"]), record_cpu_x=ratio(c["off"], c["on"]),
+               record_noise_x=ratio(t["off"], t["off_again"]), record_write_us=recorder_probe(tmp),
+               record_in_predict_us=statistics.median(in_predict) * 1e6)
     return out
 
 
@@ -143,12 +189,24 @@ def free_port() -> int:
 
 def start_server(model_uri: str, coalesce: bool, tmp: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "LIFECYCLE_COALESCE": str(coalesce).lower(), **extra_env}
+    # Both servers record (the same small cost on each side): the records show the batch sizes.
+    env = {**os.environ, "LIFECYCLE_COALESCE": str(coalesce).lower(),
+           "LIFECYCLE_INFERENCE_LOG": str(records_path(tmp, coalesce)), **extra_env}
     log = open(tmp / f"serve-{'on' if coalesce else 'off'}.log", "wb")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=tmp, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def records_path(tmp: Path, coalesce: bool) -> Path:
+    return tmp / f"records-{'on' if coalesce else 'off'}.jsonl"
+
+
+def batch_sizes(path: Path, skip: int) -> list[int]:
+    """``batch_size`` of each inference record after the first ``skip`` lines."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [json.loads(line)["batch_size"] for line in lines[skip:]]
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
@@ -214,7 +272,7 @@ def main() -> None:
     preset = args.preset or ("tiny" if args.quick else "small")
     total16 = args.requests or (48 if args.quick else 192)
     total1 = max(8, total16 // 4)
-    repeats = 5 if args.quick else 15
+    repeats = 30 if args.quick else 60
 
     import mlflow
     import torch
@@ -234,16 +292,19 @@ def main() -> None:
         log_model(model_dir)
     model_uri = f"runs:/{run.info.run_id}/model"
 
-    # Servers start (slowly) while the in-process comparison runs.
+    # In-process first, on a machine not also busy starting two servers (that skewed it by ~5%).
+    ip = bench_in_process(model_uri, args.batch, args.new_tokens, repeats, tmp)
     servers = {c: start_server(model_uri, c, tmp, server_env) for c in (True, False)}
     try:
-        ip = bench_in_process(model_uri, args.batch, args.new_tokens, repeats, tmp)
         for proc, url in servers.values():
             wait_ready(proc, url)
         results = {}
         urls = {coalesce: url for coalesce, (_, url) in servers.items()}
         for clients, total in ((1, total1), (16, total16)):
+            seen = {c: len(batch_sizes(records_path(tmp, c), 0)) for c in urls}
             for coalesce, r in load_tests(urls, clients, total, args.new_tokens, rounds=3).items():
+                sizes = batch_sizes(records_path(tmp, coalesce), seen[coalesce])
+                r["mean_batch"] = statistics.mean(sizes) if sizes else 0.0
                 results[(coalesce, clients)] = r
                 print(f"  coalesce={'on ' if coalesce else 'off'} clients={clients:2d} "
                       + " ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
@@ -256,19 +317,34 @@ def main() -> None:
 
     print("\n== serving benchmark ==")
     print(f"pyfunc predict vs bare generate (batch {args.batch}, {args.new_tokens} new tokens): "
-          f"bare {ip['bare_s'] * 1e3:.1f} ms, pyfunc {ip['pyfunc_s'] * 1e3:.1f} ms, "
-          f"pyfunc speed = {ip['bare_s'] / ip['pyfunc_s']:.3f}x bare (target >= 0.95)")
-    print(f"inference records: predict {ip['record_off_ms']:.2f} ms off vs {ip['record_on_ms']:.2f} ms on "
-          f"({(ip['record_on_ms'] / ip['record_off_ms'] - 1) * 100:+.1f}%); one record write = "
-          f"{ip['record_write_us']:.1f} us")
-    print(f"{'server':<16}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+          f"bare {ip['bare_s'] * 1e3:.1f} ms, pyfunc {ip['pyfunc_s'] * 1e3:.1f} ms "
+          f"({ip['pyfunc_off_s'] * 1e3:.1f} ms with coalescing off): pyfunc speed = {ip['pyfunc_x']:.3f}x bare "
+          f"({ip['pyfunc_off_x']:.3f}x with coalescing off) (target >= 0.95); "
+          f"in CPU time {ip['pyfunc_cpu_x']:.3f}x ({ip['pyfunc_off_cpu_x']:.3f}x off)")
+    print(f"inference records (1 prompt, 4 new tokens): predict {ip['record_off_ms']:.2f} ms off vs "
+          f"{ip['record_on_ms']:.2f} ms on: speed with records = {ip['record_x']:.3f}x without "
+          f"(in CPU time {ip['record_cpu_x']:.3f}x; off vs off again, the noise: {ip['record_noise_x']:.3f}x; "
+          f"target: not measurably slower); a record costs {ip['record_in_predict_us']:.0f} us inside predict "
+          f"({ip['record_in_predict_us'] / 1e3 / ip['record_off_ms'] * 100:.2f}% of that predict; "
+          f"{ip['record_write_us']:.1f} us in a tight loop)")
+    print(f"{'server':<16}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}")
     for (coalesce, clients), r in sorted(results.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         print(f"{'coalesce on' if coalesce else 'coalesce off':<16}{clients:>8}{r['rps']:>10.1f}"
-              f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}")
+              f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['mean_batch']:>12.1f}")
     for clients in (1, 16):
         ratio = results[(True, clients)]["rps"] / results[(False, clients)]["rps"]
         target = " (target >= 2.0)" if clients == 16 else ""
         print(f"throughput coalescing on/off with {clients} client(s): {ratio:.2f}x{target}")
+    # Machine-readable figures for benchmarks/run_all.py (written when $LIFECYCLE_BENCH_JSON is set).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._report import write_json
+
+    write_json("serve", {"in_process": ip, "servers": {f"coalesce_{'on' if c else 'off'}_clients_{n}": r
+                                                       for (c, n), r in results.items()}},
+               ratios={"pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
+                       "records_on_vs_off": round(ip["record_x"], 3),
+                       **{f"coalescing_on_vs_off_{n}_clients": round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2)
+                          for n in (1, 16)}})
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--only", default="project,bare,hf", help="comma list of project,bare,hf")
     ap.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/run_all.py)")
     args = ap.parse_args()
     quick = dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096)
     full = dict(preset="gpt2", steps=100, warmup=10, batch_size=16, seq_len=1024, vocab=50257)
@@ -219,6 +220,17 @@ def main() -> None:
         print(f"project/bare = {ratio:.3f} (target >= 0.95){'' if ratio >= 0.95 else '  BELOW TARGET'}")
     if "project" in results and "hf" in results:
         print(f"project/hf   = {results['project'] / results['hf']:.3f}")
+    from benchmarks._report import write_json
+
+    ratios = {f"{n}_vs_bare": round(results[n] / results["bare"], 3) for n in results if "bare" in results and n != "bare"}
+    if "project" in results and "hf" in results:
+        ratios["project_vs_hf"] = round(results["project"] / results["hf"], 3)
+    write_json("train", {"tokens_per_s": {k: round(v, 1) for k, v in results.items()}, "preset": args.preset,
+                         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                         "device": str(device), "threads": threads, "compile": args.compile,
+                         "mfu_pct": {k: round(100 * v * fpt / (args.peak_tflops * 1e12), 2) for k, v in results.items()}
+                         if device.type == "cuda" and fpt else None},
+               ratios={**ratios, "target": "project_vs_bare >= 0.95"}, path=args.json)
     if math.isnan(sum(results.values())):
         sys.exit(1)
 

@@ -22,6 +22,13 @@ POSTGRES_DSN = os.environ.get("LIFECYCLE_TEST_POSTGRES", "postgresql://postgres@
 REQUIRE_POSTGRES = os.environ.get("LIFECYCLE_REQUIRE_POSTGRES", "") not in ("", "0", "false")
 
 
+def fernet_key() -> str:
+    """A fresh key for ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY`` (urlsafe base64 of 32 random bytes)."""
+    import base64
+
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
 def free_port() -> int:
     """A free TCP port on loopback."""
     with socket.socket() as s:
@@ -93,6 +100,13 @@ def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None
         # The job runner adds ~7 worker processes per server that the tests never use; on two
         # cores under load they slowed startup until the server's workers died.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # Webhook secrets are stored encrypted; without a key each of the server's workers makes
+        # its own, and a webhook created through one worker fails to decrypt (no delivery) in the
+        # other: a guard that misses about half of the alias moves.
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": env.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY") or fernet_key(),
+        # Each worker caches "which webhooks listen to this event" for 60 s: a guard installed on
+        # a server that already saw alias moves would miss the moves of its first minute.
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
         **(extra_env or {}),
     })
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
@@ -154,3 +168,51 @@ def drop_postgres_database(uri: str) -> None:
         conn.close()
     except Exception:  # noqa: BLE001
         pass
+
+
+ADMIN = ("admin", "admin-pass-1234")
+
+
+def basic_auth_env(workdir: Path, *, default_permission: str = "READ") -> dict[str, str]:
+    """Server environment for ``--app-name basic-auth``: an auth database in ``workdir`` and the
+    admin user :data:`ADMIN` (clients pass MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    ini = workdir / "basic_auth.ini"
+    workdir.mkdir(parents=True, exist_ok=True)
+    ini.write_text(
+        f"[mlflow]\ndefault_permission = {default_permission}\n"
+        f"database_uri = sqlite:///{workdir / 'auth.db'}\n"
+        f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each request otherwise re-hashes the password (PBKDF2): ~1 s per call on a busy machine.
+        "auth_cache_ttl_seconds = 60\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "lifecycle-test-key"}
+
+
+def start_guard(tracking_url: str, workdir: Path, secret: str, *, env: dict[str, str] | None = None,
+                policy: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``lifecycle guard serve`` on a free loopback port; return (process, its base URL).
+
+    ``env`` adds to this process's environment (credentials, ...); the guard's log is
+    ``workdir/guard.log``.
+    """
+    port = free_port()
+    full_env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_url, "LIFECYCLE_GUARD_SECRET": secret}
+    cmd = [sys.executable, "-m", "lifecycle", "-v", "guard", "serve", "--port", str(port)]
+    if policy:
+        cmd += ["--policy", policy]
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "guard.log", "wb")  # noqa: SIM115 - lives as long as the guard
+    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=90, proc=proc)
+    except Exception:
+        _stop_group(proc)
+        raise RuntimeError(f"the guard did not start; log:\n{(workdir / 'guard.log').read_text(errors='replace')[-3000:]}")
+    return proc, url
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process started by this module (its whole session)."""
+    _stop_group(proc)

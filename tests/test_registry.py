@@ -195,3 +195,33 @@ def test_bad_input_one_line_errors(client, unique_name, capsys, tmp_path):
         assert needle in err and len(err.splitlines()) == 1, err
     assert aliases(client, name) == {}
     assert client.get_model_version(name, v1).current_stage == "None"
+
+
+def test_default_policy_found_outside_the_checkout(tmp_path, monkeypatch):
+    """`lifecycle promote` without --policy, run from any folder: the package carries the default."""
+    from lifecycle.policies import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    packaged = load_policy(None)
+    assert Path(packaged.path).parent == ROOT / "lifecycle" / "policies"
+    # One file to edit: the package's copy is the project's registry_policies/default.yaml.
+    assert packaged.digest == load_policy(ROOT / "registry_policies" / "default.yaml").digest
+    assert (ROOT / "lifecycle" / "policies" / "default.yaml").resolve() == (ROOT / "registry_policies" / "default.yaml").resolve()
+
+
+def test_lock_fencing_reads_the_owner_once_half_the_lease_is_gone(client, unique_name):
+    from lifecycle.errors import ConcurrencyError
+    from lifecycle.registry.lock import RegistryLock, lock_name
+
+    lock = RegistryLock(client, unique_name, lease_s=1.0, wait_s=5)
+    lock.acquire()
+    lock.verify()  # the first half of the lease: nobody can have broken it
+    time.sleep(0.6)
+    client.delete_registered_model(lock_name(unique_name))  # a contender broke the expired lease
+    with pytest.raises(ConcurrencyError, match="lost the registry lock"):
+        lock.verify()
+    lock.release()  # no longer ours: deletes nothing, raises nothing
+    other = RegistryLock(client, unique_name, lease_s=60, wait_s=5).acquire()
+    assert other.held
+    other.release()
+    assert lock_name(unique_name) not in {m.name for m in client.search_registered_models()}

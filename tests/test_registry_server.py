@@ -108,18 +108,9 @@ def auth_server(tmp_path_factory):
     import requests
 
     work = tmp_path_factory.mktemp("mlflow-basic-auth")
-    ini = work / "basic_auth.ini"
-    ini.write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{work / 'auth.db'}\n"
-        "admin_username = admin\nadmin_password = admin-pass-1234\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        # Each request otherwise re-hashes the password (PBKDF2): ~1 s per call on a busy machine.
-        "auth_cache_ttl_seconds = 60\n")
     server = servers.start_mlflow_server(f"sqlite:///{work / 'backend.db'}", work, app_name="basic-auth",
-                                         extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                                                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "lifecycle-test-key"})
-    resp = requests.post(f"{server.url}/api/2.0/mlflow/users/create", auth=("admin", "admin-pass-1234"),
+                                         extra_env=servers.basic_auth_env(work))
+    resp = requests.post(f"{server.url}/api/2.0/mlflow/users/create", auth=servers.ADMIN,
                          json={"username": "reader", "password": "reader-pass-1234"}, timeout=30)
     assert resp.status_code == 200, resp.text
     yield server

@@ -22,7 +22,7 @@ def _print_gates(outcome: Any) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--to", "target", required=True, help="staging or production.")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: registry_policies/default.yaml).")
+@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--dry-run", is_flag=True, help="Evaluate and record the gates; move nothing.")
 @click.option("--reason", default="", help="Why (kept in the ledger).")
 def promote(name: str, version: str, target: str, policy_path: str | None, dry_run: bool, reason: str) -> None:
@@ -110,7 +110,7 @@ def guard() -> None:
 
 
 @guard.command("serve")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: registry_policies/default.yaml).")
+@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int)
 @click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from lifecycle.errors import LifecycleError, NotFoundError, PermissionDeniedError, TrackingUnavailableError
@@ -28,7 +30,22 @@ def get_client() -> Any:
         os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient()
+    client = MlflowClient()
+    registry(client)  # built once here, not raced for by the first parallel round
+    return client
+
+
+def registry(client: Any) -> Any:
+    """The registry client under ``client``: the same REST calls without MLflow's extra read.
+
+    ``MlflowClient`` reads the registered model before each registry write (and some reads) to
+    refuse prompts; that doubles the round trips of a promotion. We check the prompt tag once,
+    on the model read under the lock (:func:`lifecycle.registry.facts.get_model`), and talk to
+    the registry client directly. Any other client (a test double, a future MLflow without the
+    private accessor) is used as it is.
+    """
+    get = getattr(client, "_get_registry_client", None)
+    return get() if callable(get) else client
 
 
 def actor() -> str:
@@ -80,3 +97,48 @@ def call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if type(exc).__module__.startswith(("requests", "urllib3")):
             raise translate(exc, what) from None
         raise
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's thread pool. A forked child (the CLI forked by a test or a benchmark) inherits
+    the parent's pool object but none of its threads: it would queue jobs forever, so each
+    process makes its own (and its own lock, which a parent thread may have held at the fork)."""
+    global _POOL, _POOL_PID, _POOL_LOCK
+    if _POOL_PID != os.getpid():
+        _POOL_LOCK = threading.Lock()
+        _POOL, _POOL_PID = None, os.getpid()
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lifecycle-registry")
+        return _POOL
+
+
+def remote(client: Any) -> bool:
+    """Whether ``client`` talks to a tracking server (each call a round trip) rather than a file."""
+    return str(getattr(client, "tracking_uri", "")).startswith(("http://", "https://"))
+
+
+def parallel(client: Any, *jobs: Callable[[], Any]) -> list[Any]:
+    """Run independent calls to ``client``'s server at once; their results in order.
+
+    Each call to a tracking server is a round trip of ~50 ms here, mostly waiting: calls that do
+    not depend on each other overlap instead of queueing. Every job finishes before this returns
+    (nothing keeps writing behind the caller's back); then the first failure *in argument order*
+    is raised, so the caller decides which error wins (a missing version before a refused write).
+    A local store (sqlite file) has no round trip to hide and would only contend for its file
+    lock: there the jobs run one after another. Jobs must not call :func:`parallel` themselves
+    (the pool is shared and bounded).
+    """
+    if len(jobs) <= 1 or not remote(client):
+        return [job() for job in jobs]
+    futures: list[Future] = [_pool().submit(job) for job in jobs]
+    errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
+    return [f.result() for f in futures]

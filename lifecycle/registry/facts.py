@@ -8,12 +8,14 @@ from typing import Any
 
 from lifecycle.errors import ConfigError, NotFoundError
 from lifecycle.registry import TARGETS
-from lifecycle.registry.client import call, error_code, translate
+from lifecycle.registry.client import call, error_code, registry, translate
 
 log = logging.getLogger(__name__)
 
 #: Legacy stage mirrored for each alias.
 STAGE_OF = {"staging": "Staging", "production": "Production"}
+#: The tag MLflow puts on registered prompts (``mlflow.prompt.constants.IS_PROMPT_TAG_KEY``).
+PROMPT_TAG = "mlflow.prompt.is_prompt"
 
 
 def check_target(target: str) -> str:
@@ -29,7 +31,11 @@ def get_model(client: Any, name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_registered_model(name)
+        model = registry(client).get_registered_model(name)
+        if PROMPT_TAG in (model.tags or {}):
+            # MLflow keeps prompts in the registry too; they are not models (MLflow's own check).
+            raise MlflowException(f"{name} is a prompt", error_code="RESOURCE_DOES_NOT_EXIST")
+        return model
     except MlflowException as exc:
         if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
             from lifecycle.registry.lock import is_lock_model
@@ -50,14 +56,49 @@ def get_version(client: Any, name: str, version: str) -> Any:
     if not str(version).strip().isdigit():
         raise ConfigError(f"version must be a number, got {version!r}")
     try:
-        return client.get_model_version(name, str(int(version)))
+        return registry(client).get_model_version(name, str(int(version)))
     except MlflowException as exc:
         if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
             get_model(client, name)  # a missing model gets its own message
-            versions = call("list versions", client.search_model_versions, f"name='{name}'", max_results=200)
-            listing = ", ".join(sorted((str(v.version) for v in versions), key=int)) or "none"
-            raise NotFoundError(f"{name} has no version {version} (versions: {listing})") from None
+            raise missing_version(name, version, list_versions(client, name)) from None
         raise translate(exc, f"read {name} version {version}") from None
+
+
+def list_versions(client: Any, name: str) -> list[Any]:
+    """Every version of ``name`` (tags and stages included) in one request, oldest first."""
+    quoted = name.replace("'", "\\'")
+    versions = call("list versions", registry(client).search_model_versions, f"name='{quoted}'", max_results=1000)
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def missing_version(name: str, version: str, versions: list[Any]) -> NotFoundError:
+    """The error for a version that ``versions`` (the model's list) does not hold."""
+    listing = ", ".join(str(v.version) for v in versions) or "none"
+    return NotFoundError(f"{name} has no version {version} (versions: {listing})")
+
+
+def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version ``alias`` names (tags and stage included), or None when the alias is unset."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return registry(client).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        # The server answers an unset alias with INVALID_PARAMETER_VALUE "... alias ... not found".
+        code, text = error_code(exc), str(exc).lower()
+        if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in text):
+            return None
+        raise translate(exc, f"read {name}@{alias}") from None
+
+
+def mark(client: Any, name: str, text: str) -> None:
+    """Tag the registered model with what is being done to it (``lifecycle.last_action``).
+
+    A write the user may not make fails here, before anything else is written (basic-auth
+    needs EDIT on the model): the tag doubles as the permission check of promote/rollback.
+    """
+    call(f"update registered model {name}", registry(client).set_registered_model_tag, name,
+         "lifecycle.last_action", text[:5000])
 
 
 def alias_version(model: Any, alias: str) -> str | None:
@@ -72,7 +113,7 @@ def model_size_bytes(client: Any, name: str, version: str) -> int | None:
     import mlflow
 
     try:
-        root = client.get_model_version_download_uri(name, version)
+        root = registry(client).get_model_version_download_uri(name, version)
     except Exception as exc:  # noqa: BLE001 - size is a gate fact; the gate reports "unknown"
         log.warning("cannot locate artifacts of %s v%s: %s", name, version, exc)
         return None
@@ -108,21 +149,49 @@ def has_signature(name: str, version: str) -> bool | None:
     return info.signature is not None
 
 
-def mirror_stage(client: Any, name: str, version: str, target: str, replaced: str | None) -> None:
-    """Mirror an alias move onto the deprecated stages so ``models:/NAME/Production`` agrees."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if target == "staging":
+def mirror_jobs(client: Any, name: str, version: str, target: str, replaced: str | None, *,
+                version_stage: str | None = None, replaced_stage: str | None = None) -> list[Any]:
+    """The stage writes that mirror an alias move, as jobs for :func:`client.parallel`.
+
+    ``version_stage`` / ``replaced_stage`` are the stages read under the lock (None: the job reads
+    it first). The jobs touch different versions, so they run together, and together with the
+    alias write: a replaced version that was in Production is archived by the new version's
+    transition, and reads as Production or Archived to a job that checks it meanwhile, either
+    of which leaves it to that transition.
+    """
+    reg = registry(client)
+
+    def stage_of(v: str) -> str:
+        return call(f"read {name} v{v}", reg.get_model_version, name, v).current_stage
+
+    def transition(v: str, stage: str, archive: bool = False) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call(f"mirror stage of {name} v{v}", reg.transition_model_version_stage, name, v, stage,
+                 archive_existing_versions=archive)
+
+    if target == "staging":
+        def to_staging() -> None:
             # A legacy stage holds one value where aliases hold two: a version that is in
             # production and also gets @staging keeps its Production stage.
-            mv = call("read version", client.get_model_version, name, version)
-            if mv.current_stage == "Production":
-                return
-        call(f"mirror stage of {name} v{version}", client.transition_model_version_stage,
-             name, version, STAGE_OF[target], archive_existing_versions=(target == "production"))
-        if target == "production" and replaced and replaced != version:
+            if (version_stage or stage_of(version)) != "Production":
+                transition(version, "Staging")
+        return [to_staging]
+    jobs = [lambda: transition(version, "Production", archive=True)]
+    if replaced and replaced != version:
+        def archive_replaced() -> None:
             # archive_existing_versions only archives versions whose *stage* was Production; the
             # alias may have pointed at one whose stage never was (a UI alias move).
-            mv = call("read replaced version", client.get_model_version, name, replaced)
-            if mv.current_stage != "Archived":
-                call(f"archive {name} v{replaced}", client.transition_model_version_stage, name, replaced, "Archived")
+            if (replaced_stage or stage_of(replaced)) not in ("Production", "Archived"):
+                transition(replaced, "Archived")
+        jobs.append(archive_replaced)
+    return jobs
+
+
+def mirror_stage(client: Any, name: str, version: str, target: str, replaced: str | None, *,
+                 version_stage: str | None = None, replaced_stage: str | None = None) -> None:
+    """Mirror an alias move onto the deprecated stages so ``models:/NAME/Production`` agrees."""
+    from lifecycle.registry.client import parallel
+
+    parallel(client, *mirror_jobs(client, name, version, target, replaced, version_stage=version_stage,
+                                  replaced_stage=replaced_stage))

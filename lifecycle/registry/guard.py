@@ -27,9 +27,9 @@ from typing import Any
 from lifecycle.errors import ConfigError
 from lifecycle.policies import Policy, blocking_failures, check_gates, load_policy
 from lifecycle.registry import TARGETS, facts, ledger as L
-from lifecycle.registry.client import actor, call, get_client
+from lifecycle.registry.client import actor, call, get_client, parallel
 from lifecycle.registry.lock import RegistryLock, is_lock_model
-from lifecycle.registry.promote import Outcome, build_candidate, lineage, move_alias
+from lifecycle.registry.promote import Outcome, lineage, move_alias, read_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,9 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | N
         return None
     led = L.Ledger(client)
     with RegistryLock(client, name, purpose=f"guard {alias}") as lock:
-        events = led.events(name)
+        events, model = parallel(client, lambda: led.events(name), lambda: facts.get_model(client, name))
         stack = L.holder_stack(events, alias)
         truth = stack[-1] if stack else None
-        model = facts.get_model(client, name)
         current = facts.alias_version(model, alias)
         if current == truth:
             return None
@@ -85,8 +84,7 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | N
                             reason=f"@{alias} was deleted outside lifecycle; restored to v{truth} (use rollback)", **base)
             move_alias(client, led, lock, event)
             return Outcome(event=event, moved=True, message=event.reason)
-        mv = facts.get_version(client, name, current)
-        candidate = build_candidate(client, led, name, mv, policy, alias, model)
+        candidate = read_snapshot(client, led, name, current, policy, alias).candidate
         results = check_gates(policy.target(alias), candidate)
         failures = blocking_failures(results)
         runs, digests = lineage(dict(candidate.tags))

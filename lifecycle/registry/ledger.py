@@ -101,17 +101,31 @@ class Event:
         return tags
 
 
+#: Ledger experiment ids already looked up in this process, by (tracking URI, experiment name):
+#: a long-lived process (the guard, a benchmark, a notebook) asks the server once.
+_KNOWN_IDS: dict[tuple[str, str], str] = {}
+
+
 class Ledger:
     """Read and append the events of one backend (every model shares the ledger experiment)."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self._experiment_id: str | None = None
+        self._experiment_id: str | None = _KNOWN_IDS.get(self._key())
+
+    def _key(self) -> tuple[str, str]:
+        return (str(getattr(self.client, "tracking_uri", "")), experiment_name())
 
     def experiment_id(self, create: bool = True) -> str | None:
         """The ledger experiment's id, created on first use (race-safe)."""
         if self._experiment_id:
             return self._experiment_id
+        found = self._lookup(create)
+        if found:
+            _KNOWN_IDS[self._key()] = found
+        return found
+
+    def _lookup(self, create: bool) -> str | None:
         name = experiment_name()
         exp = call("read the ledger experiment", self.client.get_experiment_by_name, name)
         if exp is None and create:
@@ -134,13 +148,27 @@ class Ledger:
         self._experiment_id = exp.experiment_id
         return self._experiment_id
 
-    def append(self, event: Event) -> Event:
-        """Write ``event`` as a finished run; the caller holds the model's lock and set ``seq``."""
+    def write(self, event: Event) -> Event:
+        """Write ``event`` (one request); the caller holds the model's lock and set ``seq``.
+
+        The event counts from here on (readers see it, the next ``seq`` follows it); the run stays
+        RUNNING until :meth:`finish`, which callers overlap with their next writes.
+        """
         exp_id = self.experiment_id()
         run = call("write the ledger event", self.client.create_run, exp_id,
                    start_time=int(event.timestamp * 1000), tags=event.tags())
-        call("finish the ledger event", self.client.set_terminated, run.info.run_id, "FINISHED")
         event.run_id = run.info.run_id
+        return event
+
+    def finish(self, event: Event) -> None:
+        """Mark the run of a written event FINISHED (cosmetic: the UI shows it as done)."""
+        if event.run_id:
+            call("finish the ledger event", self.client.set_terminated, event.run_id, "FINISHED")
+
+    def append(self, event: Event) -> Event:
+        """Write ``event`` as a finished run; the caller holds the model's lock and set ``seq``."""
+        self.write(event)
+        self.finish(event)
         return event
 
     def _search(self, model: str, extra: str = "", max_results: int | None = None, descending: bool = False) -> list[Event]:

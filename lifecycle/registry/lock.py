@@ -9,9 +9,12 @@ model ``<model>.lifecycle-lock`` succeeds for exactly one caller; deleting it re
   A holder that crashed leaves a lock that others break once it has expired. Breaking is itself
   serialised by a second uniquely named model (``...lifecycle-lock.break``), so two contenders
   cannot both delete-and-recreate.
-* Fencing: before each write the holder calls :meth:`RegistryLock.verify`, which re-reads the
-  owner token; a holder whose lease was broken stops with :class:`ConcurrencyError` instead of
-  writing over the new holder. The ledger's sequence number is assigned under the lock.
+* Fencing: before each write the holder calls :meth:`RegistryLock.verify`. While at least half
+  of the lease is left (by the holder's own monotonic clock, counted from before its create
+  request left) no one can have broken the lock, even from a machine whose clock runs up to
+  half a lease ahead, so no read is needed; later it re-reads the owner token, and a holder
+  whose lease was broken stops with :class:`ConcurrencyError` instead of writing over the new
+  holder. The ledger's sequence number is assigned under the lock.
 * Ambiguous failures (a timeout whose request did succeed) are resolved by reading the owner
   token back: if it is ours, we hold the lock.
 """
@@ -26,7 +29,7 @@ import uuid
 from typing import Any
 
 from lifecycle.errors import ConcurrencyError, LifecycleError
-from lifecycle.registry.client import error_code, translate
+from lifecycle.registry.client import error_code, registry, translate
 
 LOCK_SUFFIX = ".lifecycle-lock"
 _BREAK_SUFFIX = ".break"
@@ -59,7 +62,9 @@ class RegistryLock:
         self.purpose = purpose
         self.token = uuid.uuid4().hex
         self.held = False
-        self._verified_at = 0.0
+        #: Monotonic time at which our lease runs out (set when we learn that we hold the lock).
+        self._deadline = 0.0
+        self._sent = (0.0, 0.0)  # (monotonic, wall) clock when our last create request left
 
     # -- the primitive ---------------------------------------------------------------------------
     def _owner(self, name: str) -> tuple[str | None, float, int]:
@@ -67,7 +72,7 @@ class RegistryLock:
         from mlflow.exceptions import MlflowException
 
         try:
-            rm = self.client.get_registered_model(name)
+            rm = registry(self.client).get_registered_model(name)
         except MlflowException as exc:
             if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
                 return None, 0.0, 0
@@ -82,10 +87,11 @@ class RegistryLock:
     def _try_create(self, name: str) -> bool:
         from mlflow.exceptions import MlflowException
 
-        tags = {"lock.owner": self.token, "lock.expires": f"{time.time() + self.lease_s:.3f}",
+        self._sent = (time.monotonic(), time.time())
+        tags = {"lock.owner": self.token, "lock.expires": f"{self._sent[1] + self.lease_s:.3f}",
                 "lock.holder": f"{socket.gethostname()}:{os.getpid()}", "lock.purpose": self.purpose}
         try:
-            self.client.create_registered_model(
+            registry(self.client).create_registered_model(
                 name, tags=tags, description=f"lifecycle lock of {self.model}; safe to delete if lock.expires has passed")
             return True
         except MlflowException as exc:
@@ -119,7 +125,7 @@ class RegistryLock:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.delete_registered_model(name)
+            registry(self.client).delete_registered_model(name)
         except MlflowException as exc:
             if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise translate(exc, f"release lock {name}") from None
@@ -134,7 +140,9 @@ class RegistryLock:
             owner, expires, _ = (self.token, 0.0, 0) if created else self._owner(self.name)
             if owner == self.token:
                 self.held = True
-                self._verified_at = time.monotonic()
+                # Our own clock wrote lock.expires, so our own clock can count it down.
+                self._deadline = (self._sent[0] + self.lease_s if created
+                                  else time.monotonic() + (expires - time.time()))
                 return self
             if owner is not None:
                 self._break_if_stale(owner, expires)
@@ -145,24 +153,31 @@ class RegistryLock:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 1.6, 0.5)
 
+    def _surely_held(self) -> bool:
+        """Whether at least half the lease is left: then no one can have broken the lock."""
+        return self.held and time.monotonic() < self._deadline - self.lease_s / 2
+
     def verify(self) -> None:
-        """Fencing: raise :class:`ConcurrencyError` unless we still hold the lock (call before writes)."""
-        started = time.monotonic()
-        owner, expires, _ = self._owner(self.name)
+        """Fencing: raise :class:`ConcurrencyError` unless we still hold the lock (call before writes).
+
+        Free (no request) during the first half of the lease; a read of the owner token after.
+        """
+        if self._surely_held():
+            return
+        owner, _, _ = self._owner(self.name)
         if owner != self.token:
             self.held = False
             raise ConcurrencyError(f"lost the registry lock of {self.model} (lease expired and was broken); nothing more was written")
-        self._verified_at = started
 
     def release(self) -> None:
         """Release the lock if we still hold it (never deletes another holder's lock)."""
         if not self.held:
             return
+        surely = self._surely_held()
         self.held = False
         try:
-            # Within the first half of the lease since we last saw our token, no one can have
-            # broken the lock: skip the extra read.
-            if time.monotonic() - self._verified_at < self.lease_s / 2:
+            # Within the first half of the lease no one can have broken the lock: skip the read.
+            if surely:
                 self._delete(self.name)
                 return
             owner, _, _ = self._owner(self.name)

@@ -18,9 +18,9 @@ from typing import Any
 
 from lifecycle.errors import ConcurrencyError, ConfigError, GateRejected, LifecycleError, NotFoundError
 from lifecycle.registry import facts, ledger as L
-from lifecycle.registry.client import actor, get_client
+from lifecycle.registry.client import actor, get_client, parallel
 from lifecycle.registry.lock import RegistryLock
-from lifecycle.registry.promote import Outcome, lineage, move_alias
+from lifecycle.registry.promote import Outcome, lineage, mark_text, move_alias
 
 TARGET = "production"
 
@@ -69,16 +69,26 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
     """
     if not (reason or "").strip():
         raise ConfigError("rollback needs --reason TEXT (it goes into the ledger)")
-    client = client or get_client()
-    facts.get_model(client, name)
     if to is not None:
-        to = str(facts.get_version(client, name, to).version)
+        if not str(to).strip().isdigit():
+            raise ConfigError(f"version must be a number, got {to!r}")
+        to = str(int(to))
     if expect_current is not None:
         expect_current = str(int(expect_current)) if str(expect_current).strip().isdigit() else expect_current
+    client = client or get_client()
     led = L.Ledger(client)
-    with RegistryLock(client, name, purpose="rollback") as lock:
-        events = led.events(name)
-        model = facts.get_model(client, name)
+    lock = RegistryLock(client, name, purpose="rollback")
+    try:
+        parallel(client, lock.acquire, led.experiment_id)
+        # One round under the lock: the model (aliases), its whole ledger, every version (tags and
+        # stages of whichever the plan picks), and the mark that checks our write permission.
+        model, events, versions, _ = parallel(
+            client, lambda: facts.get_model(client, name), lambda: led.events(name),
+            lambda: facts.list_versions(client, name),
+            lambda: facts.mark(client, name, mark_text(f"rollback ({reason.strip()})")))
+        by_number = {str(v.version): v for v in versions}
+        if to is not None and to not in by_number and len(versions) < 1000:
+            raise facts.missing_version(name, to, versions)
         current = facts.alias_version(model, TARGET)
         action, target, why = plan_rollback(events, current, to=to, expect_current=expect_current, force=force)
         prod_events = [e for e in events if e.target == TARGET and e.effective]
@@ -87,12 +97,18 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
                         actor=actor(), reason=f"{reason.strip()} ({why})",
                         reverts=prod_events[-1].seq if prod_events and action == L.ROLLBACK else None)
         if action == L.ROLLBACK:
-            mv = facts.get_version(client, name, target)  # a deleted version cannot take production
+            # A deleted version cannot take production (a version list past 1000 is read directly).
+            mv = by_number.get(target) or facts.get_version(client, name, target)
             event.eval_run_ids, event.data_digests = lineage(dict(mv.tags or {}))
-            move_alias(client, led, lock, event)
+            replaced = by_number.get(current) if current else None
+            move_alias(client, led, lock, event, version_stage=mv.current_stage,
+                       replaced_stage=replaced.current_stage if replaced is not None else None)
         else:
             lock.verify()
-            led.append(event)
+            led.write(event)
+            parallel(client, lambda: led.finish(event), lock.release)
+    finally:
+        lock.release()
     outcome = Outcome(event=event, moved=action == L.ROLLBACK, message=why)
     if action == L.ROLLBACK_REFUSED:
         err: LifecycleError

@@ -7,15 +7,15 @@ from dataclasses import asdict
 from typing import Any
 
 from lifecycle.registry import facts, ledger as L
-from lifecycle.registry.client import call, get_client
+from lifecycle.registry.client import get_client, parallel
 
 
 def status(name: str, *, last: int = 5, client: Any = None) -> dict[str, Any]:
     """Aliases, versions with their legacy stages, and the last ``last`` ledger events of ``name``."""
     client = client or get_client()
-    model = facts.get_model(client, name)
-    versions = call("list versions", client.search_model_versions, f"name='{name}'", max_results=200)
-    events = L.Ledger(client).events(name)
+    led = L.Ledger(client)
+    model, versions, events = parallel(client, lambda: facts.get_model(client, name),
+                                       lambda: facts.list_versions(client, name), lambda: led.events(name))
     stack = L.holder_stack(events, "production")
     aliases = {k: str(v) for k, v in (model.aliases or {}).items()}
     consistent = (not stack and "production" not in aliases) or (bool(stack) and stack[-1] == aliases.get("production"))
@@ -24,7 +24,7 @@ def status(name: str, *, last: int = 5, client: Any = None) -> dict[str, Any]:
         "aliases": aliases,
         "versions": [{"version": str(v.version), "stage": v.current_stage,
                       "aliases": sorted(a for a, ver in aliases.items() if ver == str(v.version))}
-                     for v in sorted(versions, key=lambda v: int(v.version))],
+                     for v in versions],
         "ledger_production": stack[-1] if stack else None,
         "consistent": consistent,
         "events": [asdict(e) for e in events[-last:]],

@@ -1,0 +1,44 @@
+"""`benchmarks/run_all.py` as a smoke test: the registry and monitoring benchmarks in their quick
+modes, run as processes, hand over their figures as JSON and end up in one summary + table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_quick_writes_json_and_markdown(mlflow_server, tmp_path):
+    out = tmp_path / "bench"
+    env = {**__import__("os").environ, "LIFECYCLE_BENCH_MLFLOW_SERVER": mlflow_server.url}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the benchmarks pick their own tracking stores
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "registry,monitor",
+                          "--out", str(out), "--timeout", "300"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] is True
+    machine = summary["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["mlflow"] and machine["torch"] and machine["date"]
+    reg = summary["benchmarks"]["registry"]
+    assert reg["status"] == "ok", reg
+    ratios = reg["ratios"]
+    for key in ("promote_api_median_ms", "rollback_api_median_ms", "promote_cli_median_ms", "rollback_cli_median_ms"):
+        assert ratios[key] > 0, key
+    figures = reg["figures"]
+    # The round-trip budget of a promotion and a rollback (issue #5): a regression shows here.
+    assert 0 < figures["promote_api"]["requests"] <= 16 and 0 < figures["rollback_api"]["requests"] <= 12, figures
+    assert figures["concurrent"]["consistent"] is True
+    assert set(figures["concurrent"]["exit_codes"]) <= {0, 5, 9}
+    mon = summary["benchmarks"]["monitor"]
+    assert mon["status"] == "ok" and mon["ratios"]["psi_numpy_vs_python"] > 0
+    table = (out / "summary.md").read_text()
+    assert "| registry | promote median, in-process API (ms) |" in table
+    assert "| monitor | PSI, numpy vs pure Python |" in table
+    assert machine["cpu"] in table and f"mlflow {machine['mlflow']}" in table
+    assert (out / "registry.log").is_file() and (out / "monitor.log").is_file()
