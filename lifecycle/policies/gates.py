@@ -166,13 +166,41 @@ def _cooldown(g: s.CooldownGate, c: Candidate) -> tuple[bool, str]:
     return ok, f"{elapsed:.0f} s since the last production change ({'>=' if ok else '<'} {g.min_seconds:.0f} s)"
 
 
+def _compression(g: s.CompressionGate, c: Candidate) -> tuple[bool, str]:
+    parent = c.tags.get("compressed_from")
+    if not parent:
+        return True, "not a compressed variant"
+    short = g.metric.partition("/")[2]
+    base = _num(c.tags, f"compress/parent_{short}")
+    value = _num(c.tags, g.metric)
+    if base is None or value is None:
+        return False, (f"compressed variant of v{parent} without {g.metric} and compress/parent_{short} tags: "
+                       "make it with `lifecycle compress` (it measures both on the same data)")
+    measured, now = c.tags.get("compress/eval_data_digest"), c.tags.get("eval_data_digest")
+    if measured and now and measured != now:
+        return False, (f"re-evaluated on other data ({now[:12]}) than its comparison with v{parent} "
+                       f"({measured[:12]}): run `lifecycle compress` again")
+    loss = (value - base) if s.lower_is_better(g.metric) else (base - value)  # > 0: worse than the parent
+    rel = loss / abs(base) if base != 0 else (math.inf if loss > 0 else 0.0)
+    parts = [f"{g.metric} {_fmt(value)} vs parent v{parent} {_fmt(base)} ({rel:+.2%} loss)"]
+    ok = True
+    if g.max_regression is not None and rel > g.max_regression:
+        ok = False
+        parts.append(f"more than the allowed {g.max_regression:.2%}")
+    if g.max_delta is not None and loss > g.max_delta:
+        ok = False
+        parts.append(f"loss {_fmt(loss)} exceeds max_delta {_fmt(g.max_delta)}")
+    return ok, "; ".join(parts)
+
+
 def check_gates(target: s.TargetPolicy, candidate: Candidate) -> list[GateResult]:
     """Evaluate every configured gate of ``target`` for ``candidate``; one result per gate."""
     checks: list[tuple[str, str, Any, Callable[[Any, Candidate], tuple[bool, str]]]] = []
     for g in target.thresholds:
         checks.append((f"{g.metric} {g.op} {_fmt(g.value)}", "threshold", g, _threshold))
     named = [("baseline", _baseline), ("latency", _latency), ("model_size", _size), ("signature", _signature),
-             ("required_tags", _required), ("checks", _checks), ("cooldown", _cooldown)]
+             ("required_tags", _required), ("checks", _checks), ("cooldown", _cooldown),
+             ("compression", _compression)]
     for kind, fn in named:
         g = getattr(target, kind)
         if g is not None:

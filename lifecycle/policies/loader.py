@@ -18,7 +18,7 @@ from lifecycle.errors import ConfigError
 from lifecycle.policies import schema as s
 
 #: The policy used when none is named: ``registry_policies/default.yaml`` of the project, else
-#: the copy shipped inside the package's parent checkout (both are the same file).
+#: the copy shipped inside the package (``lifecycle/policies/default.yaml``, the same file).
 DEFAULT_POLICY = "registry_policies/default.yaml"
 
 _GATE_CLASSES: dict[str, type] = {
@@ -29,6 +29,7 @@ _GATE_CLASSES: dict[str, type] = {
     "required_tags": s.RequiredTagsGate,
     "checks": s.ChecksGate,
     "cooldown": s.CooldownGate,
+    "compression": s.CompressionGate,
 }
 _TOP_KEYS = ("description", "staging", "production", "monitoring")
 
@@ -128,7 +129,14 @@ def _gate(ctx: _Ctx, cls: type, node: yaml.Node, field: str) -> Any:
     gate = cls(**kwargs)
     if isinstance(gate, s.BaselineGate) and gate.min_improvement is not None and gate.max_regression is not None:
         raise ctx.fail(node, field, "give min_improvement or max_regression, not both")
-    for key in ("max_p95_ms", "max_bytes", "min_seconds", "min_improvement", "max_regression", "min_checks"):
+    if isinstance(gate, s.CompressionGate):
+        if gate.max_regression is None and gate.max_delta is None:
+            raise ctx.fail(node, field, "give max_regression (a fraction of the parent's value) and/or max_delta")
+        if not gate.metric.startswith("eval/") or gate.metric.startswith("eval/check_"):
+            raise ctx.fail(items["metric"][1], f"{field}.metric", "the compression gate bounds an eval/<metric> "
+                           "measured on both the variant and its parent")
+    for key in ("max_p95_ms", "max_bytes", "min_seconds", "min_improvement", "max_regression", "min_checks",
+                "max_delta"):
         value = getattr(gate, key, None)
         if value is not None and value < 0:
             raise ctx.fail(items[key][1], f"{field}.{key}", f"must be >= 0, got {value}")
@@ -191,8 +199,9 @@ def _default_path() -> Path:
     local = Path(DEFAULT_POLICY)
     if local.is_file():
         return local
-    # An installed checkout: the project root sits next to the package.
-    return Path(__file__).resolve().parents[2] / DEFAULT_POLICY
+    # Anywhere else: the copy inside the package. In the checkout it is a symbolic link to
+    # registry_policies/default.yaml (one file to edit); a built wheel holds its content.
+    return Path(__file__).resolve().parent / "default.yaml"
 
 
 def load_policy(path: str | Path | None = None) -> s.Policy:

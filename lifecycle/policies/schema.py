@@ -115,6 +115,22 @@ class CooldownGate:
 
 
 @dataclass(frozen=True)
+class CompressionGate:
+    """A compressed variant (tag ``compressed_from``) may lose at most this much against its parent.
+
+    The parent's value is the one ``lifecycle compress`` measured beside the variant, on the same
+    data (``compress/parent_<metric>``). ``max_regression`` is a fraction of the parent's value
+    (0.02 = 2 % worse), ``max_delta`` an absolute amount in the metric's unit, both in the metric's
+    own direction. Versions that are not compressed variants pass.
+    """
+
+    metric: str = "eval/bits_per_byte"
+    max_regression: float | None = None
+    max_delta: float | None = None
+    mode: Mode = "enabled"
+
+
+@dataclass(frozen=True)
 class TargetPolicy:
     """The gates of one target; ``None`` means the gate is not configured."""
 
@@ -126,6 +142,7 @@ class TargetPolicy:
     required_tags: RequiredTagsGate | None = None
     checks: ChecksGate | None = None
     cooldown: CooldownGate | None = None
+    compression: CompressionGate | None = None
 
 
 @dataclass(frozen=True)

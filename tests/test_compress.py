@@ -1,0 +1,213 @@
+"""Compressed variants: the int8 format, the policy's compression gate, and `lifecycle compress`
+end to end (train a tiny parent, make its int8 variant, promote it under the default policy and
+serve it with `lifecycle serve` -> `mlflow models serve`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifecycle.errors import ConfigError
+from lifecycle.policies import Candidate, check_gates
+from lifecycle.policies.loader import load_policy, parse_policy
+from lifecycle.policies.schema import CompressionGate, TargetPolicy
+from lifecycle.serving import variant as V
+from tests import servers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_int8_variant_reloads_exactly_smaller_with_the_head_tied(tiny_gpt2, tmp_path, one_torch_thread):
+    import copy
+
+    x = torch.randint(0, 512, (2, 24))
+    linear = copy.deepcopy(tiny_gpt2)
+    names = V.conv1d_to_linear(linear)
+    assert len(names) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    with torch.no_grad():
+        reference = tiny_gpt2(x).logits
+        assert torch.allclose(linear(x).logits, reference, atol=1e-5)  # Conv1D -> Linear is exact
+    quantized, qnames = V.quantize_int8(copy.deepcopy(tiny_gpt2))
+    assert "lm_head" not in qnames and len(qnames) == 8
+    tiny_gpt2.config.save_pretrained(tmp_path)
+    V.save_int8(quantized, tmp_path)
+    V.write_variant(tmp_path, {"method": "int8-dynamic"})
+    tiny_gpt2.save_pretrained(tmp_path / "fp32")
+    assert V.weights_bytes(tmp_path) < 0.6 * V.weights_bytes(tmp_path / "fp32")
+    loaded = V.load_variant(tmp_path, torch.device("cpu"))
+    with torch.no_grad():
+        q, r = quantized(x).logits, loaded(x).logits
+    assert torch.equal(q, r)  # the stored integers and scales come back exactly
+    assert (q - reference).abs().max() < 0.1  # and int8 stays close to fp32
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    with pytest.raises(ConfigError, match="runs on CPU only"):
+        V.load_variant(tmp_path, torch.device("cuda"))
+
+
+def _candidate(**tags: str) -> Candidate:
+    return Candidate(version="2", tags=tags)
+
+
+@pytest.mark.parametrize("gate, tags, ok, fragment", [
+    (CompressionGate(max_regression=0.02), {}, True, "not a compressed variant"),
+    (CompressionGate(max_regression=0.02),
+     {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"}, True, "+1.00% loss"),
+    (CompressionGate(max_regression=0.005),
+     {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"}, False,
+     "more than the allowed 0.50%"),
+    (CompressionGate(max_delta=0.01),
+     {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"}, False,
+     "exceeds max_delta 0.01"),
+    (CompressionGate(metric="eval/tokens_per_s", max_regression=0.1),
+     {"compressed_from": "1", "eval/tokens_per_s": "95", "compress/parent_tokens_per_s": "100"}, True, "+5.00% loss"),
+    (CompressionGate(max_regression=0.02), {"compressed_from": "1", "eval/bits_per_byte": "2.0"}, False,
+     "make it with `lifecycle compress`"),
+    (CompressionGate(max_regression=0.02),
+     {"compressed_from": "1", "eval/bits_per_byte": "2.0", "compress/parent_bits_per_byte": "2.0",
+      "eval_data_digest": "aaaa", "compress/eval_data_digest": "bbbb"}, False, "re-evaluated on other data"),
+])
+def test_compression_gate_bounds_the_loss_against_the_parent(gate, tags, ok, fragment):
+    (result,) = check_gates(TargetPolicy(compression=gate), _candidate(**tags))
+    assert (result.status == "pass") is ok and fragment in result.reason
+
+
+@pytest.mark.parametrize("text, message", [
+    ("staging:\n  compression: {metric: eval/bits_per_byte}\n", "give max_regression"),
+    ("staging:\n  compression: {max_regression: -0.1}\n", r"staging\.compression\.max_regression: must be >= 0"),
+    ("staging:\n  compression: {metric: compare/win_rate, max_delta: 0.1}\n", "bounds an eval/<metric>"),
+])
+def test_policy_refuses_a_bad_compression_gate(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_policy(text, "p.yaml")
+
+
+def test_shipped_policies_bound_compressed_variants():
+    for name in ("default.yaml", "strict.yaml"):
+        policy = load_policy(ROOT / "registry_policies" / name)
+        assert policy.production.compression is not None and policy.production.compression.metric == "eval/bits_per_byte"
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+#: A lean evaluation: the trade-off still measures loss, bits-per-byte and generation speed.
+LEAN_EVAL = ["--set", "generation.num_prompts=4", "--set", "generation.max_new_tokens=8",
+             "--set", "latency.batch_sizes=[1]", "--set", "latency.requests=3", "--set", "latency.max_new_tokens=16",
+             "--set", "compare.bootstrap_samples=200"]
+
+
+@pytest.fixture(scope="module")
+def parent(prepared_tiny, tmp_path_factory, one_torch_thread):
+    """A tiny model trained for a few steps and registered as version 1 of a fresh name."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.train.config import TrainConfig
+    from lifecycle.train.run import train
+
+    name = f"lm-compress-{uuid.uuid4().hex[:8]}"
+    work = tmp_path_factory.mktemp("compress")
+    exp = MlflowClient().create_experiment(name, artifact_location=(work / "artifacts").as_uri())
+    cfg = TrainConfig(max_steps=30, batch_size=8, eval_every=10, eval_batches=2, warmup_steps=3, learning_rate=3e-3,
+                      progress=False, system_metrics=False, output=str(work / "ckpt"), model_name=name, experiment=name)
+    out = train(cfg, str(prepared_tiny))
+    return {"name": name, "version": out.version, "experiment": exp, "work": work}
+
+
+def test_bad_method_or_version_is_refused_without_a_new_version(parent, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", parent["name"], parent["version"], "--method", "int4"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", parent["name"], "99", "--method", "int8-dynamic"])
+    assert exc.value.code == 5 and "has no version 99" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the parent was never evaluated: no data to take
+        main(["compress", parent["name"], parent["version"], "--method", "int8-dynamic"])
+    assert exc.value.code == 2 and "give --data" in capsys.readouterr().err
+    assert len(MlflowClient().search_model_versions(f"name='{parent['name']}'")) == 1
+
+
+@pytest.mark.e2e
+def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_tiny, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.cli import main
+    from lifecycle.registry.promote import promote
+
+    name = parent["name"]
+    main(["compress", name, parent["version"], "--method", "int8-dynamic", "--data", str(prepared_tiny),
+          "--experiment", name, *LEAN_EVAL])
+    printed = capsys.readouterr().out
+    assert "int8-dynamic" in printed and "bits/byte" in printed and "tokens/s" in printed
+    client = MlflowClient()
+    mv = client.get_model_version(name, "2")
+    tags = mv.tags
+    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "int8-dynamic"
+    assert int(tags["compress/weights_bytes"]) < int(tags["compress/parent_weights_bytes"])
+    assert float(tags["compress/size_ratio"]) < 0.7
+    assert tags["compare_baseline"] == f"models:/{name}/{parent['version']}"
+    assert tags["eval_data_digest"] == tags["compress/eval_data_digest"]
+    for key in ("eval/bits_per_byte", "eval/tokens_per_s", "compress/bits_per_byte_delta", "compress/tokens_per_s_delta",
+                "compress/latency_p50_ms_delta"):
+        float(tags[key])
+    # The compress run holds the trade-off table, the chart and a nested evaluation run.
+    run = client.get_run(tags["compress_run_id"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/tradeoff.png"}
+    assert client.list_artifacts(run.info.run_id, "compress")[0].path == "compress/tradeoff.json"
+    children = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert [c.data.tags["lifecycle.stage"] for c in children] == ["evaluate"]
+
+    # The default policy bounds the bits-per-byte loss against the parent; the variant is within it.
+    policy = load_policy(ROOT / "registry_policies" / "default.yaml")
+    outcome = promote(name, "2", "staging", policy=policy)
+    gate = next(g for g in outcome.gates if g.kind == "compression")
+    assert gate.status == "pass" and f"vs parent v{parent['version']}" in gate.reason
+    delta = float(tags["eval/bits_per_byte"]) / float(tags["compress/parent_bits_per_byte"]) - 1
+    assert delta <= policy.staging.compression.max_regression
+
+    # It serves through the same pyfunc class, from the registry, in a real `mlflow models serve`.
+    port = servers.free_port()
+    log_path = parent["work"] / "serve.log"
+    env = {**os.environ, "LIFECYCLE_CPU_THREADS": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lifecycle", "serve", name, "--alias", "staging",
+                                 "--port", str(port), "--device", "cpu"],
+                                cwd=parent["work"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        servers.wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
+        body = json.dumps({"inputs": ["def main(", "The class"], "params": {"max_new_tokens": 4}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            rows = json.loads(resp.read())["predictions"]
+        assert [r["completion_tokens"] for r in rows] == [4, 4]
+    except Exception:
+        print(log_path.read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
