@@ -135,7 +135,7 @@ def test_config_from_yaml_and_overrides(tmp_path) -> None:
 @pytest.mark.parametrize(
     "override",
     ["dedup.threshold=1.5", "split.validation=0.6", "tokenizer.vocab_size=100", "pii.types=[email,ssn]",
-     "quality.min_wrds=3", "pack.block_size=1", "num_proc=0", "pii.mode=hide"],
+     "quality.min_wrds=3", "pack.block_size=1", "num_proc=0", "pii.mode=hide", "tokenizer.sample_bytes=-1"],
 )
 def test_bad_config_values_are_refused(override: str) -> None:
     if override.startswith("split.validation"):
@@ -144,3 +144,87 @@ def test_bad_config_values_are_refused(override: str) -> None:
         overrides = [override]
     with pytest.raises(ConfigError):
         load_config(PrepareConfig, None, overrides)
+
+
+# -- the fast paths against the plain regex definitions they replace --------------------------
+
+def _fuzz_texts(n: int = 3000) -> list[str]:
+    """Documents plus random strings over ASCII, controls, Unicode spaces, CJK and digits."""
+    rng = random.Random(5)
+    alphabet = list("abc XYZ 019_-.,!?#\u2026\t\n\r\x00\x07\x0b\x1c\x7f\x85\u200b\ufeff\u00a0\u2003\u3000"
+                    "\u4f60\u597d\u30a2\ud55c\u00e9\u0301\ufb01\u2460\u0661\uff12") + [" "] * 6 + ["..."] * 2
+    docs = list(generate_documents(200, seed=9, chinese_share=0.2))
+    out = list(docs)
+    for _ in range(n):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        out.append(rng.choice(docs) + t if rng.random() < 0.3 else t)
+    return out
+
+
+def _clean_reference(text: str) -> str:
+    import re
+    import unicodedata
+
+    from lifecycle.data import clean as c
+
+    # Every pattern unconditionally: what clean_text did before its gates.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    text = c._CONTROL.sub("", text)
+    text = c._LEADING_TABS.sub(lambda m: m.group(0).replace("\t", "    "), text)
+    text = c._INNER_SPACES.sub(" ", text)
+    text = c._TRAILING.sub("", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def test_fast_paths_agree_with_the_regex_definitions() -> None:
+    import re
+    import unicodedata
+
+    from lifecycle.data import quality
+    from lifecycle.data.dedup import normalize_for_hash
+
+    strict = [QualityConfig(min_alpha_word_fraction=f, min_words=0) for f in (0.0, 0.5, 0.7, 0.8, 1.0)]
+    for text in _fuzz_texts():
+        assert clean_text(text) == _clean_reference(text), repr(text)
+        stats, words = quality.doc_stats(text), words_of(text)
+        assert (stats.n_words, stats.word_chars) == (len(words), sum(map(len, words))), repr(text)
+        assert normalize_for_hash(text) == re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+        cleaned = clean_text(text)
+        stats = quality.doc_stats(cleaned)
+        no_alpha = len(quality._NO_ALPHA_WORD.findall(cleaned))
+        for cfg in strict:
+            expected = stats.n_words > 0 and 1.0 - no_alpha / stats.n_words >= cfg.min_alpha_word_fraction
+            assert quality._alpha_ok(stats, cfg, cleaned) == expected, (repr(cleaned), cfg.min_alpha_word_fraction)
+
+
+def test_batch_signatures_equal_the_per_document_definition() -> None:
+    from lifecycle.data.dedup import normalize_for_hash
+
+    texts = list(generate_documents(60, seed=4, chinese_share=0.3)) + ["", "!!!", "two words", "a b c d e f"]
+    for h in (MinHasher(seed=0), MinHasher(num_perm=64, shingle_size=3, seed=7)):
+        norms = [normalize_for_hash(t) for t in texts]
+        # The definition: min over the document's shingles of (a*x + b mod 2**64) >> 32, per permutation.
+        expected = np.stack([((np.outer(h._a, h.shingle_hashes(n, n)) + h._b[:, None]) >> np.uint64(32))
+                             .min(axis=1).astype(np.uint32) for n in norms])
+        for size in (1, 7, len(texts)):
+            got = np.concatenate([h.signatures(norms[i:i + size]) for i in range(0, len(norms), size)])
+            assert np.array_equal(got, expected)
+        assert np.array_equal(h.signature(texts[0]), expected[0])
+
+
+def test_lsh_bands_match_datasketch_and_band_keys_follow_the_bands() -> None:
+    from datasketch.lsh import _optimal_param
+
+    from lifecycle.data.dedup import band_keys, lsh_params
+
+    for num_perm in (16, 64, 128, 256):
+        for threshold in (0.5, 0.7, 0.8, 0.9):
+            assert lsh_params(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+    b, r = lsh_params(0.8, 128)
+    sig = MinHasher(seed=0).signature(english_document(random.Random(2)))
+    other = sig.copy()
+    other[r + 1] ^= 1  # one value of the second band changes
+    keys, changed = band_keys(np.stack([sig, other]), b, r)
+    assert len(set(keys.tolist())) == b  # the band index is part of the key
+    assert [k1 == k2 for k1, k2 in zip(keys, changed)] == [i != 1 for i in range(b)]

@@ -61,3 +61,24 @@ def test_builtin_corpus_has_no_false_positives() -> None:
         for k, v in counts.items():
             found[k] = found.get(k, 0) + v
     assert found == {}
+
+
+def test_version_numbers_after_a_version_word_are_not_addresses() -> None:
+    kept = ["Python 3.11.7.1 is out", "version 1.2.3.4", "upgrade to v2.0.0.1", "build: 4.8.1.0", "ver. 10.0.19041.1",
+            "release 1.0.0.0 notes"]
+    for text in kept:
+        assert pii.scrub(text) == (text, {}), text
+    # An address is still an address, also after words that merely end like a version word.
+    for text, out in [("server 10.0.0.1 is down", "server <IPV4> is down"), ("ip=10.0.0.1", "ip=<IPV4>"),
+                      ("the nav 172.16.0.9 host", "the nav <IPV4> host")]:
+        assert pii.scrub(text) == (out, {"ipv4": 1})
+
+
+def test_digit_free_text_skips_nothing_that_needs_no_digit() -> None:
+    # The digit check only skips card numbers, addresses and phones; the rest still run.
+    text = "mail jane@example.org, key AKIAIOSFODNN7EXAMPLE and no numbers otherwise"
+    out, counts = pii.scrub(text.replace("7", "Z"))
+    assert counts == {"email": 1, "aws_access_key": 1} and "@" not in out
+    # Digits from other scripts are digits to the patterns (\d is Unicode-aware), and so to the check.
+    assert pii.scrub("\u7535\u8bdd \u0664\u0661\u0665-\u0665\u0665\u0665-\u0662\u0666\u0667\u0661 \u8c22\u8c22") \
+        == ("\u7535\u8bdd <PHONE> \u8c22\u8c22", {"phone": 1})

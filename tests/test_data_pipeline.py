@@ -134,3 +134,50 @@ def test_worker_processes_give_the_same_result(corpus: dict, tmp_path: Path) -> 
     card = run_pipeline(_cfg(corpus["src"], "num_proc=2", "batch_size=16"), out).card
     assert card["digest"] == corpus["card"]["digest"]
     assert card["dedup"] == corpus["card"]["dedup"]
+    # The workers encode from the saved tokenizer: the very same blocks, in the same order.
+    from datasets import load_from_disk
+
+    for split in ("train", "validation", "test"):
+        assert load_from_disk(str(out / split))["input_ids"] == load_from_disk(str(corpus["out"] / split))["input_ids"]
+
+
+def test_tokenizer_learns_from_a_bounded_sample_of_the_train_split(corpus: dict, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from lifecycle.data.tokenizer import train_tokenizer
+
+    whole = corpus["card"]
+    # The fixture's train split is below the default sample (256 bytes per vocabulary entry).
+    assert whole["tokenizer"]["trained_on_bytes"] == whole["split_bytes"]["train"]
+    out = tmp_path / "sampled"
+    out.mkdir()
+    card = run_pipeline(_cfg(corpus["src"], "tokenizer.sample_bytes=20000"), out).card
+    used = card["tokenizer"]["trained_on_bytes"]
+    assert 20000 <= used < card["split_bytes"]["train"]
+    # Everything else is the same: every split is still tokenized and packed in full.
+    assert card["splits"] == whole["splits"] and all(card["blocks"][s] > 0 for s in card["blocks"])
+    # The sample is the first train documents, in order, up to the cap.
+    sample, size = [], 0
+    for text in _raw(out, "train"):
+        if size >= 20000:
+            break
+        sample.append(text)
+        size += len(text.encode("utf-8"))
+    assert size == used
+    expected = train_tokenizer([sample], vocab_size=400, min_frequency=2)
+    assert AutoTokenizer.from_pretrained(str(out / "tokenizer")).get_vocab() == expected.get_vocab()
+
+
+def test_held_out_splits_too_small_for_a_block_are_named_in_the_card(tmp_path: Path) -> None:
+    docs = list(generate_documents(30, seed=21, chinese_share=0.0))
+    src = _write_jsonl(tmp_path / "small.jsonl", docs)
+    out = tmp_path / "small"
+    out.mkdir()
+    cfg = load_config(PrepareConfig, None, ["tokenizer.vocab_size=400", "pack.block_size=1024",
+                                            "split.validation=0.05", "split.test=0.05"], **{"source.uri": str(src)})
+    card = run_pipeline(cfg, out).card
+    assert card["blocks"]["train"] > 0
+    empty = [s for s in ("validation", "test") if card["blocks"][s] == 0]
+    assert empty, card["blocks"]
+    for split in empty:
+        assert any(w.startswith(f"the {split} split fills no block of 1024 tokens") for w in card["warnings"])

@@ -17,6 +17,8 @@ _INNER_SPACES = re.compile(rf"(?<=\S)(?: {{2,}}| *[\t\u00a0\u2000-\u200a\u3000]{
 _TRAILING = re.compile(rf"{_SPACE_CLASS}+$", re.MULTILINE)
 _LEADING_TABS = re.compile(r"^[ \t]*\t[ \t]*", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
+# Cheap gates (plain scans, no lookarounds): a pattern above runs only when it could match.
+_NEEDS_INNER = re.compile(r"  |[\t\u00a0\u2000-\u200a\u3000]")
 
 
 def clean_text(text: str, *, unicode_form: str = "NFC", strip_control: bool = True,
@@ -29,15 +31,21 @@ def clean_text(text: str, *, unicode_form: str = "NFC", strip_control: bool = Tr
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not unicodedata.is_normalized(unicode_form, text):
+    # ASCII text is already NFC/NFKC and holds none of the Unicode spaces, so it takes the fast
+    # gates below; anything else takes the full patterns.
+    ascii_ = text.isascii()
+    if not ascii_ and not unicodedata.is_normalized(unicode_form, text):
         text = unicodedata.normalize(unicode_form, text)
-    if strip_control:
+    if strip_control and _CONTROL.search(text) is not None:
         text = _CONTROL.sub("", text)
     if normalize_whitespace:
         if "\t" in text:
             text = _LEADING_TABS.sub(lambda m: m.group(0).replace("\t", "    "), text)
-        text = _INNER_SPACES.sub(" ", text)
-        text = _TRAILING.sub("", text)
+        if ("  " in text or "\t" in text) if ascii_ else _NEEDS_INNER.search(text) is not None:
+            text = _INNER_SPACES.sub(" ", text)
+        # Trailing space: a space or tab right before a newline or at the very end.
+        if not ascii_ or " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+            text = _TRAILING.sub("", text)
         if "\n\n\n" in text:
             text = _BLANK_LINES.sub("\n\n", text)
         text = text.strip("\n")

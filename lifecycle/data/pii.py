@@ -60,15 +60,28 @@ _API_PREFIXES = ("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "AIza", "xoxb-",
 _DIGITS_4 = re.compile(r"\d{4}")
 _DOTTED = re.compile(r"\d\.\d{1,3}\.\d")
 _DIGITS_3 = re.compile(r"\d{3}")
+_AWS_SECRET = "ws_secret_access_key"
 _GATES: dict[str, Callable[[str], bool]] = {
     "private_key": lambda t: "PRIVATE KEY" in t,
-    "aws_access_key": lambda t: any(p in t for p in _AWS_PREFIXES) or "ws_secret_access_key" in t.lower(),
-    "api_key": lambda t: any(p in t for p in _API_PREFIXES),
+    # Substring tests run at memchr speed; the cheap first test skips the rest for most text.
+    "aws_access_key": lambda t: ("A" in t and any(p in t for p in _AWS_PREFIXES))
+    or ("_" in t and _AWS_SECRET in t.lower()),
+    "api_key": lambda t: ("-" in t and ("sk-" in t or "xox" in t)) or ("_" in t and "gh" in t) or "AIza" in t,
     "email": lambda t: "@" in t,
     "credit_card": lambda t: _DIGITS_4.search(t) is not None,
     "ipv4": lambda t: _DOTTED.search(t) is not None,
     "phone": lambda t: _DIGITS_3.search(t) is not None,
 }
+# Card numbers, addresses and phones need a digit: most prose has none, and one check for any
+# digit skips all three patterns.
+_NEEDS_DIGIT = frozenset({"credit_card", "ipv4", "phone"})
+_ANY_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    if text.isascii():
+        return any(d in text for d in "0123456789")
+    return _ANY_DIGIT.search(text) is not None  # \d also matches other scripts' digits
 
 
 def luhn_ok(digits: str) -> bool:
@@ -84,13 +97,23 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _phone_ok(match: str) -> bool:
-    digits = sum(ch.isdigit() for ch in match)
+def _phone_ok(m: re.Match[str]) -> bool:
+    digits = sum(ch.isdigit() for ch in m.group(0))
     return 7 <= digits <= 15
 
 
-_VALIDATORS: dict[str, Callable[[str], bool]] = {
-    "credit_card": lambda m: luhn_ok("".join(ch for ch in m if ch.isdigit())),
+# A dotted quad right after a version word is a version (".NET 4.8.1.0", "Python 3.11.7.1",
+# "v1.2.0.4"), not an address. Five or more groups never match the pattern at all.
+_VERSION_BEFORE = re.compile(r"(?:\b(?:version|release|build|python|ver\.?)|\bv)\s*[:=]?\s*$", re.IGNORECASE)
+
+
+def _ipv4_ok(m: re.Match[str]) -> bool:
+    return _VERSION_BEFORE.search(m.string, max(0, m.start() - 16), m.start()) is None
+
+
+_VALIDATORS: dict[str, Callable[[re.Match[str]], bool]] = {
+    "credit_card": lambda m: luhn_ok("".join(ch for ch in m.group(0) if ch.isdigit())),
+    "ipv4": _ipv4_ok,
     "phone": _phone_ok,
 }
 
@@ -101,10 +124,12 @@ def scrub(text: str, types: Iterable[str] | None = None) -> tuple[str, dict[str,
     ``types`` limits the scrubbers (default: all of :data:`ORDER`). Only types found appear in
     the counts.
     """
-    wanted = set(ORDER if types is None else types)
+    wanted = ORDER if types is None else set(types)
     counts: dict[str, int] = {}
+    # Placeholders hold no digits, so scrubbing never adds one: checked once, up front.
+    digits = _has_digit(text)
     for kind in ORDER:
-        if kind not in wanted:
+        if kind not in wanted or (not digits and kind in _NEEDS_DIGIT):
             continue
         pattern = _PATTERNS[kind]
         if not _GATES[kind](text):
@@ -115,7 +140,7 @@ def scrub(text: str, types: Iterable[str] | None = None) -> tuple[str, dict[str,
 
         def _sub(m: re.Match[str]) -> str:
             nonlocal found
-            if validator is not None and not validator(m.group(0)):
+            if validator is not None and not validator(m):
                 return m.group(0)
             found += 1
             return placeholder

@@ -1,11 +1,14 @@
 """The prepare pipeline without MLflow: source -> clean -> filter -> scrub -> dedup -> split ->
-tokenizer -> pack, written into a working folder.
+tokenizer -> pack, written into a working folder in one streaming pass.
 
-Documents stream through in batches; the per-document work (cleaning, filters, PII, MinHash) runs
-in ``num_proc`` worker processes while the main process keeps the dedup index and writes the raw
-split files, so memory is bounded by the batch size plus the dedup index. The tokenizer then
-streams the raw train split, and each split is tokenized and packed batch by batch into an Arrow
-file that becomes a ``save_to_disk`` dataset.
+Documents stream through in batches; the per-document work (cleaning, filters, PII) and the
+batch-level numpy work (MinHash signatures and LSH band keys of the whole batch at once) run in
+``num_proc`` worker processes, while the main process keeps the dedup index, writes the raw split
+files and feeds the kept documents to a :class:`~lifecycle.data.pack.StreamingPacker`, which
+trains the tokenizer on a bounded sample of the train split (``tokenizer.sample_bytes``), saves
+it, has the workers tokenize later batches from the saved file (the Rust backend, one thread per
+worker) and appends packed blocks, in order, to an Arrow file per split. Memory is bounded by
+the batches in flight, the tokenizer sample and the dedup index.
 
 PII is scrubbed before dedup and split so that a document scrubbed in an earlier prepared folder
 (``dedup.against``) and the same document arriving again compare equal.
@@ -14,13 +17,14 @@ PII is scrubbed before dedup and split so that a document scrubbed in an earlier
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -31,25 +35,20 @@ from lifecycle.data import pii as pii_mod
 from lifecycle.data.card import LengthHistogram, write_card
 from lifecycle.data.clean import clean_text
 from lifecycle.data.config import PrepareConfig
-from lifecycle.data.dedup import Deduplicator, MinHasher, exact_key, normalize_for_hash
-from lifecycle.data.pack import BlockPacker
+from lifecycle.data.dedup import Deduplicator, MinHasher, band_keys, exact_key, lsh_params, normalize_for_hash
+from lifecycle.data.pack import StreamingPacker
 from lifecycle.data.quality import FILTER_NAMES, first_failure
 from lifecycle.data.raw import read_raw_texts
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.split import SPLITS, assign_split
-from lifecycle.data.tokenizer import (
-    batched,
-    check_block_size,
-    check_eos,
-    encode_batch,
-    load_tokenizer,
-    train_tokenizer,
-)
+from lifecycle.data.tokenizer import batched, check_block_size, check_eos, load_tokenizer, sample_bytes
 from lifecycle.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SAMPLE_CHARS = 600
+#: input characters in flight to the workers (beyond the first 2 * num_proc batches).
+INFLIGHT_CHARS = 32_000_000
 
 
 @dataclass
@@ -66,9 +65,14 @@ class PipelineResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg: PrepareConfig) -> None:
+def _init_worker(cfg: PrepareConfig, forked: bool = False) -> None:
+    if forked:
+        # A forked child must not use the Rust thread pool it inherited (tokenizers deadlocks,
+        # even when TOKENIZERS_PARALLELISM=true asks for it); the processes are the parallelism.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["cfg"] = cfg
     _WORKER["hasher"] = MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.seed) if cfg.dedup.near else None
+    _WORKER["bands"] = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm) if cfg.dedup.near else None
 
 
 def _sample(text: str, cfg: PrepareConfig) -> str:
@@ -77,49 +81,99 @@ def _sample(text: str, cfg: PrepareConfig) -> str:
     return scrubbed[:SAMPLE_CHARS]
 
 
-def process_document(text: str, cfg: PrepareConfig, hasher: MinHasher | None) -> tuple:
-    """Clean, filter and scrub one document; compute its dedup keys and split.
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
-    Returns ``("drop", in_bytes, filter_name, sample)`` or ``("keep", in_bytes, line, chars,
-    out_bytes, pii_counts, key, signature, split)`` where ``line`` is the document's UTF-8 JSON
-    line for ``raw/<split>.jsonl``. Pure: no shared state, so it can run in any worker, and it
-    does the encoding work so the single main process only decides and writes.
+
+@dataclass
+class BatchResult:
+    """What the workers send back for one batch: totals, drops, and the kept documents column-wise.
+
+    Columns rather than a tuple per document: fewer objects to pickle, and the dedup keys of the
+    whole batch travel as one ``(n, bands)`` array.
     """
-    in_bytes = len(text.encode("utf-8"))
+
+    in_bytes: int
+    drops: list[tuple[str, str]]  # (filter name, sample), in input order
+    texts: list[str]
+    lines: list[bytes]  # UTF-8 JSON line of each kept text for raw/<split>.jsonl
+    out_bytes: list[int]
+    pii: list[dict[str, int]]
+    keys: list[bytes] | None
+    bands: np.ndarray | None
+    splits: list[str]
+
+
+def screen_document(text: str, cfg: PrepareConfig) -> tuple[str | None, str, dict[str, int]]:
+    """Clean, filter and scrub one document.
+
+    Returns ``(None, text, pii_counts)`` for a document to keep (``text`` cleaned and scrubbed),
+    or ``(filter_name, sample, {})`` for one to drop.
+    """
     if cfg.clean.enabled:
         text = clean_text(text, unicode_form=cfg.clean.unicode_form, strip_control=cfg.clean.strip_control,
                           normalize_whitespace=cfg.clean.normalize_whitespace)
     if not text.strip():
-        return ("drop", in_bytes, "empty", "")
+        return ("empty", "", {})
     if cfg.quality.enabled:
         failed = first_failure(text, cfg.quality)
         if failed is not None:
-            return ("drop", in_bytes, failed, _sample(text, cfg))
+            return (failed, _sample(text, cfg), {})
     counts: dict[str, int] = {}
     if cfg.pii.mode != "off":
         scrubbed, counts = pii_mod.scrub(text, cfg.pii.types)
         if counts and cfg.pii.mode == "drop":
-            return ("drop", in_bytes, "pii", scrubbed[:SAMPLE_CHARS])
+            return ("pii", scrubbed[:SAMPLE_CHARS], {})
         text = scrubbed
-    norm = normalize_for_hash(text)  # shared by the exact key, the shingles and the split hash
-    key = exact_key(text, norm) if cfg.dedup.exact else None
-    sig = hasher.signature(text, norm) if hasher is not None else None
-    split = assign_split(text, validation=cfg.split.validation, test=cfg.split.test, seed=cfg.seed,
-                         normalized=norm)
-    line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
-    return ("keep", in_bytes, line, len(text), len(text.encode("utf-8")), counts, key, sig, split)
+    return (None, text, counts)
 
 
-def _process_batch(texts: list[str]) -> list[tuple]:
-    cfg = _WORKER["cfg"]
-    hasher = _WORKER["hasher"]
-    return [process_document(t, cfg, hasher) for t in texts]
+def process_batch(texts: list[str], cfg: PrepareConfig, hasher: MinHasher | None,
+                  bands: tuple[int, int] | None = None) -> BatchResult:
+    """Screen a batch of documents, then compute dedup keys and splits of the kept ones.
+
+    Pure: no shared state, so it can run in any worker, and it does the encoding work so the
+    single main process only decides and writes. ``bands`` is the LSH (bands, rows) layout.
+    """
+    in_bytes = 0
+    drops: list[tuple[str, str]] = []
+    kept: list[str] = []
+    pii: list[dict[str, int]] = []
+    for text in texts:
+        in_bytes += _utf8_len(text)
+        failed, text, counts = screen_document(text, cfg)
+        if failed is not None:
+            drops.append((failed, text))
+            continue
+        kept.append(text)
+        pii.append(counts)
+    # One normalised form per document is shared by the exact key, the shingles and the split.
+    norms = [normalize_for_hash(t) for t in kept]
+    keys = [exact_key(t, n) for t, n in zip(kept, norms)] if cfg.dedup.exact else None
+    band_array = None
+    if hasher is not None and kept:
+        b, r = bands or lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+        band_array = band_keys(hasher.signatures(norms), b, r)
+    splits = [assign_split(t, validation=cfg.split.validation, test=cfg.split.test, seed=cfg.seed, normalized=n)
+              for t, n in zip(kept, norms)]
+    # Byte for byte what json.dumps({"text": t}, ensure_ascii=False) writes, without its per-call setup.
+    lines = [('{"text": ' + encode_basestring(t) + "}\n").encode("utf-8") for t in kept]
+    return BatchResult(in_bytes=in_bytes, drops=drops, texts=kept, lines=lines, out_bytes=list(map(_utf8_len, kept)),
+                       pii=pii, keys=keys, bands=band_array, splits=splits)
+
+
+def _process_batch(texts: list[str]) -> BatchResult:
+    return process_batch(texts, _WORKER["cfg"], _WORKER["hasher"], _WORKER["bands"])
 
 
 def _reference_batch(texts: list[str]) -> list[tuple]:
     cfg = _WORKER["cfg"]
     hasher = _WORKER["hasher"]
-    return [(exact_key(t) if cfg.dedup.exact else None, hasher.signature(t) if hasher else None) for t in texts]
+    keys = [exact_key(t) for t in texts] if cfg.dedup.exact else [None] * len(texts)
+    if hasher is None or not texts:
+        return [(k, None) for k in keys]
+    band_lists = band_keys(hasher.signatures([normalize_for_hash(t) for t in texts]), *_WORKER["bands"]).tolist()
+    return [(k, None, b) for k, b in zip(keys, band_lists)]
 
 
 class _Mapper:
@@ -131,27 +185,39 @@ class _Mapper:
         if cfg.num_proc > 1:
             ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() \
                 else multiprocessing.get_context()
-            self.pool = ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,))
+            self.pool = ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg, True))
         else:
             _init_worker(cfg)
 
-    def map(self, fn: Any, batches: Iterable[list[str]]) -> Iterator[list[tuple]]:
+    def map(self, fn: Any, batches: Iterable[list[str]]) -> Iterator[Any]:
         """Results of ``fn`` per batch, in order.
 
-        ``Pool.imap`` would read the whole input ahead into its task queue (unbounded memory);
-        here at most ``2 * num_proc`` batches are in flight.
+        ``Pool.imap`` would read the whole input ahead into its task queue (unbounded memory).
+        Here up to ``8 * num_proc`` batches are in flight, enough that the workers keep going
+        while the main process trains the tokenizer or encodes a batch, but never more than
+        :data:`INFLIGHT_CHARS` characters of input beyond ``2 * num_proc`` batches: long
+        documents get a smaller window, not more memory.
         """
         if self.pool is None:
             yield from map(fn, batches)
             return
-        pending: deque[Any] = deque()
-        limit = 2 * self.cfg.num_proc
+        pending: deque[tuple[Any, int]] = deque()
+        chars = 0
+        most, least = 8 * self.cfg.num_proc, 2 * self.cfg.num_proc
         for batch in batches:
-            pending.append(self.pool.apply_async(fn, (batch,)))
-            if len(pending) >= limit:
-                yield pending.popleft().get()
+            size = sum(map(len, batch))
+            pending.append((self.pool.apply_async(fn, (batch,)), size))
+            chars += size
+            while len(pending) >= most or (len(pending) > least and chars > INFLIGHT_CHARS):
+                result, size = pending.popleft()
+                chars -= size
+                yield result.get()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft()[0].get()
+
+    def submit(self, fn: Any, args: tuple) -> Any:
+        """Run ``fn(*args)`` in a worker; the pool's ``AsyncResult``."""
+        return self.pool.apply_async(fn, args)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -203,84 +269,103 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
 
     dedup = Deduplicator(exact=cfg.dedup.exact, near=cfg.dedup.near, threshold=cfg.dedup.threshold,
                          num_perm=cfg.dedup.num_perm, seed=cfg.seed)
-    mapper = _Mapper(cfg)
+    dedup_on = cfg.dedup.exact or cfg.dedup.near
     reference_docs = 0
+    packer = None
     try:
-        if reference_dir is not None and (cfg.dedup.exact or cfg.dedup.near):
-            t = time.perf_counter()
-            reference_docs = dedup.add_reference(
-                item for batch in mapper.map(_reference_batch, batched(_reference_texts(reference_dir), cfg.batch_size))
-                for item in batch)
-            seconds["reference"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        files = {s: (raw_dir / f"{s}.jsonl").open("wb") for s in SPLITS}
+        mapper = _Mapper(cfg)
         try:
-            bar = _progress(cfg.source.max_documents, "prepare: clean/filter/dedup")
-            documents = iter_documents(cfg.source, stats)
-            for results in mapper.map(_process_batch, batched(documents, cfg.batch_size)):
-                for res in results:
-                    bytes_read += res[1]
-                    if res[0] == "drop":
-                        filters[res[2]] += 1
-                        _keep_sample(samples, res[2], res[3], cfg.drop_samples)
-                        continue
-                    _, _, line, chars, out_bytes, counts, key, sig, split = res
-                    dup = dedup.check_and_add(key, sig) if (cfg.dedup.exact or cfg.dedup.near) else None
-                    if dup is not None:
-                        dedup_counts[dup] += 1
-                        if len(samples.get(f"dedup_{dup}", ())) < cfg.drop_samples:
-                            text = json.loads(line)["text"]
-                            _keep_sample(samples, f"dedup_{dup}", text[:SAMPLE_CHARS], cfg.drop_samples)
-                        continue
-                    if counts:
-                        pii_counts.update(counts)
-                        docs_with_pii += 1
-                    files[split].write(line)
-                    raw_hash[split].update(line)
-                    split_docs[split] += 1
-                    split_bytes[split] += out_bytes
-                    hist.add(chars)
-                bar.update(len(results))
-            bar.close()
+            # The tokenizer is trained on the train split only, so validation/test stay unseen.
+            # With workers, they also encode (from the saved tokenizer) while this process filters.
+            packer = StreamingPacker(workdir, SPLITS, block_size=cfg.pack.block_size, batch_size=cfg.batch_size,
+                                     tokenizer=tokenizer, vocab_size=cfg.tokenizer.vocab_size,
+                                     min_frequency=cfg.tokenizer.min_frequency,
+                                     sample_bytes=sample_bytes(cfg.tokenizer.sample_bytes, cfg.tokenizer.vocab_size),
+                                     submit=mapper.submit if mapper.pool is not None else None,
+                                     max_pending=2 * cfg.num_proc)
+            if reference_dir is not None and dedup_on:
+                t = time.perf_counter()
+                reference_docs = dedup.add_reference(
+                    item for batch in mapper.map(_reference_batch, batched(_reference_texts(reference_dir), cfg.batch_size))
+                    for item in batch)
+                seconds["reference"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            files = {s: (raw_dir / f"{s}.jsonl").open("wb") for s in SPLITS}
+            try:
+                bar = _progress(cfg.source.max_documents, "prepare")
+                documents = iter_documents(cfg.source, stats)
+                for res in mapper.map(_process_batch, batched(documents, cfg.batch_size)):
+                    bytes_read += res.in_bytes
+                    for name, sample in res.drops:
+                        filters[name] += 1
+                        _keep_sample(samples, name, sample, cfg.drop_samples)
+                    bands = res.bands.tolist() if res.bands is not None else None
+                    out: dict[str, list[int]] = {s: [] for s in SPLITS}  # kept indices per split
+                    for i, split in enumerate(res.splits):
+                        if dedup_on:
+                            dup = dedup.check_and_add(res.keys[i] if res.keys is not None else None, None,
+                                                      bands[i] if bands is not None else None)
+                            if dup is not None:
+                                dedup_counts[dup] += 1
+                                _keep_sample(samples, f"dedup_{dup}", res.texts[i][:SAMPLE_CHARS], cfg.drop_samples)
+                                continue
+                        if res.pii[i]:
+                            pii_counts.update(res.pii[i])
+                            docs_with_pii += 1
+                        out[split].append(i)
+                        split_bytes[split] += res.out_bytes[i]
+                        hist.add(len(res.texts[i]))
+                    for split, idx in out.items():
+                        if not idx:
+                            continue
+                        blob = b"".join([res.lines[i] for i in idx])
+                        files[split].write(blob)
+                        raw_hash[split].update(blob)
+                        split_docs[split] += len(idx)
+                        packer.add(split, [res.texts[i] for i in idx], [res.out_bytes[i] for i in idx])
+                    bar.update(len(res.drops) + len(res.texts))
+                bar.close()
+            finally:
+                for fh in files.values():
+                    fh.close()
+            seconds["filter"] = time.perf_counter() - t
+
+            read = stats.documents
+            kept = sum(split_docs.values())
+            if read == 0:
+                raise DataError(f"source {source_uri or cfg.source.uri} holds no documents")
+            if kept == 0:
+                took = {**{k: v for k, v in filters.items() if v}, **{f"dedup_{k}": v for k, v in dedup_counts.items() if v}}
+                detail = ", ".join(f"{k} {v}" for k, v in sorted(took.items(), key=lambda kv: -kv[1]))
+                raise DataError(f"all {read} documents were dropped ({detail}); loosen the filters with --set quality.<key>=...")
+            if split_docs["train"] == 0:
+                raise DataError(f"the train split is empty ({kept} documents kept); add documents or lower split fractions")
+
+            t = time.perf_counter()
+            packed = packer.finish()
+            finish_seconds = time.perf_counter() - t
         finally:
-            for fh in files.values():
-                fh.close()
-        seconds["filter"] = time.perf_counter() - t
-    finally:
-        mapper.close()
+            mapper.close()
+    except BaseException:
+        if packer is not None:
+            packer.abort()
+        raise
+    tokenizer = packer.tokenizer
+    tok_dir = packer.tokenizer_dir  # saved there as soon as it existed
+    trained = packer.trained
+    # Tokenizing and packing ran inside the pass: its time is reported apart from filtering.
+    seconds["tokenizer"] = packer.seconds["tokenizer"]
+    seconds["tokenize_pack"] = packer.seconds["tokenize_pack"]
+    seconds["filter"] = max(0.0, seconds["filter"] - (packer.seconds["tokenizer"] + packer.seconds["tokenize_pack"]
+                                                      - finish_seconds))
 
-    read = stats.documents
-    kept = sum(split_docs.values())
-    if read == 0:
-        raise DataError(f"source {source_uri or cfg.source.uri} holds no documents")
-    if kept == 0:
-        took = {**{k: v for k, v in filters.items() if v}, **{f"dedup_{k}": v for k, v in dedup_counts.items() if v}}
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(took.items(), key=lambda kv: -kv[1]))
-        raise DataError(f"all {read} documents were dropped ({detail}); loosen the filters with --set quality.<key>=...")
-    if split_docs["train"] == 0:
-        raise DataError(f"the train split is empty ({kept} documents kept); add documents or lower split fractions")
-
-    # Tokenizer: trained on the train split only, so validation/test stay unseen.
-    t = time.perf_counter()
-    tok_dir = workdir / "tokenizer"
-    trained = tokenizer is None
-    if trained:
-        tokenizer = train_tokenizer(batched(read_raw_texts(raw_dir / "train.jsonl"), 1000),
-                                    vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency)
-    tokenizer.save_pretrained(str(tok_dir))
-    seconds["tokenizer"] = time.perf_counter() - t
-
-    # Tokenize and pack each split.
-    t = time.perf_counter()
-    eos = check_eos(tokenizer)
     tokens: dict[str, int] = {}
     blocks: dict[str, int] = {}
     dropped_tail: dict[str, int] = {}
     warnings_: list[str] = []
     for split in SPLITS:
-        n_tokens, n_blocks, tail = _pack_split(tokenizer, raw_dir / f"{split}.jsonl", workdir / split,
-                                               cfg.pack.block_size, eos, cfg.batch_size, split_docs[split])
+        n_tokens, n_blocks, tail = packed[split]
         tokens[split], blocks[split], dropped_tail[split] = n_tokens, n_blocks, tail
         if n_blocks == 0 and split == "train":
             raise DataError(f"the train split ({split_docs[split]} documents, {n_tokens} tokens) fills no block "
@@ -291,7 +376,6 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
             warnings_.append(f"the {split} split fills no block of {cfg.pack.block_size} tokens "
                              f"({split_docs[split]} documents)")
             log.warning(warnings_[-1])
-    seconds["tokenize_pack"] = time.perf_counter() - t
 
     digest = _content_digest(raw_hash, tok_dir, cfg.pack.block_size)
     card: dict[str, Any] = {
@@ -324,6 +408,8 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
         "tokenizer": {
             "trained": trained,
             "from": None if trained else str(cfg.tokenizer.name_or_path or tokenizer_path),
+            # Bytes of train text the BPE learned from: the first ones, up to tokenizer.sample_bytes.
+            "trained_on_bytes": packer.sample_used,
             "class": type(tokenizer).__name__,
             "bos_token": tokenizer.bos_token,
             "eos_token": tokenizer.eos_token,
@@ -353,41 +439,6 @@ def _reference_texts(folder: Path) -> Iterator[str]:
         raise DataError(f"--dedup-against {folder}: not a prepared data folder (no raw/*.jsonl)")
     for path in files:
         yield from read_raw_texts(path)
-
-
-def _pack_split(tokenizer: Any, raw: Path, out: Path, block_size: int, eos: int, batch_size: int,
-                n_docs: int) -> tuple[int, int, int]:
-    """Tokenize ``raw`` and write packed blocks as a ``save_to_disk`` dataset at ``out``."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    arrow_path = out.parent / f".{out.name}.arrow"
-    schema = pa.schema([("input_ids", pa.list_(pa.int64()))])
-    packer = BlockPacker(block_size, eos)
-    bar = _progress(n_docs, f"prepare: tokenize {out.name}")
-    with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for texts in batched(read_raw_texts(raw), batch_size):
-            arr = packer.add(encode_batch(tokenizer, texts))
-            bar.update(len(texts))
-            if len(arr):
-                offsets = pa.array(np.arange(0, arr.size + 1, block_size, dtype=np.int32))
-                lists = pa.ListArray.from_arrays(offsets, pa.array(arr.reshape(-1)))
-                writer.write_batch(pa.record_batch([lists], schema=schema))
-    bar.close()
-    ds = Dataset.from_file(str(arrow_path))
-    # Our own bar already showed this split; datasets' "Saving the dataset" bar is noise.
-    from datasets import utils as ds_tqdm
-
-    was_disabled = ds_tqdm.are_progress_bars_disabled()
-    ds_tqdm.disable_progress_bars()
-    try:
-        ds.save_to_disk(str(out))
-    finally:
-        if not was_disabled:
-            ds_tqdm.enable_progress_bars()
-    del ds
-    arrow_path.unlink()
-    return packer.tokens, packer.blocks, packer.remainder
 
 
 def _content_digest(raw_hash: dict[str, Any], tok_dir: Path, block_size: int) -> str:
