@@ -68,6 +68,24 @@ def pack_all(docs: Iterable[list[int]], block_size: int, eos_id: int) -> Iterato
             yield from out
 
 
+def save_arrow_dataset(arrow_path: Path, out: Path) -> None:
+    """Save the Arrow stream file ``arrow_path`` as a ``save_to_disk`` dataset at ``out``, then remove the file."""
+    from datasets import Dataset
+    from datasets import utils as ds_utils
+
+    ds = Dataset.from_file(str(arrow_path))
+    # Our own bar already showed this split; datasets' "Saving the dataset" bar is noise.
+    was_disabled = ds_utils.are_progress_bars_disabled()
+    ds_utils.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(out))
+    finally:
+        if not was_disabled:
+            ds_utils.enable_progress_bars()
+    del ds
+    arrow_path.unlink()
+
+
 class ArrowBlockSink:
     """Streams the packed blocks of one split into an Arrow file, then saves it as a dataset.
 
@@ -103,22 +121,9 @@ class ArrowBlockSink:
 
     def close(self, out: Path) -> tuple[int, int, int]:
         """Save the blocks as a dataset at ``out``; return (tokens, blocks, dropped tail tokens)."""
-        from datasets import Dataset
-        from datasets import utils as ds_utils
-
         self._writer.close()
         self._sink.close()
-        ds = Dataset.from_file(str(self.tmp_path))
-        # Our own bar already showed this split; datasets' "Saving the dataset" bar is noise.
-        was_disabled = ds_utils.are_progress_bars_disabled()
-        ds_utils.disable_progress_bars()
-        try:
-            ds.save_to_disk(str(out))
-        finally:
-            if not was_disabled:
-                ds_utils.enable_progress_bars()
-        del ds
-        self.tmp_path.unlink()
+        save_arrow_dataset(self.tmp_path, out)
         return self.packer.tokens, self.packer.blocks, self.packer.remainder
 
     def abort(self) -> None:

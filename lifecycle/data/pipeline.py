@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
@@ -32,15 +32,15 @@ import numpy as np
 
 from lifecycle.config import to_dict
 from lifecycle.data import pii as pii_mod
-from lifecycle.data.card import LengthHistogram, write_card
+from lifecycle.data.card import write_card
 from lifecycle.data.clean import clean_text
 from lifecycle.data.config import PrepareConfig
-from lifecycle.data.dedup import Deduplicator, MinHasher, band_keys, exact_key, lsh_params, normalize_for_hash
+from lifecycle.data.dedup import MinHasher, band_keys, exact_key, lsh_params, normalize_for_hash
 from lifecycle.data.pack import StreamingPacker
-from lifecycle.data.quality import FILTER_NAMES, first_failure
-from lifecycle.data.raw import read_raw_texts
+from lifecycle.data.quality import first_failure
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.split import SPLITS, assign_split
+from lifecycle.data.tally import PassTally, keep_sample, reference_texts
 from lifecycle.data.tokenizer import batched, check_block_size, check_eos, load_tokenizer, sample_bytes
 from lifecycle.errors import DataError
 
@@ -254,21 +254,15 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
     raw_dir = workdir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     stats = SourceStats()
-    filters: Counter[str] = Counter({name: 0 for name in FILTER_NAMES})
-    if cfg.pii.mode == "drop":
-        filters["pii"] = 0
-    dedup_counts: Counter[str] = Counter(exact=0, near=0, exact_against=0, near_against=0)
-    pii_counts: Counter[str] = Counter()
+    tally = PassTally.start(cfg)
+    # Locals for the per-document loop below (no attribute lookups on the hot path).
+    filters, dedup_counts, pii_counts = tally.filters, tally.dedup_counts, tally.pii_counts
+    split_docs, split_bytes, samples, hist, dedup = (tally.split_docs, tally.split_bytes, tally.samples,
+                                                     tally.hist, tally.dedup)
     docs_with_pii = 0
-    split_docs: Counter[str] = Counter({s: 0 for s in SPLITS})
-    split_bytes: Counter[str] = Counter({s: 0 for s in SPLITS})
-    samples: dict[str, list[str]] = {}
-    hist = LengthHistogram()
     bytes_read = 0
     raw_hash = {s: hashlib.sha256() for s in SPLITS}
 
-    dedup = Deduplicator(exact=cfg.dedup.exact, near=cfg.dedup.near, threshold=cfg.dedup.threshold,
-                         num_perm=cfg.dedup.num_perm, seed=cfg.seed)
     dedup_on = cfg.dedup.exact or cfg.dedup.near
     reference_docs = 0
     packer = None
@@ -286,7 +280,7 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
             if reference_dir is not None and dedup_on:
                 t = time.perf_counter()
                 reference_docs = dedup.add_reference(
-                    item for batch in mapper.map(_reference_batch, batched(_reference_texts(reference_dir), cfg.batch_size))
+                    item for batch in mapper.map(_reference_batch, batched(reference_texts(reference_dir), cfg.batch_size))
                     for item in batch)
                 seconds["reference"] = time.perf_counter() - t
 
@@ -299,7 +293,7 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
                     bytes_read += res.in_bytes
                     for name, sample in res.drops:
                         filters[name] += 1
-                        _keep_sample(samples, name, sample, cfg.drop_samples)
+                        keep_sample(samples, name, sample, cfg.drop_samples)
                     bands = res.bands.tolist() if res.bands is not None else None
                     out: dict[str, list[int]] = {s: [] for s in SPLITS}  # kept indices per split
                     for i, split in enumerate(res.splits):
@@ -308,7 +302,7 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
                                                       bands[i] if bands is not None else None)
                             if dup is not None:
                                 dedup_counts[dup] += 1
-                                _keep_sample(samples, f"dedup_{dup}", res.texts[i][:SAMPLE_CHARS], cfg.drop_samples)
+                                keep_sample(samples, f"dedup_{dup}", res.texts[i][:SAMPLE_CHARS], cfg.drop_samples)
                                 continue
                         if res.pii[i]:
                             pii_counts.update(res.pii[i])
@@ -332,15 +326,7 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
             seconds["filter"] = time.perf_counter() - t
 
             read = stats.documents
-            kept = sum(split_docs.values())
-            if read == 0:
-                raise DataError(f"source {source_uri or cfg.source.uri} holds no documents")
-            if kept == 0:
-                took = {**{k: v for k, v in filters.items() if v}, **{f"dedup_{k}": v for k, v in dedup_counts.items() if v}}
-                detail = ", ".join(f"{k} {v}" for k, v in sorted(took.items(), key=lambda kv: -kv[1]))
-                raise DataError(f"all {read} documents were dropped ({detail}); loosen the filters with --set quality.<key>=...")
-            if split_docs["train"] == 0:
-                raise DataError(f"the train split is empty ({kept} documents kept); add documents or lower split fractions")
+            kept = tally.check(read, source_uri or cfg.source.uri)
 
             t = time.perf_counter()
             packed = packer.finish()
@@ -384,21 +370,10 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
         "block_size": cfg.pack.block_size,
         "vocab_size": len(tokenizer),
         "source": source_uri or cfg.source.uri,
-        "counts": {
-            "documents_read": read,
-            "documents_kept": kept,
-            "documents_dropped": read - kept,
-            "bytes_read": bytes_read,
-            "bytes_kept": sum(split_bytes.values()),
-            "files": stats.files,
-            "replaced_chars": stats.replaced_chars,
-            "non_text_values": stats.non_text_values,
-            "documents_with_pii": docs_with_pii,
-        },
+        "counts": tally.card_counts(read, kept, bytes_read, stats, docs_with_pii),
         "filters": dict(filters),
-        "dedup": {**dict(dedup_counts), "reference_documents": reference_docs,
-                  "threshold": cfg.dedup.threshold, "exact_enabled": cfg.dedup.exact, "near_enabled": cfg.dedup.near},
-        "pii": {kind: int(pii_counts.get(kind, 0)) for kind in cfg.pii.types},
+        "dedup": tally.card_dedup(cfg, reference_docs),
+        "pii": tally.card_pii(cfg),
         "pii_mode": cfg.pii.mode,
         "splits": dict(split_docs),
         "split_bytes": dict(split_bytes),
@@ -424,21 +399,6 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
     write_card(card, workdir)
     seconds["total"] = time.perf_counter() - t0
     return PipelineResult(card=card, drop_samples=samples, seconds=seconds)
-
-
-def _keep_sample(samples: dict[str, list[str]], name: str, text: str, limit: int) -> None:
-    bucket = samples.setdefault(name, [])
-    if len(bucket) < limit:
-        bucket.append(text)
-
-
-def _reference_texts(folder: Path) -> Iterator[str]:
-    raw = folder / "raw"
-    files = [raw / f"{s}.jsonl" for s in SPLITS if (raw / f"{s}.jsonl").is_file()]
-    if not files:
-        raise DataError(f"--dedup-against {folder}: not a prepared data folder (no raw/*.jsonl)")
-    for path in files:
-        yield from read_raw_texts(path)
 
 
 def _content_digest(raw_hash: dict[str, Any], tok_dir: Path, block_size: int) -> str:

@@ -39,14 +39,15 @@ import numpy as np
 
 from lifecycle.config import to_dict
 from lifecycle.data import pii as pii_mod
-from lifecycle.data.card import LengthHistogram, write_card
+from lifecycle.data.card import write_card
 from lifecycle.data.clean import clean_text
 from lifecycle.data.config import PrepareConfig
-from lifecycle.data.dedup import Deduplicator, MinHasher, exact_key, normalize_for_hash
-from lifecycle.data.quality import FILTER_NAMES, first_failure, words_of
-from lifecycle.data.raw import read_raw_texts
+from lifecycle.data.dedup import MinHasher, exact_key, normalize_for_hash
+from lifecycle.data.pack import save_arrow_dataset
+from lifecycle.data.quality import first_failure, words_of
 from lifecycle.data.sources import SourceStats, first_record_keys, iter_records
 from lifecycle.data.split import SPLITS, assign_split
+from lifecycle.data.tally import PassTally, keep_sample, reference_texts
 from lifecycle.data.tokenizer import EOS_TOKEN, batched, check_block_size, check_eos, load_tokenizer, train_tokenizer
 from lifecycle.errors import ConfigError, DataError
 
@@ -459,8 +460,6 @@ def tokenize_split(tokenizer: Any, raw: Path, out: Path, *, block_size: int, ove
     sha256 of the raw file as kept.
     """
     import pyarrow as pa
-    from datasets import Dataset
-    from datasets import utils as ds_utils
 
     stats = SplitStats()
     prefix = special_prefix(tokenizer)
@@ -519,16 +518,7 @@ def tokenize_split(tokenizer: Any, raw: Path, out: Path, *, block_size: int, ove
             add_rows(cols, packer.flush())
             write(cols)
     kept_raw.replace(raw)
-    ds = Dataset.from_file(str(arrow_path))
-    was_disabled = ds_utils.are_progress_bars_disabled()
-    ds_utils.disable_progress_bars()
-    try:
-        ds.save_to_disk(str(out))
-    finally:
-        if not was_disabled:
-            ds_utils.enable_progress_bars()
-    del ds
-    arrow_path.unlink()
+    save_arrow_dataset(arrow_path, out)
     return stats, raw_hash.digest()
 
 
@@ -603,26 +593,19 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
     raw_dir = workdir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     stats = SourceStats()
-    filters: Counter[str] = Counter({name: 0 for name in (*FILTER_NAMES, "no_response")})
-    if cfg.pii.mode == "drop":
-        filters["pii"] = 0
-    dedup_counts: Counter[str] = Counter(exact=0, near=0, exact_against=0, near_against=0)
-    pii_counts: Counter[str] = Counter()
+    tally = PassTally.start(cfg, ("no_response",))
+    filters, dedup_counts, pii_counts = tally.filters, tally.dedup_counts, tally.pii_counts
+    split_docs, split_bytes, samples, hist, dedup = (tally.split_docs, tally.split_bytes, tally.samples,
+                                                     tally.hist, tally.dedup)
     with_pii = 0
-    split_docs: Counter[str] = Counter({s: 0 for s in SPLITS})
-    split_bytes: Counter[str] = Counter({s: 0 for s in SPLITS})
-    samples: dict[str, list[str]] = {}
-    hist = LengthHistogram()
     bytes_read = 0
     layouts: Counter[str] = Counter()
 
-    dedup = Deduplicator(exact=cfg.dedup.exact, near=cfg.dedup.near, threshold=cfg.dedup.threshold,
-                         num_perm=cfg.dedup.num_perm, seed=cfg.seed)
     reference_docs = 0
     if reference_dir is not None and (cfg.dedup.exact or cfg.dedup.near):
         reference_docs = dedup.add_reference(
             (exact_key(t) if cfg.dedup.exact else None, hasher.signature(t) if hasher else None)
-            for t in _reference_texts(reference_dir))
+            for t in reference_texts(reference_dir))
 
     t = time.perf_counter()
     files = {s: (raw_dir / f"{s}.jsonl").open("wb") for s in SPLITS}
@@ -638,13 +621,13 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
             bytes_read += res[1]
             if res[0] == "drop":
                 filters[res[2]] += 1
-                _keep_sample(samples, res[2], res[3], cfg.drop_samples)
+                keep_sample(samples, res[2], res[3], cfg.drop_samples)
                 continue
             _, _, line, chars, out_bytes, counts, key, sig, split = res
             dup = dedup.check_and_add(key, sig) if (cfg.dedup.exact or cfg.dedup.near) else None
             if dup is not None:
                 dedup_counts[dup] += 1
-                _keep_sample(samples, f"dedup_{dup}", line.decode("utf-8")[:SAMPLE_CHARS], cfg.drop_samples)
+                keep_sample(samples, f"dedup_{dup}", line.decode("utf-8")[:SAMPLE_CHARS], cfg.drop_samples)
                 continue
             if counts:
                 pii_counts.update(counts)
@@ -660,16 +643,8 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
     seconds["filter"] = time.perf_counter() - t
 
     read = stats.documents
-    kept = sum(split_docs.values())
-    if read == 0:
-        raise DataError(f"source {source_uri or cfg.source.uri} holds no records")
-    if kept == 0:
-        took = {**{k: v for k, v in filters.items() if v}, **{f"dedup_{k}": v for k, v in dedup_counts.items() if v}}
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(took.items(), key=lambda kv: -kv[1]))
-        raise DataError(f"all {read} examples were dropped ({detail}); loosen the filters with --set quality.<key>=... "
-                        "or sft.<key>=...")
-    if split_docs["train"] == 0:
-        raise DataError(f"the train split is empty ({kept} examples kept); add examples or lower split fractions")
+    tally.check(read, source_uri or cfg.source.uri, noun="examples", source_noun="records",
+                knobs="--set quality.<key>=... or sft.<key>=...")
 
     t = time.perf_counter()
     tok_dir = workdir / "tokenizer"
@@ -709,21 +684,10 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
         "block_size": cfg.pack.block_size,
         "vocab_size": len(tokenizer),
         "source": source_uri or cfg.source.uri,
-        "counts": {
-            "documents_read": read,
-            "documents_kept": sum(examples.values()),
-            "documents_dropped": read - sum(examples.values()),
-            "bytes_read": bytes_read,
-            "bytes_kept": sum(split_bytes.values()),
-            "files": stats.files,
-            "replaced_chars": stats.replaced_chars,
-            "non_text_values": stats.non_text_values,
-            "documents_with_pii": with_pii,
-        },
+        "counts": tally.card_counts(read, sum(examples.values()), bytes_read, stats, with_pii),
         "filters": {**dict(filters), "too_long": sum(s.too_long for s in split_stats.values())},
-        "dedup": {**dict(dedup_counts), "reference_documents": reference_docs,
-                  "threshold": cfg.dedup.threshold, "exact_enabled": cfg.dedup.exact, "near_enabled": cfg.dedup.near},
-        "pii": {kind: int(pii_counts.get(kind, 0)) for kind in cfg.pii.types},
+        "dedup": tally.card_dedup(cfg, reference_docs),
+        "pii": tally.card_pii(cfg),
         "pii_mode": cfg.pii.mode,
         "splits": examples,
         "split_bytes": dict(split_bytes),
@@ -759,22 +723,6 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
     write_card(card, workdir)
     seconds["total"] = time.perf_counter() - t0
     return PipelineResult(card=card, drop_samples=samples, seconds=seconds)
-
-
-def _reference_texts(folder: Path) -> Iterator[str]:
-    """The texts of an earlier prepared folder (``--dedup-against``): rendered examples for sft data."""
-    raw = folder / "raw"
-    files = [raw / f"{s}.jsonl" for s in SPLITS if (raw / f"{s}.jsonl").is_file()]
-    if not files:
-        raise DataError(f"--dedup-against {folder}: not a prepared data folder (no raw/*.jsonl)")
-    for path in files:
-        yield from read_raw_texts(path)
-
-
-def _keep_sample(samples: dict[str, list[str]], name: str, text: str, limit: int) -> None:
-    bucket = samples.setdefault(name, [])
-    if len(bucket) < limit:
-        bucket.append(text)
 
 
 def _content_digest(raw_hash: dict[str, bytes], tok_dir: Path, cfg: PrepareConfig) -> str:

@@ -10,21 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from lifecycle.train.plots import pyplot, save_png
 
 
 def plot_history(points: Sequence[tuple[int, float, str]], out: str | Path, *, title: str = "",
                  metric: str = "best val/loss") -> Path:
     """Objective per trial (``(number, value, state)``; pruned at their last reported value) and the best so far."""
-    plt = _pyplot()
-    out = Path(out)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     styles = {"COMPLETE": ("o", "tab:blue", "complete"), "PRUNED": ("x", "tab:red", "pruned (last reported)"),
               "FAIL": ("s", "tab:gray", "failed")}
@@ -54,17 +46,12 @@ def plot_history(points: Sequence[tuple[int, float, str]], out: str | Path, *, t
     if ax.collections or ax.lines:
         ax.legend()
     ax.set_title(title or "optimisation history")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def plot_importances(importances: Mapping[str, float], out: str | Path, *, title: str = "") -> Path:
     """Horizontal bars of each parameter's importance (fANOVA share of the objective's variance)."""
-    plt = _pyplot()
-    out = Path(out)
+    plt = pyplot()
     items = sorted(importances.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(items), 2) + 1.5))
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
@@ -73,17 +60,12 @@ def plot_importances(importances: Mapping[str, float], out: str | Path, *, title
     ax.set_xlabel("importance (share of the objective's variance)")
     ax.set_xlim(0, max([v for _, v in items] + [0.01]) * 1.2)
     ax.set_title(title or "hyperparameter importance")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def plot_tradeoff(rows: Sequence[Mapping[str, object]], out: str | Path, *, title: str = "") -> Path:
     """Three panels (size MB, tokens/s, bits-per-byte), one bar per model of the trade-off table."""
-    plt = _pyplot()
-    out = Path(out)
+    plt = pyplot()
     labels = [str(r["model"]) for r in rows]
     panels = (("size_mb", "weights (MB)"), ("tokens_per_s", "tokens/s (higher is better)"),
               ("bits_per_byte", "bits per byte (lower is better)"))
@@ -98,10 +80,4 @@ def plot_tradeoff(rows: Sequence[Mapping[str, object]], out: str | Path, *, titl
         ax.set_ylim(0, max(values + [1e-9]) * 1.18)
         ax.tick_params(axis="x", labelrotation=15)
         ax.grid(axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out, title=title)

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 
-def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], out: str | Path, *, title: str = "") -> Path:
-    """Plot loss curves (train and validation) and the learning rate side by side into ``out``."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig: Any, out: str | Path, *, title: str = "") -> Path:
+    """Lay out ``fig`` (``title`` above all its panels, when given), write it as a PNG at ``out`` and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], out: str | Path, *, title: str = "") -> Path:
+    """Plot loss curves (train and validation) and the learning rate side by side into ``out``."""
+    plt = pyplot()
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         points = sorted(history.get(key, ()))
@@ -32,10 +51,4 @@ def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], out: str | P
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_png(fig, out, title=title)

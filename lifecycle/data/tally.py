@@ -1,0 +1,114 @@
+"""What both prepare passes (raw text in :mod:`~lifecycle.data.pipeline`, instruction data in
+:mod:`~lifecycle.data.sft`) count while the source streams past, and the checks at the end of a pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from lifecycle.data.card import LengthHistogram
+from lifecycle.data.config import PrepareConfig
+from lifecycle.data.dedup import Deduplicator
+from lifecycle.data.quality import FILTER_NAMES
+from lifecycle.data.raw import read_raw_texts
+from lifecycle.data.sources import SourceStats
+from lifecycle.data.split import SPLITS
+from lifecycle.errors import DataError
+
+
+@dataclass
+class PassTally:
+    """The counters of one prepare pass and its dedup index.
+
+    The hot loops bind the counters to locals once (``filters = tally.filters``) rather than
+    going through the attribute for every document.
+    """
+
+    filters: Counter[str]  # drops per filter, every filter listed (0 when it took nothing)
+    dedup_counts: Counter[str]
+    pii_counts: Counter[str]
+    split_docs: Counter[str]
+    split_bytes: Counter[str]
+    samples: dict[str, list[str]]  # a few dropped texts per reason
+    hist: LengthHistogram  # lengths of the kept texts, in characters
+    dedup: Deduplicator
+
+    @classmethod
+    def start(cls, cfg: PrepareConfig, extra_filters: tuple[str, ...] = ()) -> PassTally:
+        """Zeroed counters for ``cfg`` (the quality filters, then ``extra_filters``, then "pii" when it drops)."""
+        filters: Counter[str] = Counter({name: 0 for name in (*FILTER_NAMES, *extra_filters)})
+        if cfg.pii.mode == "drop":
+            filters["pii"] = 0
+        return cls(
+            filters=filters,
+            dedup_counts=Counter(exact=0, near=0, exact_against=0, near_against=0),
+            pii_counts=Counter(),
+            split_docs=Counter({s: 0 for s in SPLITS}),
+            split_bytes=Counter({s: 0 for s in SPLITS}),
+            samples={},
+            hist=LengthHistogram(),
+            dedup=Deduplicator(exact=cfg.dedup.exact, near=cfg.dedup.near, threshold=cfg.dedup.threshold,
+                               num_perm=cfg.dedup.num_perm, seed=cfg.seed),
+        )
+
+    def check(self, read: int, source: str, *, noun: str = "documents", source_noun: str = "documents",
+              knobs: str = "--set quality.<key>=...") -> int:
+        """Refuse a pass that kept nothing usable (:class:`DataError`); the number kept otherwise.
+
+        ``read`` is what the source held; ``noun`` names the units ("documents", "examples"),
+        ``source_noun`` what an empty source lacks, ``knobs`` the settings that loosen the filters.
+        """
+        kept = sum(self.split_docs.values())
+        if read == 0:
+            raise DataError(f"source {source} holds no {source_noun}")
+        if kept == 0:
+            took = {**{k: v for k, v in self.filters.items() if v},
+                    **{f"dedup_{k}": v for k, v in self.dedup_counts.items() if v}}
+            detail = ", ".join(f"{k} {v}" for k, v in sorted(took.items(), key=lambda kv: -kv[1]))
+            raise DataError(f"all {read} {noun} were dropped ({detail}); loosen the filters with {knobs}")
+        if self.split_docs["train"] == 0:
+            raise DataError(f"the train split is empty ({kept} {noun} kept); add {noun} or lower split fractions")
+        return kept
+
+    def card_counts(self, read: int, kept: int, bytes_read: int, stats: SourceStats, with_pii: int) -> dict[str, Any]:
+        """The card's ``counts`` section (``kept``: what the splits finally hold)."""
+        return {
+            "documents_read": read,
+            "documents_kept": kept,
+            "documents_dropped": read - kept,
+            "bytes_read": bytes_read,
+            "bytes_kept": sum(self.split_bytes.values()),
+            "files": stats.files,
+            "replaced_chars": stats.replaced_chars,
+            "non_text_values": stats.non_text_values,
+            "documents_with_pii": with_pii,
+        }
+
+    def card_dedup(self, cfg: PrepareConfig, reference_docs: int) -> dict[str, Any]:
+        """The card's ``dedup`` section."""
+        return {**dict(self.dedup_counts), "reference_documents": reference_docs,
+                "threshold": cfg.dedup.threshold, "exact_enabled": cfg.dedup.exact, "near_enabled": cfg.dedup.near}
+
+    def card_pii(self, cfg: PrepareConfig) -> dict[str, int]:
+        """The card's ``pii`` section: what was found of each scrubbed kind."""
+        return {kind: int(self.pii_counts.get(kind, 0)) for kind in cfg.pii.types}
+
+
+def keep_sample(samples: dict[str, list[str]], name: str, text: str, limit: int) -> None:
+    """Keep ``text`` as a sample of what ``name`` dropped, up to ``limit`` per name."""
+    bucket = samples.setdefault(name, [])
+    if len(bucket) < limit:
+        bucket.append(text)
+
+
+def reference_texts(folder: Path) -> Iterator[str]:
+    """The texts of an earlier prepared folder (``--dedup-against``): rendered examples for sft data."""
+    raw = folder / "raw"
+    files = [raw / f"{s}.jsonl" for s in SPLITS if (raw / f"{s}.jsonl").is_file()]
+    if not files:
+        raise DataError(f"--dedup-against {folder}: not a prepared data folder (no raw/*.jsonl)")
+    for path in files:
+        yield from read_raw_texts(path)
