@@ -89,7 +89,7 @@ class Predictor:
             torch.cuda.synchronize()
 
     def close(self) -> None:
-        """Stop the engine's batching thread and free the weights."""
+        """Close the engine (its coalescer and record sink) and free the weights."""
         engine = getattr(self._python_model, "engine", None)
         if engine is not None and hasattr(engine, "close"):
             engine.close()
