@@ -101,8 +101,10 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | N
                         eval_run_ids=runs, data_digests=digests,
                         reason=f"@{alias} moved to v{current} outside lifecycle; the policy passed: recorded", **base)
         lock.verify()
-        led.append(event)
+        # Mirror the stage before recording: whoever sees the ledger event (a person, a test, the
+        # report) then also sees `models:/NAME/Production` agree with the alias.
         facts.mirror_stage(client, name, current, alias, truth)
+        led.append(event)
         return Outcome(event=event, gates=results, moved=False, message=event.reason)
 
 
