@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 #: Shared by the uninterrupted and the interrupted runs: only --output differs.
-SETTINGS = dict(max_steps=24, batch_size=4, eval_every=8, eval_batches=2, checkpoint_every=4, warmup_steps=4,
+SETTINGS = dict(max_steps=40, batch_size=4, eval_every=8, eval_batches=2, checkpoint_every=4, warmup_steps=4,
                 progress=False, system_metrics=False, log_model=False)
 
 
@@ -86,15 +86,17 @@ def test_sigterm_then_sigkill_at_a_random_step_resume_to_the_uninterrupted_resul
 
     # 2. A hard kill at a random step of the resumed run: no handler runs, the last checkpoint stays.
     rng = random.Random()
-    target = rng.choice([s for s in (8, 12, 16) if s > state["step"]] or [20])
+    # A tiny step takes milliseconds: leave at least 16 steps (four checkpoint writes) after the
+    # target so that the kill always lands inside the run, wherever the SIGTERM above stopped it.
+    target = rng.choice([s for s in (8, 12, 16, 20, 24) if s > state["step"]] or [24])
     proc = subprocess.Popen(args + ["--resume"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(out / f"step-{target:08d}", proc)
-    time.sleep(rng.uniform(0.0, 0.25))
+    time.sleep(rng.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     killed_at = CheckpointManager.read_state(CheckpointManager(out).latest())["step"]
-    assert killed_at < 24, "the run finished before the kill; the test did not interrupt anything"
+    assert killed_at < SETTINGS["max_steps"], "the run finished before the kill; the test did not interrupt anything"
 
     # 3. Resume again (in process) to the end: same run, same numbers, every step exactly once.
     resumed = train(TrainConfig(**SETTINGS, output=str(out), experiment=unique_name), str(prepared_tiny), resume=True)
