@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.cli import main
+from tests.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _fast_flags() -> list[str]:
     return [arg for item in FAST for arg in ("--set", item)]
 
-
-def cli(*args: str) -> int:
-    """Run the CLI in-process; return its exit code."""
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _train(model, prepared: Path, steps: int = 40, seed: int = 0):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.cli import main
 from lifecycle.monitoring.reference import load_reference
+from tests.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,18 +113,11 @@ def similar_log(registered, segments, tmp_path_factory) -> Path:
     return path
 
 
-def _cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0  # the verdict exit codes must come as SystemExit (see test_warn_exit_code_...)
-
 
 def test_similar_window_is_ok_and_logged(registered, similar_log, policy, capsys):
     from mlflow.tracking import MlflowClient
 
-    code = _cli(["monitor", registered["name"], "--records", str(similar_log), "--policy", str(policy)])
+    code = cli(*["monitor", registered["name"], "--records", str(similar_log), "--policy", str(policy)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Verdict: ok (all thresholds respected)" in out
@@ -163,7 +156,7 @@ def test_long_prompts_and_errors_give_retrain(registered, segments, policy, tmp_
                 eng.predict([text], {"max_new_tokens": 4})
     finally:
         eng.close()
-    code = _cli(["monitor", registered["name"], "--records", str(path), "--policy", str(policy)])
+    code = cli(*["monitor", registered["name"], "--records", str(path), "--policy", str(policy)])
     out = capsys.readouterr().out
     assert code == 11, out
     verdict = next(line for line in out.splitlines() if line.startswith("Verdict:"))
@@ -176,12 +169,12 @@ def test_warn_exit_code_and_default_policy(registered, similar_log, tmp_path, ca
     p = tmp_path / "tight.yaml"
     p.write_text("monitoring:\n  monitor/latency_p50_ms: {warn: 0.001}\n  monitor/error_rate: {retrain: 0.5}\n",
                  encoding="utf-8")
-    assert _cli(["monitor", registered["name"], "--records", str(similar_log), "--policy", str(p),
+    assert cli(*["monitor", registered["name"], "--records", str(similar_log), "--policy", str(p),
                  "--set", "semantic=false"]) == 10
     out = capsys.readouterr().out
     assert "Verdict: warn (monitor/latency_p50_ms=" in out
     # The project's default policy is read when --policy is not given.
-    code = _cli(["monitor", registered["name"], "--records", str(similar_log), "--set", "semantic=false"])
+    code = cli(*["monitor", registered["name"], "--records", str(similar_log), "--set", "semantic=false"])
     assert code in (0, 10, 11) and "Verdict:" in capsys.readouterr().out
 
 
@@ -193,7 +186,7 @@ def test_without_recorded_text_token_metrics_are_unavailable(registered, segment
     finally:
         eng.close()
     assert "prompts" not in json.loads(path.read_text().splitlines()[0])
-    code = _cli(["monitor", registered["name"], "--records", str(path), "--policy", str(policy)])
+    code = cli(*["monitor", registered["name"], "--records", str(path), "--policy", str(policy)])
     out = capsys.readouterr().out
     assert "Unavailable (thresholded but not measurable): monitor/semantic_drift_bpb_delta, " \
            "monitor/unknown_token_rate" in out
@@ -207,12 +200,12 @@ def test_other_versions_are_refused_or_separated(registered, similar_log, policy
     other = json.loads(lines[-1])
     other["model_version"] = "99"
     mixed.write_text("\n".join(lines + [json.dumps(other)]) + "\n", encoding="utf-8")
-    code = _cli(["monitor", registered["name"], "--records", str(mixed), "--policy", str(policy),
+    code = cli(*["monitor", registered["name"], "--records", str(mixed), "--policy", str(policy),
                  "--set", "semantic=false"])
     err = capsys.readouterr().err
     assert code == 4
     assert f"{registered['name']} v99 (1)" in err and "--version-mismatch separate" in err
-    code = _cli(["monitor", registered["name"], "--records", str(mixed), "--policy", str(policy),
+    code = cli(*["monitor", registered["name"], "--records", str(mixed), "--policy", str(policy),
                  "--version-mismatch", "separate", "--set", "semantic=false"])
     assert code == 0, capsys.readouterr()
 
@@ -223,27 +216,27 @@ def test_empty_window_missing_reference_and_unknown_version(registered, similar_
     name = registered["name"]
     runs_before = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("Default").experiment_id]))
     future = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
-    assert _cli(["monitor", name, "--records", str(similar_log), "--since", future, "--policy", str(policy)]) == 4
+    assert cli(*["monitor", name, "--records", str(similar_log), "--since", future, "--policy", str(policy)]) == 4
     assert "no inference records" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
-    assert _cli(["monitor", name, "--records", str(empty), "--policy", str(policy)]) == 4
+    assert cli(*["monitor", name, "--records", str(empty), "--policy", str(policy)]) == 4
     assert "the records file holds none" in capsys.readouterr().err
 
     v2_log = tmp_path / "v2.jsonl"
     rec = json.loads(similar_log.read_text().splitlines()[-1])
     rec["model_version"] = registered["v2"]
     v2_log.write_text(json.dumps(rec) + "\n", encoding="utf-8")
-    assert _cli(["monitor", name, "--version", registered["v2"], "--records", str(v2_log),
+    assert cli(*["monitor", name, "--version", registered["v2"], "--records", str(v2_log),
                  "--policy", str(policy)]) == 5
     assert "has no data_run_id tag" in (err := capsys.readouterr().err) and "--reference DATA" in err
-    assert _cli(["monitor", name, "--version", registered["v2"], "--records", str(v2_log), "--policy",
+    assert cli(*["monitor", name, "--version", registered["v2"], "--records", str(v2_log), "--policy",
                  str(policy), "--reference", str(tmp_path / "nowhere")]) == 5
     assert "--reference DATA" in capsys.readouterr().err
 
-    assert _cli(["monitor", name, "--alias", "champion", "--records", str(similar_log)]) == 5
+    assert cli(*["monitor", name, "--alias", "champion", "--records", str(similar_log)]) == 5
     assert f"no such alias @champion (versions of {name}" in capsys.readouterr().err
-    assert _cli(["monitor", name, "--records", str(similar_log), "--since", "soon"]) == 2
+    assert cli(*["monitor", name, "--records", str(similar_log), "--since", "soon"]) == 2
     # Bad input leaves no half-written run behind.
     runs_after = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("Default").experiment_id]))
     assert runs_after == runs_before

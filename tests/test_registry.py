@@ -11,23 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.cli import main
 from lifecycle.registry import ledger as L
 from lifecycle.registry.guard import sign, verify_signature
 from lifecycle.registry.rollback import plan_rollback
 from tests.test_registry_support import make_version
+from tests.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STRICT = str(ROOT / "registry_policies" / "strict.yaml")
 
-
-def cli(*args: str) -> int:
-    """Run the CLI in-process; return its exit code."""
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def aliases(client, name: str) -> dict[str, str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from lifecycle.cli import main
 from lifecycle.report.render import SECTIONS
+from tests.cli import cli
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -28,20 +28,13 @@ HOSTILE = "<script>console.error('injected')</script> <img src=x onerror=alert(1
 REQUIRE_BROWSER = os.environ.get("LIFECYCLE_REQUIRE_BROWSER", "").strip() in ("1", "true", "yes")
 
 
-def _cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
 
 @pytest.fixture(scope="module")
 def report(lifecycle_history, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("report") / "report.html"
     # Text from MLflow is shown as text: a description that looks like markup must not run.
     mlflow.MlflowClient().update_registered_model(lifecycle_history["name"], description=HOSTILE)
-    assert _cli(["report", lifecycle_history["name"], "--out", str(out)]) == 0
+    assert cli(*["report", lifecycle_history["name"], "--out", str(out)]) == 0
     return {"path": out, "html": out.read_text(encoding="utf-8"), **lifecycle_history}
 
 
@@ -78,17 +71,17 @@ def test_report_holds_every_section_and_is_logged(report, capsys):
 def test_report_bad_input(report, tmp_path, capsys):
     path = report["path"]
     before = path.read_text(encoding="utf-8")
-    assert _cli(["report", report["name"], "--out", str(path)]) == 6
+    assert cli(*["report", report["name"], "--out", str(path)]) == 6
     assert "--overwrite" in capsys.readouterr().err
     assert path.read_text(encoding="utf-8") == before
     missing = tmp_path / "none.html"
-    assert _cli(["report", "no-such-model", "--out", str(missing)]) == 5
+    assert cli(*["report", "no-such-model", "--out", str(missing)]) == 5
     assert "no registered model 'no-such-model'" in capsys.readouterr().err
     assert not missing.exists() and not list(tmp_path.glob(".none.html*"))
     # A model with no history yet still gets a page that says so.
     empty = f"{report['name']}-empty"
     mlflow.MlflowClient().create_registered_model(empty)
-    assert _cli(["report", empty, "--out", str(tmp_path / "empty.html"), "--no-log"]) == 0
+    assert cli(*["report", empty, "--out", str(tmp_path / "empty.html"), "--no-log"]) == 0
     page = (tmp_path / "empty.html").read_text(encoding="utf-8")
     assert "never monitored" in page and "no gate was ever evaluated" in page
     # The MLproject entry point runs the same command (here: replacing the file).

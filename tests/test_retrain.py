@@ -9,19 +9,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lifecycle.cli import main
 from lifecycle.registry.ledger import Ledger
 from tests.history import RETRAIN_SETS, write_jsonl
+from tests.cli import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def _cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _retrain_run(name: str, base_version: str = "1"):
@@ -151,7 +144,7 @@ def test_monitor_retrain_verdict_starts_continuous_training(lifecycle_history, t
     sets.update({"workdir": str(tmp_path / "work"), "promote_to": "none", "evaluate_new_data": False})
     cfg.write_text(json.dumps(sets), encoding="utf-8")  # JSON is YAML
     before = len(MlflowClient().search_model_versions(f"name='{name}'"))
-    code = _cli(["monitor", name, "--records", str(h["records"]), "--policy", str(h["policy"]), "--since", "all",
+    code = cli(*["monitor", name, "--records", str(h["records"]), "--policy", str(h["policy"]), "--since", "all",
                  "--set", "semantic=false", "--retrain-with", str(h["new_data"]), "--retrain-config", str(cfg)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -174,21 +167,21 @@ def test_bad_input_is_refused_before_anything_is_registered(lifecycle_history, t
     fast = ["--policy", str(h["policy"]), "--workdir", str(tmp_path / "w"), "--max-steps", "2",
             *[a for s in RETRAIN_SETS for a in ("--set", s)]]
 
-    assert _cli(["retrain", "no-such-model", "--new-data", str(h["new_data"]), *fast]) == 5
+    assert cli(*["retrain", "no-such-model", "--new-data", str(h["new_data"]), *fast]) == 5
     assert "no-such-model" in capsys.readouterr().err
-    assert _cli(["retrain", name, "--new-data", str(tmp_path / "missing.jsonl"), *fast]) == 4
+    assert cli(*["retrain", name, "--new-data", str(tmp_path / "missing.jsonl"), *fast]) == 4
     assert "source not found" in capsys.readouterr().err
     no_text = tmp_path / "no_text.jsonl"
     rec = json.loads(h["records"].read_text().splitlines()[0])
     rec.pop("prompts"), rec.pop("completions")
     no_text.write_text(json.dumps(rec) + "\n", encoding="utf-8")
-    assert _cli(["retrain", name, "--new-data", str(h["new_data"]), "--with-served-prompts", "--records",
+    assert cli(*["retrain", name, "--new-data", str(h["new_data"]), "--with-served-prompts", "--records",
                  str(no_text), *fast]) == 4
     assert "LIFECYCLE_INFERENCE_LOG_TEXT=1" in capsys.readouterr().err
-    assert _cli(["retrain", name, "--new-data", str(h["new_data"]), "--set", "train.base_model=x", *fast]) == 2
+    assert cli(*["retrain", name, "--new-data", str(h["new_data"]), "--set", "train.base_model=x", *fast]) == 2
     capsys.readouterr()
     # Only documents production was already trained on: nothing new to learn from.
     dupes = write_jsonl(tmp_path / "dupes.jsonl", h["old_docs"])
-    assert _cli(["retrain", name, "--new-data", str(dupes), *fast]) == 4
+    assert cli(*["retrain", name, "--new-data", str(dupes), *fast]) == 4
     assert "documents were dropped" in capsys.readouterr().err
     assert len(client.search_model_versions(f"name='{name}'")) == versions
