@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lifecycle.data.config import SourceConfig
+from lifecycle.data.raw import json_objects
 from lifecycle.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -195,15 +196,7 @@ def _value_text(value: Any, stats: SourceStats) -> str:
 
 def _jsonl_documents(path: Path, cfg: SourceConfig, stats: SourceStats) -> Iterator[str]:
     col = cfg.text_column
-    for lineno, line in enumerate(_decoded_lines(path, cfg, stats), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+    for lineno, record in json_objects(_decoded_lines(path, cfg, stats), path):
         if col not in record:
             raise _missing_column(f"{path}:{lineno}", col, record.keys())
         yield _value_text(record[col], stats)
@@ -434,15 +427,7 @@ def _maybe_json_list(value: Any) -> Any:
 
 
 def _jsonl_records(path: Path, cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[str, Any]]:
-    for lineno, line in enumerate(_decoded_lines(path, cfg, stats), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+    for _, record in json_objects(_decoded_lines(path, cfg, stats), path):
         yield record
 
 

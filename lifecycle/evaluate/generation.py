@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from lifecycle.data.raw import json_objects
 from lifecycle.errors import DataError
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -39,15 +40,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{p}:{number}: expected a JSON object with 'prompt' and 'reference'")
+    for number, row in json_objects(lines, p):
         missing = [k for k in ("prompt", "reference") if k not in row]
         if missing:
             raise DataError(f"{p}:{number}: missing {' and '.join(repr(k) for k in missing)}")
