@@ -118,6 +118,14 @@ def read_snapshot(client: Any, led: L.Ledger, name: str, version: str, policy: P
     return Snapshot(version=mv, model=got["model"], last=got["last"], candidate=candidate, production=base)
 
 
+def record_only(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event) -> None:
+    """Record an event that moves nothing (a rejection, a dry run, a refused rollback), then
+    release the lock; finishing the ledger run is cosmetic, so it overlaps with the release."""
+    lock.verify()
+    led.write(event)
+    parallel(client, lambda: led.finish(event), lock.release)
+
+
 def move_alias(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event, *,
                version_stage: str | None = None, replaced_stage: str | None = None) -> None:
     """Record ``event`` in the ledger, then move the alias and mirror the stage (one round).
@@ -192,10 +200,7 @@ def promote(name: str, version: str, target: str, *, policy_path: str | None = N
             move_alias(client, led, lock, event, version_stage=snap.version.current_stage,
                        replaced_stage=snap.stage_of(current))
         else:
-            lock.verify()
-            led.write(event)
-            # Finishing the run is cosmetic: it overlaps with releasing the lock.
-            parallel(client, lambda: led.finish(event), lock.release)
+            record_only(client, led, lock, event)
     finally:
         lock.release()
     outcome = Outcome(event=event, gates=results, moved=action == L.PROMOTE)

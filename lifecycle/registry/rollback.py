@@ -20,7 +20,7 @@ from lifecycle.errors import ConcurrencyError, ConfigError, GateRejected, Lifecy
 from lifecycle.registry import facts, ledger as L
 from lifecycle.registry.client import actor, get_client, parallel
 from lifecycle.registry.lock import RegistryLock
-from lifecycle.registry.promote import Outcome, lineage, mark_text, move_alias
+from lifecycle.registry.promote import Outcome, lineage, mark_text, move_alias, record_only
 
 TARGET = "production"
 
@@ -104,9 +104,7 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
             move_alias(client, led, lock, event, version_stage=mv.current_stage,
                        replaced_stage=replaced.current_stage if replaced is not None else None)
         else:
-            lock.verify()
-            led.write(event)
-            parallel(client, lambda: led.finish(event), lock.release)
+            record_only(client, led, lock, event)
     finally:
         lock.release()
     outcome = Outcome(event=event, moved=action == L.ROLLBACK, message=why)
