@@ -38,7 +38,7 @@ def team_server(tmp_path_factory):
         if servers.REQUIRE_POSTGRES:
             pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
         pytest.skip(reason)
-    pytest.importorskip("flask_wtf", reason="basic-auth needs Flask-WTF (pip install -e '.[test]')")
+    import flask_wtf  # noqa: F401 - basic-auth needs it; the test extra installs it, so never skip
     uri = servers.create_postgres_database()
     work = tmp_path_factory.mktemp("team-server")
     server = servers.start_mlflow_server(uri, work, app_name="basic-auth", extra_env=servers.basic_auth_env(work))
