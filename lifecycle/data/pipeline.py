@@ -40,7 +40,7 @@ from lifecycle.data.pack import StreamingPacker
 from lifecycle.data.quality import first_failure
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.split import SPLITS, assign_split
-from lifecycle.data.tally import PassTally, keep_sample, reference_texts
+from lifecycle.data.tally import PassTally, card_tokenizer, keep_sample, reference_texts
 from lifecycle.data.tokenizer import batched, check_block_size, check_eos, load_tokenizer, sample_bytes
 from lifecycle.errors import DataError
 
@@ -380,16 +380,9 @@ def run_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | None = 
         "tokens": tokens,
         "blocks": blocks,
         "dropped_tail_tokens": dropped_tail,
-        "tokenizer": {
-            "trained": trained,
-            "from": None if trained else str(cfg.tokenizer.name_or_path or tokenizer_path),
-            # Bytes of train text the BPE learned from: the first ones, up to tokenizer.sample_bytes.
-            "trained_on_bytes": packer.sample_used,
-            "class": type(tokenizer).__name__,
-            "bos_token": tokenizer.bos_token,
-            "eos_token": tokenizer.eos_token,
-            "pad_token": tokenizer.pad_token,
-        },
+        # trained_on_bytes: the train text the BPE learned from (the first bytes, up to tokenizer.sample_bytes).
+        "tokenizer": card_tokenizer(tokenizer, trained=trained, source=str(cfg.tokenizer.name_or_path or tokenizer_path),
+                                    trained_on_bytes=packer.sample_used),
         "document_length_chars": hist.to_dict(),
         "warnings": warnings_,
         "config": to_dict(cfg),

@@ -47,7 +47,7 @@ from lifecycle.data.pack import save_arrow_dataset
 from lifecycle.data.quality import first_failure, words_of
 from lifecycle.data.sources import SourceStats, first_record_keys, iter_records
 from lifecycle.data.split import SPLITS, assign_split
-from lifecycle.data.tally import PassTally, keep_sample, reference_texts
+from lifecycle.data.tally import PassTally, card_tokenizer, keep_sample, reference_texts
 from lifecycle.data.tokenizer import EOS_TOKEN, batched, check_block_size, check_eos, load_tokenizer, train_tokenizer
 from lifecycle.errors import ConfigError, DataError
 
@@ -708,14 +708,7 @@ def run_sft_pipeline(cfg: PrepareConfig, workdir: Path, *, source_uri: str | Non
             "dropped_too_long": {s: split_stats[s].too_long for s in SPLITS},
             "max_length": {s: split_stats[s].max_length for s in SPLITS},
         },
-        "tokenizer": {
-            "trained": trained,
-            "from": None if trained else str(cfg.tokenizer.name_or_path or tokenizer_path),
-            "class": type(tokenizer).__name__,
-            "bos_token": tokenizer.bos_token,
-            "eos_token": tokenizer.eos_token,
-            "pad_token": tokenizer.pad_token,
-        },
+        "tokenizer": card_tokenizer(tokenizer, trained=trained, source=str(cfg.tokenizer.name_or_path or tokenizer_path)),
         "document_length_chars": hist.to_dict(),
         "warnings": warnings_,
         "config": to_dict(cfg),

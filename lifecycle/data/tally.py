@@ -97,6 +97,16 @@ class PassTally:
         return {kind: int(self.pii_counts.get(kind, 0)) for kind in cfg.pii.types}
 
 
+def card_tokenizer(tokenizer: Any, *, trained: bool, source: str, **extra: Any) -> dict[str, Any]:
+    """The card's ``tokenizer`` section: trained here or loaded from ``source``, and its specials.
+
+    ``extra`` (e.g. ``trained_on_bytes``) goes after ``from``, where both passes keep it.
+    """
+    return {"trained": trained, "from": None if trained else source, **extra,
+            "class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+
 def keep_sample(samples: dict[str, list[str]], name: str, text: str, limit: int) -> None:
     """Keep ``text`` as a sample of what ``name`` dropped, up to ``limit`` per name."""
     bucket = samples.setdefault(name, [])
