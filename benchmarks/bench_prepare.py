@@ -13,7 +13,7 @@ Prints, from one run:
 Each measurement runs in its own subprocess so that peak RSS means something; ``--repeat N``
 keeps the fastest of N runs of every measurement (prepare and bare alike), which takes most of
 the noise of a shared machine out. The prepare runs are the library pipeline
-(lifecycle.data.pipeline.run_pipeline) without MLflow logging, since logging cost depends on the
+(lifecycle.data.pipeline.prepare_folder) without MLflow logging, since logging cost depends on the
 tracking server, not on this code.
 
     python benchmarks/bench_prepare.py --quick      # ~0.5 MB and ~5 MB corpora
@@ -91,7 +91,7 @@ def worker_prepare(corpus: Path, out: Path, num_proc: int, vocab_size: int, toke
     """Run the full pipeline (all filters, exact + near dedup, PII) on ``corpus``."""
     from lifecycle.config import load_config
     from lifecycle.data.config import PrepareConfig
-    from lifecycle.data.pipeline import run_pipeline
+    from lifecycle.data.pipeline import prepare_folder
 
     _preimport()
     cfg = load_config(PrepareConfig, None, [f"num_proc={num_proc}", f"tokenizer.vocab_size={vocab_size}",
@@ -99,7 +99,7 @@ def worker_prepare(corpus: Path, out: Path, num_proc: int, vocab_size: int, toke
                       **{"source.uri": str(corpus)})
     out.mkdir(parents=True)
     cpu, t = _cpu_seconds(), time.perf_counter()
-    result = run_pipeline(cfg, out, tokenizer_path=tokenizer)
+    result = prepare_folder(cfg, out, tokenizer_path=tokenizer)
     seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
     card = result.card
     return {"seconds": seconds, "cpu_seconds": cpu, "bytes": card["counts"]["bytes_read"],

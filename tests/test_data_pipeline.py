@@ -10,7 +10,7 @@ import pytest
 
 from lifecycle.config import load_config
 from lifecycle.data.config import PrepareConfig
-from lifecycle.data.pipeline import run_pipeline
+from lifecycle.data.pipeline import prepare_folder
 from lifecycle.data.synthetic import chinese_document, english_document, generate_documents
 
 
@@ -45,7 +45,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     src = _write_jsonl(folder / "docs.jsonl", docs)
     out = folder / "prepared"
     out.mkdir()
-    result = run_pipeline(_cfg(src), out)
+    result = prepare_folder(_cfg(src), out)
     return {"src": src, "out": out, "card": result.card, "result": result, "base": base, "chinese": chinese,
             "docs": docs}
 
@@ -101,7 +101,7 @@ def test_split_is_stable_when_the_corpus_grows(corpus: dict, tmp_path: Path) -> 
     src = _write_jsonl(tmp_path / "grown.jsonl", corpus["docs"] + more)
     out = tmp_path / "grown"
     out.mkdir()
-    run_pipeline(_cfg(src, "dedup.near=false"), out)
+    prepare_folder(_cfg(src, "dedup.near=false"), out)
     for split in ("train", "validation", "test"):
         assert set(_raw(corpus["out"], split)) <= set(_raw(out, split))
 
@@ -111,7 +111,7 @@ def test_dedup_against_earlier_prepared_data(corpus: dict, tmp_path: Path) -> No
     src = _write_jsonl(tmp_path / "next.jsonl", corpus["base"][:30] + fresh)
     out = tmp_path / "next"
     out.mkdir()
-    card = run_pipeline(_cfg(src), out, reference_dir=corpus["out"]).card
+    card = prepare_folder(_cfg(src), out, reference_dir=corpus["out"]).card
     assert card["dedup"]["exact_against"] == 30
     assert card["dedup"]["reference_documents"] == corpus["card"]["counts"]["documents_kept"]
     assert card["counts"]["documents_kept"] == 40
@@ -120,10 +120,10 @@ def test_dedup_against_earlier_prepared_data(corpus: dict, tmp_path: Path) -> No
 def test_same_input_same_digest_and_pii_drop_mode(corpus: dict, tmp_path: Path) -> None:
     out = tmp_path / "again"
     out.mkdir()
-    assert run_pipeline(_cfg(corpus["src"]), out).card["digest"] == corpus["card"]["digest"]
+    assert prepare_folder(_cfg(corpus["src"]), out).card["digest"] == corpus["card"]["digest"]
     out2 = tmp_path / "drop"
     out2.mkdir()
-    card = run_pipeline(_cfg(corpus["src"], "pii.mode=drop"), out2).card
+    card = prepare_folder(_cfg(corpus["src"], "pii.mode=drop"), out2).card
     assert card["filters"]["pii"] == 1 and card["counts"]["documents_kept"] == 135
     assert card["digest"] != corpus["card"]["digest"]
 
@@ -131,7 +131,7 @@ def test_same_input_same_digest_and_pii_drop_mode(corpus: dict, tmp_path: Path) 
 def test_worker_processes_give_the_same_result(corpus: dict, tmp_path: Path) -> None:
     out = tmp_path / "procs"
     out.mkdir()
-    card = run_pipeline(_cfg(corpus["src"], "num_proc=2", "batch_size=16"), out).card
+    card = prepare_folder(_cfg(corpus["src"], "num_proc=2", "batch_size=16"), out).card
     assert card["digest"] == corpus["card"]["digest"]
     assert card["dedup"] == corpus["card"]["dedup"]
     # The workers encode from the saved tokenizer: the very same blocks, in the same order.
@@ -151,7 +151,7 @@ def test_tokenizer_learns_from_a_bounded_sample_of_the_train_split(corpus: dict,
     assert whole["tokenizer"]["trained_on_bytes"] == whole["split_bytes"]["train"]
     out = tmp_path / "sampled"
     out.mkdir()
-    card = run_pipeline(_cfg(corpus["src"], "tokenizer.sample_bytes=20000"), out).card
+    card = prepare_folder(_cfg(corpus["src"], "tokenizer.sample_bytes=20000"), out).card
     used = card["tokenizer"]["trained_on_bytes"]
     assert 20000 <= used < card["split_bytes"]["train"]
     # Everything else is the same: every split is still tokenized and packed in full.
@@ -175,7 +175,7 @@ def test_held_out_splits_too_small_for_a_block_are_named_in_the_card(tmp_path: P
     out.mkdir()
     cfg = load_config(PrepareConfig, None, ["tokenizer.vocab_size=400", "pack.block_size=1024",
                                             "split.validation=0.05", "split.test=0.05"], **{"source.uri": str(src)})
-    card = run_pipeline(cfg, out).card
+    card = prepare_folder(cfg, out).card
     assert card["blocks"]["train"] > 0
     empty = [s for s in ("validation", "test") if card["blocks"][s] == 0]
     assert empty, card["blocks"]

@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifecycle.data.sft import (
-    DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    ChatRenderer,
-    chat_segments,
-    encode_segments,
-    renderer_for,
-)
+from lifecycle.data.chat import DEFAULT_CHAT_TEMPLATE, ChatRenderer, chat_segments, renderer_for
+from lifecycle.data.encode import IGNORE_INDEX, encode_segments
 from lifecycle.data.tokenizer import EOS_TOKEN, train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -122,7 +116,7 @@ def test_the_loss_is_spent_on_response_tokens_only(tokenizer):
     The gradient of the loss reaches no logit that predicts a prompt token: whatever the prompt
     tokens' labels were, they change nothing. Changing one response label changes the loss.
     """
-    from lifecycle.data.sft import pad_rows
+    from lifecycle.train.collate import pad_rows
     from lifecycle.train.model import build_model
 
     torch.manual_seed(0)

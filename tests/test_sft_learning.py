@@ -46,7 +46,7 @@ def test_tiny_model_learns_the_task_and_serves_chat_with_the_same_template(tmp_p
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lifecycle.data.sft import DEFAULT_CHAT_TEMPLATE
+    from lifecycle.data.chat import DEFAULT_CHAT_TEMPLATE
     from lifecycle.evaluate.config import CompareConfig, EvalConfig, GenerationConfig, LatencyConfig
     from lifecycle.evaluate.run import evaluate_model
     from lifecycle.train.data import load_prepared

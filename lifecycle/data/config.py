@@ -153,7 +153,8 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.sample_bytes is not None and self.sample_bytes < 0:
-            raise ConfigError(f"tokenizer.sample_bytes: must be >= 0 (0: the whole train split), got {self.sample_bytes}")
+            raise ConfigError("tokenizer.sample_bytes: must be >= 0 (0: the whole train split), "
+                              f"got {self.sample_bytes}")
         if self.vocab_size < 300:
             raise ConfigError(f"tokenizer.vocab_size: must be >= 300 (256 bytes + merges), got {self.vocab_size}")
         if self.min_frequency < 1:

@@ -103,7 +103,8 @@ class MinHasher:
         self.shingle_size = shingle_size
         self.seed = seed
         # Multiply-shift needs odd 64-bit multipliers; no modulo, so it is cheap in numpy.
-        self._a = rng.randint(0, 2**63 - 1, size=num_perm, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+        self._a = (rng.randint(0, 2**63 - 1, size=num_perm, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+                   + np.uint64(1))
         self._b = rng.randint(0, 2**63 - 1, size=num_perm, dtype=np.int64).astype(np.uint64)
         # Odd multipliers combine the word hashes of a shingle (order-sensitive).
         self._mix = (rng.randint(1, 2**31, size=shingle_size, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
@@ -239,9 +240,9 @@ class Deduplicator:
     """Keeps the exact-hash set and the LSH band index; decides whether a document is new.
 
     Memory grows with the number of kept documents (a 16-byte exact key and one 64-bit key per
-    band each, as set entries), which is the price of global dedup; everything else in the pipeline streams. A document is a
-    near duplicate when it shares any band with an earlier kept document (LSH candidates, as
-    ``MinHashLSH.query`` returns them).
+    band each, as set entries), which is the price of global dedup; everything else in the pipeline
+    streams. A document is a near duplicate when it shares any band with an earlier kept document
+    (LSH candidates, as ``MinHashLSH.query`` returns them).
     """
 
     def __init__(self, *, exact: bool = True, near: bool = True, threshold: float = 0.8,

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -57,15 +57,6 @@ class BlockPacker:
     def remainder(self) -> int:
         """Tokens left over that do not fill a block (dropped at the end)."""
         return len(self._rest)
-
-
-def pack_all(docs: Iterable[list[int]], block_size: int, eos_id: int) -> Iterator[np.ndarray]:
-    """Convenience generator: the blocks of ``docs``, in order."""
-    packer = BlockPacker(block_size, eos_id)
-    for ids in docs:
-        out = packer.add([ids])
-        if len(out):
-            yield from out
 
 
 def save_arrow_dataset(arrow_path: Path, out: Path) -> None:

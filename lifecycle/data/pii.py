@@ -34,7 +34,8 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
         r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"
         r"|\bAIza[0-9A-Za-z_\-]{35}\b"
         r"|\bxox[baprs]-[A-Za-z0-9-]{10,}\b"),
-    "email": re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"),
+    "email": re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"),
     # Contiguous 13-19 digits, or the printed groupings (4-4-4-4(-3), Amex 4-6-5) with one
     # consistent separator: arbitrary digit runs in code samples are not card numbers.
     "credit_card": re.compile(

@@ -1,29 +1,30 @@
-"""The prepare stage as an MLflow run: resolve inputs, run the pipeline, log, publish atomically.
+"""The prepare stage as an MLflow run: resolve inputs, run the pass, log, publish atomically.
 
-The output is built in a hidden sibling folder and renamed into place only after the pipeline
-and the logging have succeeded, so a failed run never leaves a half-written output folder.
+The output is locked for the whole run, built in a hidden sibling folder and swapped into place
+only after the pass and the logging have succeeded (:mod:`~lifecycle.data.publish`), so a failed
+or killed run never leaves a half-written output folder, and two runs into one output cannot
+replace each other's result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
-import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lifecycle.config import flatten
 from lifecycle.data.card import plot_length_histogram
 from lifecycle.data.config import PrepareConfig
-from lifecycle.data.pipeline import PipelineResult, remove_tree, run_pipeline
-from lifecycle.data.sft import detect_format, run_sft_pipeline
+from lifecycle.data.pipeline import PipelineResult, prepare_folder
+from lifecycle.data.publish import OutputLock, check_output, clean_stale, publish, temp_folder
+from lifecycle.data.sft import detect_format
 from lifecycle.data.sources import check_source
-from lifecycle.errors import ConfigError, OutputExistsError
+from lifecycle.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +58,9 @@ def _resolve_tokenizer(name: str | None) -> str | Path | None:
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.exists():
-            from lifecycle.errors import NotFoundError
-
             raise NotFoundError(f"tokenizer not found: {path}")
         return path
     return name  # a hub name, loaded by transformers (offline here: fails with a clear message)
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; refuse a file in the way in any case."""
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; use --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"output {output} exists and is not a folder; remove it first")
-
-
-def _publish(work: Path, output: Path) -> None:
-    """Move the finished working folder into place, replacing an old output last."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output, old)
-    os.replace(work, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _run_format(fmt: str, cfg: PrepareConfig) -> Any:
-    """The pipeline of a data format: packed raw text (``lm``) or one row per example (``sft``)."""
-    if fmt == "sft":
-        return run_sft_pipeline
-    return run_pipeline
 
 
 def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
@@ -101,8 +74,6 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
     source_uri = cfg.source.uri
     if _is_uri(source_uri):
         local = _resolve(source_uri, "source")
-        from dataclasses import replace
-
         cfg = replace(cfg, source=replace(cfg.source, uri=str(local)))
     check_source(cfg.source)
     fmt = detect_format(cfg)
@@ -114,22 +85,25 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
     from lifecycle.tracking import TAG_DATA_DIGEST, stage_run
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        with stage_run("prepare", run_name=run_name or "prepare") as run:
-            params = {f"cfg.{k}": v for k, v in flatten(cfg).items()}
-            params.update({"source": source_uri, "output": str(output)})
-            mlflow.log_params({k: v[:6000] for k, v in params.items()})
-            pipeline = _run_format(fmt, cfg)
-            mlflow.set_tag("data_format", fmt)
-            result = pipeline(cfg, work, source_uri=source_uri, tokenizer_path=tokenizer_path, reference_dir=reference)
-            _log_run(result, work, source_uri)
-            mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
-            run_id = run.info.run_id
-        _publish(work, output)
-    except BaseException:
-        remove_tree(work)
-        raise
+    with OutputLock(output):
+        clean_stale(output)
+        check_output(output, overwrite)  # again: another run may have published while we started
+        work = temp_folder(output)
+        try:
+            with stage_run("prepare", run_name=run_name or "prepare") as run:
+                params = {f"cfg.{k}": v for k, v in flatten(cfg).items()}
+                params.update({"source": source_uri, "output": str(output)})
+                mlflow.log_params({k: v[:6000] for k, v in params.items()})
+                mlflow.set_tag("data_format", fmt)
+                result = prepare_folder(cfg, work, data_format=fmt, source_uri=source_uri,
+                                        tokenizer_path=tokenizer_path, reference_dir=reference)
+                _log_run(result, work, source_uri)
+                mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
+                run_id = run.info.run_id
+            publish(work, output)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     return PrepareOutcome(output=output, run_id=run_id, card=result.card)
 
 

@@ -1,14 +1,16 @@
-"""What both prepare passes (raw text in :mod:`~lifecycle.data.pipeline`, instruction data in
-:mod:`~lifecycle.data.sft`) count while the source streams past, and the checks at the end of a pass.
+"""What the prepare pass (:mod:`~lifecycle.data.pipeline`) counts while the source streams past, what
+a data format (raw text: :mod:`~lifecycle.data.lm`, instruction data: :mod:`~lifecycle.data.sft`)
+reports when it finishes, and the checks at the end of the pass.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from lifecycle.data import pii as pii_mod
 from lifecycle.data.card import LengthHistogram
 from lifecycle.data.config import PrepareConfig
 from lifecycle.data.dedup import Deduplicator
@@ -17,6 +19,34 @@ from lifecycle.data.raw import read_raw_texts
 from lifecycle.data.sources import SourceStats
 from lifecycle.data.split import SPLITS
 from lifecycle.errors import DataError
+
+#: characters of a dropped text kept as a sample.
+SAMPLE_CHARS = 600
+
+
+@dataclass
+class FormatResult:
+    """What a data format made of the kept texts at the end of the pass (tokenizer, splits, stats)."""
+
+    tokenizer: Any
+    trained: bool
+    #: kept units (documents, examples) per split, as the splits finally hold them.
+    splits: dict[str, int]
+    tokens: dict[str, int]
+    blocks: dict[str, int]
+    dropped_tail: dict[str, int]
+    #: sha256 of each raw split file as finally kept.
+    raw_hash: dict[str, bytes]
+    #: what the content digest covers besides the raw text and the tokenizer.
+    digest_prefix: bytes = b""
+    digest_settings: str = ""
+    filters: dict[str, int] = field(default_factory=dict)  # drops decided after the pass
+    sections: dict[str, Any] = field(default_factory=dict)  # format-only card sections
+    tokenizer_extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: seconds the format spent inside the pass loop (not filtering).
+    in_pass: float = 0.0
 
 
 @dataclass
@@ -105,6 +135,11 @@ def card_tokenizer(tokenizer: Any, *, trained: bool, source: str, **extra: Any) 
     return {"trained": trained, "from": None if trained else source, **extra,
             "class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
             "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+
+def pii_safe_sample(text: str, cfg: PrepareConfig) -> str:
+    """The start of a dropped text, scrubbed: samples are for people to read, never with PII."""
+    return pii_mod.scrub(text, cfg.pii.types)[0][:SAMPLE_CHARS]
 
 
 def keep_sample(samples: dict[str, list[str]], name: str, text: str, limit: int) -> None:

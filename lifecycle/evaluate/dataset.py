@@ -116,7 +116,7 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
 
 
 def _load_sft(folder: Path, split: str, ds: Any, card: dict[str, Any], *, source: str) -> EvalData:
-    from lifecycle.data.sft import read_examples
+    from lifecycle.data.encode import read_examples
 
     if len(ds) == 0:
         raise DataError(f"{source}: split {split!r} holds no example; evaluate another split with --split")
@@ -146,7 +146,7 @@ def _load_packed_sft(folder: Path, split: str, examples: list[dict[str, Any]], c
     tokenized again from their segments (exactly as prepare encoded them before packing)."""
     from transformers import AutoTokenizer
 
-    from lifecycle.data.sft import encode_segments
+    from lifecycle.data.encode import encode_segments
 
     tok_dir = folder / "tokenizer"
     if not tok_dir.is_dir():

@@ -251,7 +251,8 @@ def response_losses(model: Any, input_ids: Sequence[Sequence[int]], labels: Sequ
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from lifecycle.data.sft import IGNORE_INDEX, pad_rows
+    from lifecycle.data.encode import IGNORE_INDEX
+    from lifecycle.train.collate import pad_rows
 
     n = len(input_ids)
     if n == 0:

@@ -106,7 +106,7 @@ def _teacher_forced_lm(label: str, model: Any, tokenizer: Any, data: EvalData, p
 def sft_rows(data: EvalData, tokenizer: Any, model: Any, notes: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """The prepared example rows when this tokenizer made them, else the examples' segments
     tokenized with this model's tokenizer (a baseline with another vocabulary)."""
-    from lifecycle.data.sft import encode_segments
+    from lifecycle.data.encode import encode_segments
 
     assert data.sft is not None
     if tokenizers_match(data, tokenizer):

@@ -60,7 +60,7 @@ class PreparedData:
                  "labels": getattr(self, f"{split}_labels")[rows][:, :width]}
         positions = getattr(self, f"{split}_positions")
         if positions is not None:
-            from lifecycle.data.sft import block_diagonal_mask
+            from lifecycle.train.collate import block_diagonal_mask
 
             # Packed rows: each example attends only to itself, at the positions it has alone.
             batch["position_ids"] = positions[rows][:, :width]
@@ -142,7 +142,8 @@ def load_prepared(root: str | Path) -> PreparedData:
 
 def _load_sft(root: Path, tokenizer: Any, card: dict[str, Any]) -> PreparedData:
     """Instruction data: every example its own right-padded row with labels and a mask."""
-    from lifecycle.data.sft import load_rows, pad_positions, pad_rows
+    from lifecycle.data.encode import load_rows
+    from lifecycle.train.collate import pad_positions, pad_rows
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parts: dict[str, Any] = {}
