@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lifecycle.errors import DataError
+
 # Quarter-octave bins from 1 character to 2**30 characters.
 _EDGES = np.concatenate([[0.0], 2.0 ** np.arange(0, 30.25, 0.25)])
 
@@ -73,18 +75,38 @@ def plot_length_histogram(hist: dict[str, Any], path: Path, title: str = "Docume
     return path
 
 
+CARD_NAME = "data_card.json"
+
+
 def write_card(card: dict[str, Any], folder: Path) -> Path:
     """Write ``data_card.json`` into ``folder``."""
-    path = folder / "data_card.json"
+    path = folder / CARD_NAME
     path.write_text(json.dumps(card, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
 
-def read_card(folder: Path) -> dict[str, Any]:
-    """Read the data card of a prepared folder."""
-    path = Path(folder) / "data_card.json"
-    if not path.is_file():
-        from lifecycle.errors import DataError
+def read_card(folder: str | Path, *, required: bool = True) -> dict[str, Any]:
+    """The data card of a prepared folder: the one reader of ``data_card.json``.
 
-        raise DataError(f"{folder}: not a prepared data folder (no data_card.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    A folder without a card is refused (:class:`DataError`), or gives ``{}`` when the card is
+    not ``required``. A card that cannot be read, is not JSON, is not a JSON object or has a
+    digest that is not a string is refused with one line naming the file.
+    """
+    path = Path(folder) / CARD_NAME
+    if not path.is_file():
+        if not required:
+            return {}
+        raise DataError(f"{folder}: not a prepared data folder (no {CARD_NAME}); make one with `lifecycle prepare`")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data card ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a valid data card (not UTF-8)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not a valid data card (invalid JSON: {exc.msg} at line {exc.lineno})") from None
+    if not isinstance(card, dict):
+        raise DataError(f"{path}: not a valid data card (a JSON {type(card).__name__}, not an object)")
+    if not isinstance(card.get("digest", ""), str):
+        raise DataError(f"{path}: not a valid data card (its digest is not a string)")
+    return card

@@ -39,9 +39,13 @@ def lock_path(output: Path) -> Path:
 
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``; refuse a file in the way in any case."""
-    if output.exists() and not overwrite:
+    try:
+        exists, is_dir = output.exists(), output.is_dir()
+    except OSError as exc:  # e.g. a parent folder this user may not enter
+        raise ConfigError(f"cannot use the output {output}: {exc.strerror or exc}") from None
+    if exists and not overwrite:
         raise OutputExistsError(f"output {output} already exists; use --overwrite to replace it")
-    if output.exists() and not output.is_dir():
+    if exists and not is_dir:
         raise OutputExistsError(f"output {output} exists and is not a folder; remove it first")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ def check_source(cfg: SourceConfig) -> None:
     if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES + TABLE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; "
                         f"use one of {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}")
+    try:  # unreadable (permissions): refused before any run or output exists
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            path.open("rb").close()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def iter_records(cfg: SourceConfig, stats: SourceStats | None = None, *, column: str | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lifecycle.data.card import read_card
 from lifecycle.data.raw import read_raw_texts
 from lifecycle.errors import DataError
 
@@ -71,14 +72,11 @@ def find_prepared_dir(path: Path) -> Path | None:
     return None
 
 
-def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
+def load_prepared_split(folder: Path, split: str, *, source: str) -> EvalData:
     """Blocks, raw documents, tokenizer and digest of one split of a prepared folder."""
     from datasets import load_from_disk
 
-    try:
-        card = json.loads((folder / "data_card.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{folder}/data_card.json is unreadable: {exc}") from None
+    card = read_card(folder)
     split_dir = folder / split
     if not split_dir.is_dir():
         raise DataError(f"{source}: no split {split!r} (found: "
@@ -97,7 +95,7 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
     if "input_ids" not in ds.column_names:
         raise DataError(f"{source}: split {split!r} has no input_ids column (format {card.get('format')!r})")
     if card.get("format") == "sft":
-        return _load_sft(folder, split, ds, card, source=source)
+        return _load_sft_split(folder, split, ds, card, source=source)
     if len(ds) == 0:
         raise DataError(f"{source}: split {split!r} is empty (0 blocks); evaluate another split with --split")
     blocks = np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int64)
@@ -115,7 +113,7 @@ def load_prepared(folder: Path, split: str, *, source: str) -> EvalData:
                     tokenizer_dir=tok if tok.is_dir() else None, card=card)
 
 
-def _load_sft(folder: Path, split: str, ds: Any, card: dict[str, Any], *, source: str) -> EvalData:
+def _load_sft_split(folder: Path, split: str, ds: Any, card: dict[str, Any], *, source: str) -> EvalData:
     from lifecycle.data.encode import read_examples
 
     if len(ds) == 0:
@@ -198,7 +196,7 @@ def load_eval_data(data: str | os.PathLike[str], split: str = "test") -> EvalDat
         path = resolve_artifact(text, what="data")
         prepared = find_prepared_dir(path) if path.is_dir() else None
         if prepared is not None:
-            return load_prepared(prepared, split, source=text)
+            return load_prepared_split(prepared, split, source=text)
         text = str(path)  # a folder or file of raw text: read like the prepare stage reads it
     documents = _read_raw_source(text)
     if not documents:

@@ -14,7 +14,6 @@ without it they are reported as unavailable, never estimated.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lifecycle.data.card import read_card
 from lifecycle.data.raw import read_raw_texts
 from lifecycle.errors import DataError, NotFoundError
 
@@ -64,13 +64,7 @@ def load_reference(folder: Path, *, split: str = "test", max_segments: int = 200
         raise DataError(f"reference {raw} holds no text")
     if len(segments) > max_segments:
         segments = random.Random(seed).sample(segments, max_segments)
-    digest = None
-    card = folder / "data_card.json"
-    if card.is_file():
-        try:
-            digest = json.loads(card.read_text(encoding="utf-8")).get("digest")
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{card}: not a valid data card") from None
+    digest = read_card(folder, required=False).get("digest")
     return Reference(folder=folder, segments=segments, digest=digest, documents=len(docs))
 
 

@@ -8,11 +8,11 @@ the same global batches as one process with micro-batch W*b.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lifecycle.data.card import read_card
 from lifecycle.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -111,13 +111,7 @@ def load_prepared(root: str | Path) -> PreparedData:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"prepared data folder not found: {root}")
-    card_path = root / "data_card.json"
-    card: dict[str, Any] = {}
-    if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{card_path}: invalid JSON ({exc.msg})") from None
+    card = read_card(root, required=False)
     fmt = card.get("format", "lm")
     if fmt not in ("lm", "sft"):
         raise DataError(f"{root} holds {fmt!r}-format data; training takes 'lm' or 'sft' data")
