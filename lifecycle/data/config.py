@@ -14,6 +14,22 @@ from lifecycle.errors import ConfigError
 PII_TYPES = ("email", "phone", "ipv4", "credit_card", "aws_access_key", "api_key", "private_key")
 
 
+def _check_min(prefix: str, section: object, limits: dict[str, int]) -> None:
+    """Refuse the first field of ``section`` that lies below its limit in ``limits``."""
+    for name, low in limits.items():
+        value = getattr(section, name)
+        if value < low:
+            raise ConfigError(f"{prefix}{name}: must be >= {low}, got {value}")
+
+
+def _check_column(key: str, value: object) -> None:
+    """A column name is used exactly as given: a non-empty string, never a number or a boolean."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: a column name must be a string, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ConfigError(f"{key}: must not be empty")
+
+
 @dataclass
 class SourceConfig:
     """Where documents come from and how they are read."""
@@ -34,8 +50,7 @@ class SourceConfig:
             raise ConfigError("source.uri: a source is required (path, hf:NAME or builtin:pydoc)")
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError(f"source.max_documents: must be >= 1, got {self.max_documents}")
-        if not self.text_column:
-            raise ConfigError("source.text_column: must not be empty")
+        _check_column("source.text_column", self.text_column)
 
 
 @dataclass
@@ -104,10 +119,7 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"dedup.threshold: must lie in (0, 1], got {self.threshold}")
-        if self.num_perm < 16:
-            raise ConfigError(f"dedup.num_perm: must be >= 16, got {self.num_perm}")
-        if self.shingle_size < 1:
-            raise ConfigError(f"dedup.shingle_size: must be >= 1, got {self.shingle_size}")
+        _check_min("dedup.", self, {"num_perm": 16, "shingle_size": 1})
 
 
 @dataclass
@@ -194,8 +206,7 @@ class SftConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompt_column", "response_column", "messages_column"):
-            if not getattr(self, name):
-                raise ConfigError(f"sft.{name}: must not be empty")
+            _check_column(f"sft.{name}", getattr(self, name))
         if self.min_response_words < 0 or self.quality_min_words < 0:
             raise ConfigError("sft.min_response_words and sft.quality_min_words must be >= 0")
 
@@ -226,9 +237,4 @@ class PrepareConfig:
     drop_samples: int = 5
 
     def __post_init__(self) -> None:
-        if self.num_proc < 1:
-            raise ConfigError(f"num_proc: must be >= 1, got {self.num_proc}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.drop_samples < 0:
-            raise ConfigError("drop_samples: must be >= 0")
+        _check_min("", self, {"num_proc": 1, "batch_size": 1, "drop_samples": 0})

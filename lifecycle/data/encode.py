@@ -81,17 +81,17 @@ def encode_segments(tokenizer: Any, segments: Sequence[Sequence[Any]], *, block_
     return Encoded(ids[cut:], labels[cut:], truncated_tokens=cut)
 
 
-
+@dataclass
 class SplitStats:
-    """What tokenizing one split did."""
+    """What tokenizing one split did (counts of examples, rows and tokens)."""
 
-    examples: int = 0
-    rows: int = 0
+    examples: int = 0  # kept
+    rows: int = 0  # one per example, or fewer when packed
     tokens: int = 0
-    response_tokens: int = 0
-    truncated: int = 0
-    truncated_tokens: int = 0
-    too_long: int = 0
+    response_tokens: int = 0  # labelled: what the loss is spent on
+    truncated: int = 0  # examples that lost prompt tokens ...
+    truncated_tokens: int = 0  # ... and how many in all
+    too_long: int = 0  # examples dropped: even truncated they would not fit
     max_length: int = 0
 
 

@@ -20,7 +20,7 @@ from lifecycle.data.pack import StreamingPacker
 from lifecycle.data.quality import first_failure
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.split import SPLITS
-from lifecycle.data.tally import SAMPLE_CHARS, FormatResult, pii_safe_sample
+from lifecycle.data.tally import SAMPLE_CHARS, FormatResult, FormatTerms, pii_safe_sample
 from lifecycle.data.tokenizer import sample_bytes
 from lifecycle.errors import DataError
 
@@ -56,11 +56,7 @@ def screen_document(text: str, cfg: PrepareConfig) -> tuple[str | None, str, dic
 class LmFormat:
     """Raw text, packed into blocks of ``pack.block_size`` tokens with EOS between documents."""
 
-    name = "lm"
-    extra_filters: tuple[str, ...] = ()
-    noun = "documents"
-    source_noun = "documents"
-    knobs = "--set quality.<key>=..."
+    terms = FormatTerms("lm")
 
     def __init__(self, cfg: PrepareConfig, tokenizer: Any = None):
         self.cfg = cfg

@@ -233,7 +233,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
     raw_dir = workdir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     stats = SourceStats()
-    tally = PassTally.start(cfg, fmt.extra_filters)
+    tally = PassTally.start(cfg, fmt.terms.extra_filters)
     # Locals for the per-item loop below (no attribute lookups on the hot path).
     filters, dedup_counts, pii_counts = tally.filters, tally.dedup_counts, tally.pii_counts
     split_docs, split_bytes, samples, hist, dedup = (tally.split_docs, tally.split_bytes, tally.samples,
@@ -258,7 +258,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
             t = time.perf_counter()
             files = {s: (raw_dir / f"{s}.jsonl").open("wb") for s in SPLITS}
             try:
-                bar = _progress(cfg.source.max_documents, f"prepare ({fmt.name})", unit=fmt.noun[:-1])
+                bar = _progress(cfg.source.max_documents, f"prepare ({fmt.terms.name})", unit=fmt.terms.noun[:-1])
                 for res in mapper.map(_process_batch, batched(fmt.items(stats), cfg.batch_size)):
                     bytes_read += res.in_bytes
                     layouts.update(res.layouts)
@@ -297,8 +297,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
             seconds["filter"] = time.perf_counter() - t
 
             read = stats.documents
-            tally.check(read, source_uri or cfg.source.uri, noun=fmt.noun, source_noun=fmt.source_noun,
-                        knobs=fmt.knobs)
+            tally.check(read, source_uri or cfg.source.uri, fmt.terms)
             done = fmt.finish(workdir, dict(split_docs), {s: h.digest() for s, h in raw_hash.items()})
         finally:
             mapper.close()
@@ -309,7 +308,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
     seconds["filter"] = max(0.0, seconds["filter"] - done.in_pass)
     for warning in done.warnings:
         log.warning(warning)
-    card = _card(cfg, fmt.name, done, tally, stats, source=source_uri or cfg.source.uri, bytes_read=bytes_read,
+    card = _card(cfg, fmt.terms.name, done, tally, stats, source=source_uri or cfg.source.uri, bytes_read=bytes_read,
                  with_pii=docs_with_pii, reference_docs=reference_docs,
                  tokenizer_from=str(cfg.tokenizer.name_or_path or tokenizer_path), tok_dir=workdir / "tokenizer")
     if "sft" in card:

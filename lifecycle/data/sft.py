@@ -39,7 +39,7 @@ from lifecycle.data.encode import SplitStats, read_rows, tokenize_split
 from lifecycle.data.quality import first_failure, words_of
 from lifecycle.data.sources import SourceStats, first_record_keys, iter_records
 from lifecycle.data.split import SPLITS
-from lifecycle.data.tally import FormatResult, pii_safe_sample
+from lifecycle.data.tally import FormatResult, FormatTerms, pii_safe_sample
 from lifecycle.data.tokenizer import batched, train_tokenizer
 from lifecycle.errors import DataError
 
@@ -197,11 +197,8 @@ def _sample(example: dict[str, Any], cfg: PrepareConfig) -> str:
 class SftFormat:
     """Instruction data: one row per example (or several per row with ``sft.packing``), loss on responses."""
 
-    name = "sft"
-    extra_filters = ("no_response",)
-    noun = "examples"
-    source_noun = "records"
-    knobs = "--set quality.<key>=... or sft.<key>=..."
+    terms = FormatTerms("sft", noun="examples", source_noun="records", extra_filters=("no_response",),
+                        knobs="--set quality.<key>=... or sft.<key>=...")
 
     def __init__(self, cfg: PrepareConfig, tokenizer: Any = None):
         self.cfg = cfg

@@ -37,9 +37,9 @@ class SourceStats:
     """What reading the source saw (reported in the data card)."""
 
     files: int = 0
-    documents: int = 0
-    replaced_chars: int = 0
-    non_text_values: int = 0
+    documents: int = 0  # records read (documents or examples), at most source.max_documents
+    replaced_chars: int = 0  # bytes that were not UTF-8, replaced (errors=replace)
+    non_text_values: int = 0  # text column values that were not strings (read as "")
     files_with_replacements: list[str] = field(default_factory=list)
 
 

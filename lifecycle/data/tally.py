@@ -24,6 +24,19 @@ from lifecycle.errors import DataError
 SAMPLE_CHARS = 600
 
 
+@dataclass(frozen=True)
+class FormatTerms:
+    """What a data format calls its units, and the filters only it has (for the tally and its errors)."""
+
+    name: str
+    #: the units kept and dropped, and what an empty source lacks.
+    noun: str = "documents"
+    source_noun: str = "documents"
+    #: the settings that loosen the filters.
+    knobs: str = "--set quality.<key>=..."
+    extra_filters: tuple[str, ...] = ()
+
+
 @dataclass
 class FormatResult:
     """What a data format made of the kept texts at the end of the pass (tokenizer, splits, stats)."""
@@ -84,16 +97,16 @@ class PassTally:
                                num_perm=cfg.dedup.num_perm, seed=cfg.seed),
         )
 
-    def check(self, read: int, source: str, *, noun: str = "documents", source_noun: str = "documents",
-              knobs: str = "--set quality.<key>=...") -> int:
+    def check(self, read: int, source: str, terms: FormatTerms = FormatTerms("lm")) -> int:
         """Refuse a pass that kept nothing usable (:class:`DataError`); the number kept otherwise.
 
-        ``read`` is what the source held; ``noun`` names the units ("documents", "examples"),
-        ``source_noun`` what an empty source lacks, ``knobs`` the settings that loosen the filters.
+        ``read`` is what the source held; ``terms`` name the units, what an empty source lacks and
+        the settings that loosen the filters.
         """
+        noun, knobs = terms.noun, terms.knobs
         kept = sum(self.split_docs.values())
         if read == 0:
-            raise DataError(f"source {source} holds no {source_noun}")
+            raise DataError(f"source {source} holds no {terms.source_noun}")
         if kept == 0:
             took = {**{k: v for k, v in self.filters.items() if v},
                     **{f"dedup_{k}": v for k, v in self.dedup_counts.items() if v}}
