@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lifecycle.config import load_config
 from lifecycle.data.config import PrepareConfig
@@ -181,3 +183,73 @@ def test_held_out_splits_too_small_for_a_block_are_named_in_the_card(tmp_path: P
     assert empty, card["blocks"]
     for split in empty:
         assert any(w.startswith(f"the {split} split fills no block of 1024 tokens") for w in card["warnings"])
+
+
+@pytest.mark.tried("prepare", "column names that YAML or a shell would reinterpret ('yes', '012', 'a #b') for the "
+                   "text, prompt and response columns; a column name that is not a string",
+                   "used exactly as given and recorded so in the card; a non-string refused with a one-line error")
+def test_column_names_are_used_exactly_as_given(tmp_path: Path) -> None:
+    from lifecycle.config import from_mapping
+    from lifecycle.data.config import SourceConfig
+    from lifecycle.errors import ConfigError
+
+    docs = list(generate_documents(60, seed=5))
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"a #b": d, "text": "decoy " * 20, "yes": 1}) + "\n" for d in docs),
+                   encoding="utf-8")
+    cfg = from_mapping(PrepareConfig, {"source": {"uri": str(src), "text_column": "a #b"},
+                                       "tokenizer": {"vocab_size": 300}, "pack": {"block_size": 16}})
+    card = prepare_folder(cfg, tmp_path / "lm").card
+    assert card["config"]["source"]["text_column"] == "a #b" and card["counts"]["documents_kept"] > 50
+    kept = [json.loads(line)["text"] for line in (tmp_path / "lm" / "raw" / "train.jsonl").open()]
+    assert all("decoy" not in t for t in kept)
+
+    rows = [{"012": f"reverse {i} =>", "yes": f" {i} done", "prompt": "decoy", "response": "decoy"} for i in range(40)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = from_mapping(PrepareConfig, {"format": "sft", "source": {"uri": str(tmp_path / "s.jsonl")},
+                                       "sft": {"prompt_column": "012", "response_column": "yes"},
+                                       "tokenizer": {"vocab_size": 300}, "pack": {"block_size": 32}})
+    card = prepare_folder(cfg, tmp_path / "sft", data_format="sft").card
+    assert card["sft"]["columns"] == {"prompt": "012", "response": "yes", "messages": "messages"}
+    row = json.loads((tmp_path / "sft" / "raw" / "train.jsonl").open().readline())
+    assert row["prompt"].startswith("reverse ") and row["response"].endswith(" done")
+    for bad in (True, 12, None):
+        with pytest.raises(ConfigError, match=r"source.text_column: a column name must be a string"):
+            SourceConfig(text_column=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.tried("data card", "data_card.json holding random bytes, JSON that is not an object, a digest that is "
+                   "not a string, or missing (hypothesis)", "read by the one card reader, or refused with a one-line "
+                   "DataError naming the file (train, evaluate and monitoring all read it this way)")
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=40), st.builds(lambda v: json.dumps(v).encode(), st.one_of(
+    st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5),
+    st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5)), max_size=3),
+    st.builds(lambda d: {"digest": d}, st.one_of(st.integers(), st.none(), st.text(max_size=8)))))))
+def test_the_card_reader_reads_a_card_or_refuses_in_one_line(tmp_path_factory, content: bytes) -> None:
+    from lifecycle.data.card import read_card
+    from lifecycle.errors import DataError
+
+    folder = tmp_path_factory.mktemp("card")
+    assert read_card(folder, required=False) == {}
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        read_card(folder)
+    (folder / "data_card.json").write_bytes(content)
+    try:
+        card = read_card(folder)
+    except DataError as exc:
+        assert "\n" not in str(exc) and "data_card.json: " in str(exc)
+        return
+    assert card == json.loads(content.decode("utf-8")) and isinstance(card.get("digest", ""), str)
+
+
+def test_a_run_killed_between_the_fallback_renames_gets_its_old_output_back(tmp_path: Path) -> None:
+    from lifecycle.data.publish import clean_stale
+
+    out = tmp_path / "prepared"
+    old = tmp_path / ".prepared.old-1234"
+    old.mkdir()
+    (old / "data_card.json").write_text("{}", encoding="utf-8")
+    (tmp_path / ".prepared.tmp-abcd").mkdir()
+    clean_stale(out)
+    assert (out / "data_card.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
