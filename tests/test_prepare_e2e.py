@@ -157,9 +157,10 @@ def _complete(out: Path) -> str:
     return card["digest"]
 
 
-def _kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
-    """SIGKILL ``proc`` as soon as ``condition()`` holds; False when it exited first."""
+def _kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> tuple[bool, str]:
+    """SIGKILL ``proc`` as soon as ``condition()`` holds: (whether it was killed, not exited first; its stderr)."""
     deadline = time.monotonic() + timeout
+    killed = False
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             hit = condition()
@@ -167,11 +168,10 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
             hit = False
         if hit:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
+            killed = True
+            break
         time.sleep(0.005)
-    proc.communicate(timeout=timeout)
-    return False
+    return killed, proc.communicate(timeout=timeout)[1]
 
 
 def _temps(out: Path) -> list[Path]:
@@ -198,20 +198,22 @@ def test_prepare_killed_at_any_point_leaves_old_or_new_output(tmp_path: Path) ->
     phases = {"locked": lock.exists, "raw splits": temp_has("raw/train.jsonl"), "logging": temp_has("data_card.json"),
               "swapped": lambda: out.stat().st_ino != inode}
     seen = set()
+    stderr = ""
     for name, condition in phases.items():
         proc = _prepare_proc(tmp_path, out, env, seed=2)
-        killed = _kill_when(proc, condition)
+        killed, err = _kill_when(proc, condition)
+        stderr += err
         assert killed or name == "swapped", f"the run ended before the {name!r} point"
         digest = _complete(out)
         seen.add(digest)
         assert digest == old or name == "swapped", name
     final = _prepare_proc(tmp_path, out, env, seed=2)
-    stdout, stderr = final.communicate(timeout=300)
-    assert final.returncode == 0, stderr[-3000:]
+    stdout, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err[-3000:]
     new = _complete(out)
     assert new != old and json.loads(stdout.strip().splitlines()[-1])["digest"] == new
     assert seen <= {old, new}
-    assert "left by an interrupted prepare" in stderr  # the killed runs' temporaries, removed
+    assert "left by an interrupted prepare" in stderr + err  # the killed runs' temporaries, removed
     assert not _temps(out) and not lock.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
