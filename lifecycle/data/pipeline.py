@@ -158,7 +158,7 @@ class _Mapper:
         else:
             _init_worker(cfg, fmt)
 
-    def map(self, fn: Any, batches: Iterable[list[str]]) -> Iterator[Any]:
+    def map(self, fn: Any, batches: Iterable[list[Any]]) -> Iterator[Any]:
         """Results of ``fn`` per batch, in order.
 
         ``Pool.imap`` would read the whole input ahead into its task queue (unbounded memory).
@@ -194,13 +194,6 @@ class _Mapper:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
-
-
-def _progress(total: int | None = None, desc: str = "", unit: str = "doc") -> Any:
-    from tqdm.auto import tqdm
-
-    # disable=None: a bar on a terminal, silence in logs and CI.
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, mininterval=1.0)
 
 
 def _progress(total: int | None = None, desc: str = "", unit: str = "doc") -> Any:

@@ -148,13 +148,22 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """Make the names in a folder durable (a crash right after a rename must not undo it).
+
+    Best effort: some filesystems cannot fsync a folder, and then there is nothing more to do.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -183,8 +192,8 @@ def publish(work: Path, output: Path) -> None:
             os.rename(output, old)
             os.rename(work, output)
             work = old
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
         shutil.rmtree(work, ignore_errors=True)
     else:
         os.rename(work, output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
