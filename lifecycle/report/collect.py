@@ -151,7 +151,7 @@ def collect(name: str, *, monitor_history: int = 10) -> ReportData:
     from mlflow.tracking import MlflowClient
 
     from lifecycle.registry.ledger import Ledger
-    from lifecycle.tracking import _describe_registered, translate_mlflow_error
+    from lifecycle.tracking import _describe_registered, mask_secrets, translate_mlflow_error
 
     client = MlflowClient()
     try:
@@ -200,7 +200,8 @@ def collect(name: str, *, monitor_history: int = 10) -> ReportData:
     retrains = [_run_info(client, r.info.run_id) for r in _search_stage(name, "retrain", 20)]
     return ReportData(name=name, description=model.description or "", aliases=aliases, versions=versions,
                       data_runs=data_runs, eval_runs=eval_runs, events=events, monitor=monitor,
-                      monitor_history=history, retrain_runs=retrains, tracking_uri=mlflow.get_tracking_uri(),
+                      monitor_history=history, retrain_runs=retrains,
+                      tracking_uri=mask_secrets(mlflow.get_tracking_uri()),
                       generated=time.time())
 
 
