@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from lifecycle.errors import LifecycleError
 from tests.cli import cli
@@ -210,3 +209,25 @@ def test_os_errors_at_the_boundary_are_one_line_with_their_code(monkeypatch, cap
         assert cli("prepare", "--output", "p") == code
         err = capsys.readouterr().err
         assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1 and exc.strerror in err
+
+
+@pytest.mark.tried("cli", "a real prepare with --source 'notes #3.jsonl', --output 'exp #2/prepared' --overwrite "
+                   "and --text-column yes, beside a folder 'exp'", "reads and writes exactly those names; 'exp' untouched")
+def test_real_prepare_uses_the_names_exactly_as_written(tmp_path, tracking_uri, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"yes": f"Document {i} talks about rivers, mountains and the music of village {i} in the early "
+                    "morning, with many more words to pass the quality filters.", "text": "wrong column"}
+            for i in range(60)]
+    Path("notes #3.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "keep.txt").write_text("mine")
+    (tmp_path / "exp #2" / "prepared").mkdir(parents=True)  # replaced by --overwrite
+    assert cli("prepare", "--source", "notes #3.jsonl", "--text-column", "yes", "--output", "exp #2/prepared",
+               "--overwrite", "--vocab-size", "300", "--block-size", "32", "--format", "lm") == 0, capsys.readouterr()
+    card = json.loads((tmp_path / "exp #2" / "prepared" / "data_card.json").read_text())
+    assert card["config"]["source"]["text_column"] == "yes" and card["config"]["source"]["uri"] == "notes #3.jsonl"
+    assert (tmp_path / "exp" / "keep.txt").read_text() == "mine"
+    raw = (tmp_path / "exp #2" / "prepared" / "raw" / "train.jsonl").read_text(encoding="utf-8")
+    assert "Document" in raw and "wrong column" not in raw  # the text came from the column named "yes"

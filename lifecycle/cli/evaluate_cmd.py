@@ -10,7 +10,8 @@ _SHOWN = ("loss", "perplexity", "bits_per_byte", "rougeL", "bleu", "exact_match"
 
 
 @click.command("evaluate")
-@click.option("--model", required=True, help="Model: folder, runs:/<run_id>/model, models:/NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--model", required=True,
+              help="Model: folder, runs:/<run_id>/model, models:/NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--data", required=True,
               help="Prepared data (folder or runs:/<run_id>/prepared) or a raw source (text/JSONL file, hf:NAME).")
 @click.option("--baseline", help="Compare against this model (default: models:/NAME@production when --model "

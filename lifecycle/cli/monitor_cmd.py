@@ -23,7 +23,8 @@ _SHOWN = ("request_count", "error_rate", "latency_p50_ms", "latency_p95_ms", "la
 @click.option("--reference", help="Reference data: prepared folder or runs:/<id>/prepared "
                                   "(default: the version's data_run_id tag).")
 @click.option("--policy", type=click.Path(dir_okay=False),
-              help="Policy file whose 'monitoring' section holds the thresholds (default registry_policies/default.yaml).")
+              help="Policy file whose 'monitoring' section holds the thresholds (default "
+                   "registry_policies/default.yaml).")
 @click.option("--version-mismatch", type=click.Choice(["refuse", "separate"]),
               help="Records of other versions in the window: refuse (default) or leave them out.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device for the semantic drift.")
