@@ -5,6 +5,9 @@ MLflow 3.x) unless ``MLFLOW_TRACKING_URI`` is set; nothing here ever calls
 ``set_tracking_uri`` or creates ``./mlruns``: with a database URI and no server, MLflow would put
 artifacts under ``./mlruns`` of whatever directory the command runs in, so the CLI points them at
 ``mlartifacts`` beside the database instead (:func:`use_local_artifact_root`).
+
+MLflow is imported inside the functions that talk to it: the CLI imports this module for every
+command (``lifecycle --help`` included) and must answer without paying MLflow's import time.
 """
 
 from __future__ import annotations
