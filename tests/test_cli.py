@@ -201,6 +201,11 @@ def test_os_errors_at_the_boundary_are_one_line_with_their_code(monkeypatch, cap
              (OSError(errno.ENOSPC, "No space left on device", "/out/y"), 14),
              (OSError(errno.EADDRINUSE, "Address already in use"), 15),
              (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/z.txt"), 4)]
+    import socket
+
+    with socket.socket() as sock, pytest.raises(OverflowError) as real:  # what a port out of range raises
+        sock.bind(("127.0.0.1", 70000))
+    cases.append((real.value, 15))
     for exc, code in cases:
         def fail(*args, exc=exc, **kwargs):
             raise exc
@@ -208,11 +213,13 @@ def test_os_errors_at_the_boundary_are_one_line_with_their_code(monkeypatch, cap
         monkeypatch.setattr("lifecycle.data.prepare.prepare", fail)
         assert cli("prepare", "--output", "p") == code
         err = capsys.readouterr().err
-        assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1 and exc.strerror in err
+        assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1
+        assert (getattr(exc, "strerror", None) or str(exc)) in err
 
 
 @pytest.mark.tried("cli", "a real prepare with --source 'notes #3.jsonl', --output 'exp #2/prepared' --overwrite "
-                   "and --text-column yes, beside a folder 'exp'", "reads and writes exactly those names; 'exp' untouched")
+                   "and --text-column yes, beside a folder 'exp'",
+                   "reads and writes exactly those names; 'exp' untouched")
 def test_real_prepare_uses_the_names_exactly_as_written(tmp_path, tracking_uri, monkeypatch, capsys):
     import json
 

@@ -18,7 +18,13 @@ from typing import Any, Sequence
 
 import click
 
-from lifecycle.errors import FileSystemError, LifecycleError, TrackingUnavailableError, from_os_error
+from lifecycle.errors import (
+    AddressUnavailableError,
+    FileSystemError,
+    LifecycleError,
+    TrackingUnavailableError,
+    from_os_error,
+)
 
 # command name -> (module, attribute, one-line help shown by `lifecycle --help`).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -120,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
                 raise TrackingUnavailableError(f"cannot connect: {' '.join(str(exc).split())}") from exc
             # Permission denied, disk full, port in use ...: the user's to fix, not a crash.
             raise from_os_error(exc) from exc
+        except OverflowError as exc:
+            if "port" not in str(exc):
+                raise
+            # socket.bind() refuses a port above 65535 with OverflowError, not OSError.
+            raise AddressUnavailableError(" ".join(str(exc).split())) from exc
         except Exception as exc:
             # A database that cannot be reached (the tracking store, a study storage) surfaces as
             # SQLAlchemy's OperationalError (after MLflow's own retries): not a crash either.
