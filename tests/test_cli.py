@@ -15,8 +15,19 @@ from tests.cli import cli
 from tests.test_config import TEXT
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "entrypoints"))  # the MLproject scripts import `_run` as a sibling
-from _run import to_cli_args  # noqa: E402
+
+
+def _entrypoint_helper():
+    """entrypoints/_run.py, loaded by path: putting entrypoints/ on sys.path would shadow modules."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lifecycle_entrypoints_run", REPO / "entrypoints" / "_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+to_cli_args = _entrypoint_helper().to_cli_args
 
 
 def test_cli_help_and_python_m():
