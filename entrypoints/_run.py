@@ -1,9 +1,10 @@
 """Shared by the MLproject entry point scripts: turn ``key=value`` pairs into CLI flags.
 
 MLproject commands render every parameter, set or not, so each script receives ``key=value``
-words; empty values mean "not given" and boolean flags take ``true``/``false``. The script then
-runs the same click command a user runs, so `mlflow run . -e STEP` and `lifecycle STEP` cannot
-drift apart.
+words named like the command's options (``set=`` for ``--set``); empty values mean "not given" and
+boolean flags take ``true``/``false``. Every other value is passed on exactly as written (never
+re-read as YAML, never stripped). The script then runs the same click command a user runs, so
+`mlflow run . -e STEP` and `lifecycle STEP` cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from typing import Sequence
 
 
 def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
-    """Translate ``["source=x", "overwrite=true", "set=a=1,b=2"]`` into click arguments."""
+    """Translate ``["source=x", "overwrite=true", "set=a=1;b=2"]`` into click arguments.
+
+    Values go as ``--option=VALUE`` and positionals after ``--``, so a value that starts with a
+    dash is a value, not an option.
+    """
     from lifecycle.cli import COMMANDS, cli
 
     ctx_cmd = cli.get_command(None, command)  # type: ignore[arg-type]
     if ctx_cmd is None:
         raise SystemExit(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
     params = {p.name: p for p in ctx_cmd.params}
-    # Also accept the option's own spelling: `set=...` for `--set` whose click name is `overrides`.
+    # The option's own spelling (`set=...` for `--set`, whose click name is `overrides`) and the click name.
     for p in ctx_cmd.params:
         for opt in getattr(p, "opts", []):
             if opt.startswith("--"):
@@ -48,12 +53,13 @@ def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
             continue
         if getattr(param, "multiple", False):
             # MLproject parameters are single strings: several values are separated by ';'.
+            # Whitespace after a ';' separates; the rest of each item is the user's text.
             for item in value.split(";"):
                 if item.strip():
-                    flags += [opt, item.strip()]
+                    flags.append(f"{opt}={item.lstrip()}")
             continue
-        flags += [opt, value]
-    return [command, *positional, *flags]
+        flags.append(f"{opt}={value}")
+    return [command, *flags, "--", *positional]
 
 
 def run(command: str, argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,16 +26,29 @@ from lifecycle.errors import ConfigError
 
 T = TypeVar("T")
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_NULL = {"", "none", "null", "~"}
+
+
+class SetText(str):
+    """The text of a ``--set KEY=VALUE`` value, typed later by the declared type of the field it sets.
+
+    Parsing it earlier (as YAML) is what turned ``--set model_name=012`` into ``10`` and
+    ``--set data.text_column=yes`` into ``True``: only the field knows what the text means.
+    """
+
+
+class FlagValue(str):
+    """A string flag's value, already typed by click: a ``str`` field takes it exactly as written."""
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=x"]`` into a nested mapping ``{"a": {"b": 1}, "c": "x"}``.
+    """Turn ``["a.b=1", "c=x"]`` into a nested mapping ``{"a": {"b": "1"}, "c": "x"}`` of :class:`SetText`.
 
-    Values are parsed as YAML scalars so that ``3e-4``, ``true`` and ``[1, 2]`` mean what they
-    look like; the dataclass coercion then checks them against the declared type.
+    Values stay text here; :func:`from_mapping` types each by the field it sets, so a ``str``
+    field keeps the text exactly and ``3e-4``, ``true`` or ``[1, 2]`` become a number, a bool
+    or a list only where the field is one.
     """
     out: dict[str, Any] = {}
     for item in items:
@@ -43,23 +56,33 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if not key:
+        if not key or any(not part.strip() for part in key.split(".")):
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            # YAML 1.1 reads "3e-4" (no dot) as a string; users mean the number.
-            value = float(value)
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = value
+        _put(out, key, SetText(raw), f"--set {key}")
     return out
+
+
+def nest(flat: Mapping[str, Any], *, what: str = "flag") -> dict[str, Any]:
+    """``{"a.b": 1, "c": 2}`` as ``{"a": {"b": 1}, "c": 2}``, leaving out ``None`` (a flag not given).
+
+    String values become :class:`FlagValue`: taken exactly as written by a ``str`` field.
+    """
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        _put(out, key, FlagValue(value) if isinstance(value, str) else value, f"{what} {key}")
+    return out
+
+
+def _put(out: dict[str, Any], key: str, value: Any, where: str) -> None:
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+    node[parts[-1]] = value
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,6 +125,12 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     tp, optional = _strip_optional(tp)
+    if isinstance(value, SetText):
+        return _coerce_text(str(value), tp, optional, key)
+    if isinstance(value, FlagValue):
+        value = str(value)
+        if tp is str:
+            return value  # a string flag is taken exactly as written: "none", "" and "012" included
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         if optional:
             return None
@@ -127,6 +156,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            pass
         try:
             as_float = float(value)
         except (TypeError, ValueError):
@@ -158,6 +193,78 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def _coerce_text(text: str, tp: Any, optional: bool, key: str) -> Any:
+    """Type the text of ``--set KEY=TEXT`` by the field's declared type ``tp``.
+
+    A ``str`` field takes the text exactly. An optional field is unset by an empty value
+    (``--set KEY=``), or by ``none``/``null`` where the field is not a string.
+    """
+    if optional and (text == "" or (tp is not str and text.strip().lower() in _NULL)):
+        return None
+    if tp is str:
+        return text
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{key}: is a section; set its keys instead ({key}.KEY=VALUE)")
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        for choice in allowed:
+            if text == (choice if isinstance(choice, str) else _scalar_text(choice)):
+                return choice
+        raise ConfigError(f"{key}: {text!r} is not one of {', '.join(map(str, allowed))}")
+    if tp is bool:
+        if text.strip().lower() in _TRUE | _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    if tp is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            pass
+        try:
+            as_float = float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+        if not math.isfinite(as_float) or not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {text!r}")
+        return int(as_float)
+    if tp is float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+        if math.isnan(number):
+            raise ConfigError(f"{key}: expected a number, got {text!r}")
+        return number
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        stripped = text.strip()
+        if stripped.startswith("["):
+            # YAML's BaseLoader keeps every item as text, typed below by the item type like any --set text.
+            items = _yaml_text(stripped, key, loader=yaml.BaseLoader)
+            if not isinstance(items, list):
+                raise ConfigError(f"{key}: expected a list, got {text!r}")
+            items = [SetText(v) if isinstance(v, str) else v for v in items]
+        else:
+            items = [SetText(v.strip()) for v in text.split(",") if v.strip()]
+        if inner is Any:
+            items = [str(v) if isinstance(v, SetText) else v for v in items]
+        return _coerce(items, tp, key)
+    # Mappings and untyped fields have no text form of their own: read them as YAML.
+    return _coerce(_yaml_text(text, key), tp, key)
+
+
+def _scalar_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _yaml_text(text: str, key: str, loader: Any = yaml.SafeLoader) -> Any:
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader or BaseLoader only
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read {text!r} ({getattr(exc, 'problem', None) or 'invalid YAML'})") from None
 
 
 def _changed(custom: Mapping[str, Any], plain: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,11 +332,12 @@ def load_config(
     """Resolve a stage config: dataclass defaults < YAML file < explicit flags < ``--set``.
 
     ``flags`` whose value is ``None`` are ignored so that unset CLI options keep the file's or the
-    default's value. Dotted flag names (``"optim.lr"``) address nested sections.
+    default's value. Dotted flag names (``"optim.lr"``) address nested sections. A flag's value is
+    taken as given (a string flag exactly as written); only ``--set`` text is typed, by the field.
     """
     data: dict[str, Any] = load_yaml(path) if path else {}
-    flag_items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
-    data = deep_merge(data, parse_overrides(flag_items))
+    # Flags are typed by click already: merged as values, never re-read as text.
+    data = deep_merge(data, nest(flags))
     data = deep_merge(data, parse_overrides(overrides))
     return from_mapping(cls, data)
 

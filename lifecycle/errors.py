@@ -20,10 +20,15 @@ code  meaning
 11    monitor verdict ``retrain``         (used by ``lifecycle monitor``)
 12    training diverged (loss became NaN/inf)
 13    out of memory on the accelerator
+14    the operating system refused a file operation: an output folder cannot be written
+      (permission, read-only or full disk, a parent that is a file), an input cannot be read
+15    a network address cannot be used (port in use, out of range, address not available)
 ====  ==========================================================
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class LifecycleError(Exception):
@@ -90,3 +95,40 @@ class AcceleratorOutOfMemoryError(LifecycleError):
     """The accelerator ran out of memory."""
 
     exit_code = 13
+
+
+class FileSystemError(LifecycleError):
+    """The operating system refused to read or write a file or folder (permission, disk full ...)."""
+
+    exit_code = 14
+
+
+class AddressUnavailableError(LifecycleError):
+    """A network address cannot be bound or used: port in use, out of range, address not available."""
+
+    exit_code = 15
+
+
+#: errno values that mean "this address or port cannot be used".
+_ADDRESS_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL}
+#: errno values that mean "nothing can be written here".
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def from_os_error(exc: OSError, what: str = "", *, writing: bool = False) -> LifecycleError:
+    """The one-line error a user sees for an operating-system error ``exc`` (``what``: the doing).
+
+    A missing input is bad input data (4), a port that cannot be bound is 15, and every other
+    refusal by the operating system (permission, full or read-only disk, a path under a file, a
+    folder missing where something is ``writing``) is 14.
+    """
+    prefix = f"{what}: " if what else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    where = f" ({' -> '.join(names)})" if names else ""
+    text = " ".join(f"{prefix}{reason}{where}".split())  # one line, whatever the OS put in it
+    if exc.errno in _ADDRESS_ERRNOS:
+        return AddressUnavailableError(text)
+    if isinstance(exc, FileNotFoundError) and not writing:
+        return DataError(text)
+    return FileSystemError(text)

@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+import mlflow
+from mlflow.tracking import MlflowClient
+
 from lifecycle.config import config_digest, flatten, to_dict
 from lifecycle.data.config import PackConfig, PrepareConfig, TokenizerConfig
+from lifecycle.data.prepare import prepare as prepare_data
 from lifecycle.errors import ConfigError, GateRejected
 from lifecycle.evaluate.config import EvalConfig
+from lifecycle.evaluate.run import evaluate_model
+from lifecycle.registry.promote import promote as promote_version
+from lifecycle.tracking import code_version, mask_mapping, mask_secrets, stage_run
 from lifecycle.train.config import TrainConfig
+from lifecycle.train.run import train as train_model
 
 TAG_CACHE_KEY = "lifecycle.cache_key"
 TAG_OUTPUTS = "lifecycle.outputs"
@@ -104,16 +112,12 @@ def source_fingerprint(uri: str) -> str:
 
 def cache_key(step: str, *parts: Any) -> str:
     """Key of a step: its name, the code version and everything that determines its result."""
-    from lifecycle.tracking import code_version
-
     blob = json.dumps([step, code_version(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def find_cached(key: str, experiment_id: str) -> Any | None:
     """The newest FINISHED run of ``experiment_id`` tagged with ``key``, or None."""
-    import mlflow
-
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=f"tags.`{TAG_CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
@@ -142,8 +146,6 @@ class StepRunner:
 
     def _step(self, name: str, key: str | None, fn: Callable[[], dict[str, Any]],
               valid: Callable[[dict[str, Any]], bool] = lambda _: True) -> StepResult:
-        import mlflow
-
         parent = mlflow.active_run()
         if key and not self.force:
             cached = find_cached(key, parent.info.experiment_id)
@@ -159,7 +161,7 @@ class StepRunner:
         tags = {TAG_CACHE_KEY: key} if key else {}
         with mlflow.start_run(run_name=name, nested=True, tags=tags) as child:
             outputs = fn()
-            mlflow.set_tag(TAG_OUTPUTS, json.dumps(outputs, default=str))
+            mlflow.set_tag(TAG_OUTPUTS, mask_secrets(json.dumps(outputs, default=str)))
         result = StepResult(name, child.info.run_id, outputs)
         self.steps.append(result)
         return result
@@ -168,12 +170,10 @@ class StepRunner:
     def run_prepare(self, cfg: PrepareConfig, output: Path, *, name: str = "prepare",
                     key_extra: tuple[Any, ...] = ()) -> StepResult:
         """Prepare ``cfg.source`` into ``output``; outputs ``data`` (local), ``data_uri``, ``digest``, ``run_id``."""
-        from lifecycle.data.prepare import prepare
-
         key = cache_key(name, to_dict(cfg), source_fingerprint(cfg.source.uri), *key_extra)
 
         def run() -> dict[str, Any]:
-            outcome = prepare(cfg, output, overwrite=True, run_name=name)
+            outcome = prepare_data(cfg, output, overwrite=True, run_name=name)
             return {"data": str(outcome.output), "data_uri": f"runs:/{outcome.run_id}/prepared",
                     "digest": outcome.card["digest"], "run_id": outcome.run_id}
 
@@ -189,15 +189,13 @@ class StepRunner:
 
     def run_train(self, cfg: TrainConfig, data: dict[str, Any], *, name: str = "train") -> StepResult:
         """Train ``cfg`` on the prepared ``data`` and register a version of ``model_name``."""
-        from lifecycle.train.run import train
-
         cfg = dataclasses.replace(cfg, model_name=self.model_name)
         # Where checkpoints go and whether a bar is drawn do not change the model.
         keyed = {k: v for k, v in flatten(cfg).items() if k not in ("output", "progress", "system_metrics")}
         key = cache_key(name, keyed, data["digest"])
 
         def run() -> dict[str, Any]:
-            outcome = train(cfg, data["data"], overwrite=True)
+            outcome = train_model(cfg, data["data"], overwrite=True)
             return {"model_uri": outcome.model_uri, "version": outcome.version, "train_run_id": outcome.run_id,
                     "best_val_loss": outcome.best_val_loss}
 
@@ -207,8 +205,6 @@ class StepRunner:
                      baseline: str | None = None, name: str = "evaluate",
                      valid: Callable[[dict[str, Any]], bool] | None = None) -> StepResult:
         """Evaluate ``version`` on ``data`` (against ``baseline`` when given)."""
-        from lifecycle.evaluate.run import evaluate_model
-
         model_uri = f"models:/{self.model_name}/{version}"
         train_run = self._version_tag(version, "train_run_id")
         key = cache_key(name, to_dict(cfg), data_digest, model_uri, train_run, baseline)
@@ -227,8 +223,6 @@ class StepRunner:
 
     def promote(self, version: str, target: str) -> StepResult:
         """Promote ``version`` to ``target`` under the policy; a refusal is a result, not a crash."""
-        from lifecycle.registry.promote import promote
-
         name = f"promote_{target}"
         current = self._alias(target)
         if current == version:
@@ -239,7 +233,7 @@ class StepRunner:
 
         def run() -> dict[str, Any]:
             try:
-                outcome = promote(self.model_name, version, target, policy_path=self.policy,
+                outcome = promote_version(self.model_name, version, target, policy_path=self.policy,
                                   reason=f"lifecycle {self.reason}")
             except GateRejected as rejected:
                 # A refusal is a result, not a crash: production usually waits for a person.
@@ -254,8 +248,6 @@ class StepRunner:
 
     # -- registry lookups -------------------------------------------------------------------------
     def _client(self) -> Any:
-        from mlflow.tracking import MlflowClient
-
         return MlflowClient()
 
     def _version_exists(self, version: str | None) -> bool:
@@ -302,13 +294,9 @@ class Pipeline(StepRunner):
 
     def run(self) -> PipelineOutcome:
         """Run every step in order under one parent run."""
-        import mlflow
-
-        from lifecycle.tracking import stage_run
-
         with stage_run("pipeline", run_name="pipeline") as parent:
-            mlflow.log_params({f"pipeline.{k}": v[:6000] for k, v in flatten(self.cfg).items()
-                               if not k.startswith(("prepare.", "train.", "evaluate."))})
+            mlflow.log_params(mask_mapping({f"pipeline.{k}": v[:6000] for k, v in flatten(self.cfg).items()
+                                            if not k.startswith(("prepare.", "train.", "evaluate."))}))
             mlflow.set_tag("pipeline.config_digest", config_digest(self.cfg))
             data = self.prepare().outputs
             model = self.train(data).outputs

@@ -31,10 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+import mlflow
+
 from lifecycle.config import deep_merge, flatten, from_mapping, parse_overrides
+from lifecycle.data.config import PrepareConfig, SourceConfig
+from lifecycle.data.pii import scrub
+from lifecycle.data.sources import check_source, iter_documents
 from lifecycle.errors import ConfigError, DataError, NotFoundError
 from lifecycle.evaluate.config import EvalConfig
+from lifecycle.monitoring.records import parse_since, read_records, records_path
+from lifecycle.monitoring.run import resolve_version
 from lifecycle.pipeline import StepResult, StepRunner
+from lifecycle.tracking import TAG_DATA_RUN, mask_mapping, resolve_artifact, stage_run
 from lifecycle.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -115,9 +123,6 @@ def served_prompts(name: str, *, records: str | None, since: str = "all") -> tup
     serving stage scrubs recorded text already; scrubbing again costs little and protects
     against records written by another scrubber version or by hand.
     """
-    from lifecycle.data.pii import scrub
-    from lifecycle.monitoring.records import parse_since, read_records, records_path
-
     path = records_path(records)
     start = parse_since(since)
     texts: list[str] = []
@@ -149,8 +154,6 @@ def served_prompts(name: str, *, records: str | None, since: str = "all") -> tup
 
 def _write_combined(source: Any, prompts: Sequence[str], out: Path) -> int:
     """The new data's documents and the served prompts as one JSONL source; documents written."""
-    from lifecycle.data.sources import iter_documents
-
     n = 0
     with out.open("w", encoding="utf-8") as fh:
         for text in iter_documents(source):
@@ -167,8 +170,6 @@ def prepare_config(base_card: dict[str, Any], *, source: str, text_column: str, 
     """The prepare config of the new data: the production data's, with the new source, the
     production tokenizer and dedup against the production data (``overrides`` on top, as
     ``prepare.KEY=VALUE`` or ``KEY=VALUE``)."""
-    from lifecycle.data.config import PrepareConfig
-
     base = dict(base_card.get("config") or {})
     # The source section is the new data's own (the old one may have capped max_documents).
     base["source"] = {"uri": source, "text_column": text_column}
@@ -192,9 +193,6 @@ class Retrain(StepRunner):
 
     def _base(self) -> tuple[Any, str, str, dict[str, Any]]:
         """The version to start from, its data run, that data's URI and data card."""
-        from lifecycle.monitoring.run import resolve_version
-        from lifecycle.tracking import TAG_DATA_RUN, resolve_artifact
-
         mv = resolve_version(self.model_name, self.cfg.from_alias, None)
         data_run = (mv.tags or {}).get(TAG_DATA_RUN)
         if not data_run:
@@ -209,12 +207,6 @@ class Retrain(StepRunner):
 
     def run(self) -> RetrainOutcome:
         """Check the inputs, then run every step in order under one parent run."""
-        import mlflow
-
-        from lifecycle.data.config import SourceConfig
-        from lifecycle.data.sources import check_source
-        from lifecycle.tracking import resolve_artifact, stage_run
-
         # -- everything that can be refused, before any run exists ---------------------------------
         mv, base_data_run, base_data_uri, base_card = self._base()
         base_version = str(mv.version)
@@ -246,10 +238,11 @@ class Retrain(StepRunner):
         if self.monitor_run:
             tags["retrain.monitor_run_id"] = self.monitor_run  # the verdict that started this
         with stage_run("retrain", run_name=f"retrain-{self.model_name}", tags=tags) as parent:
-            mlflow.log_params({"retrain.new_data": self.new_data[:6000], "retrain.base_model": base_uri,
-                               "retrain.base_data": base_data_uri, "retrain.served_prompt_count": len(prompts),
-                               **{f"retrain.{k}": v[:6000] for k, v in flatten(self.cfg).items()
-                                  if not k.startswith(("train.", "evaluate."))}})
+            mlflow.log_params(mask_mapping({
+                "retrain.new_data": self.new_data[:6000], "retrain.base_model": base_uri,
+                "retrain.base_data": base_data_uri, "retrain.served_prompt_count": len(prompts),
+                **{f"retrain.{k}": v[:6000] for k, v in flatten(self.cfg).items()
+                   if not k.startswith(("train.", "evaluate."))}}))
             if prompt_counts:
                 mlflow.log_metrics({f"retrain/served_{k}": float(v) for k, v in prompt_counts.items()})
                 self.echo("[served prompts] " + ", ".join(f"{v} from {k.replace('/', ' ')}" for k, v in
@@ -305,8 +298,6 @@ class Retrain(StepRunner):
 
     def _evaluate_new_data(self, data: dict[str, Any], version: str, base_uri: str) -> dict[str, float]:
         """Both versions on the new data's test split (no gate tags written); {} when skipped."""
-        import mlflow
-
         if not self.cfg.evaluate_new_data:
             return {}
         card_path = Path(data["data"]) / "data_card.json"

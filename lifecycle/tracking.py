@@ -5,6 +5,9 @@ MLflow 3.x) unless ``MLFLOW_TRACKING_URI`` is set; nothing here ever calls
 ``set_tracking_uri`` or creates ``./mlruns``: with a database URI and no server, MLflow would put
 artifacts under ``./mlruns`` of whatever directory the command runs in, so the CLI points them at
 ``mlartifacts`` beside the database instead (:func:`use_local_artifact_root`).
+
+MLflow is imported inside the functions that talk to it: the CLI imports this module for every
+command (``lifecycle --help`` included) and must answer without paying MLflow's import time.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -39,6 +43,26 @@ TAG_TRAIN_RUN = "train_run_id"
 TAG_BASE_MODEL = "base_model"
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent
+
+#: ``scheme://userinfo@``: the userinfo runs to the last ``@`` before the host (a password may hold
+#: an unescaped ``@``), never across whitespace, quotes or a ``/`` (the path).
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#'\"<>]*)@")
+MASK = "***"
+
+
+def mask_secrets(text: Any) -> str:
+    """``text`` with the credentials of every ``scheme://user:password@host`` replaced by ``***``.
+
+    The one masking function: used wherever a URI may be logged, tagged, rendered or put in an
+    error (tune's storage, the tracking URI, sources, the CLI's error line). The user name goes
+    too: with a token scheme it is the secret itself.
+    """
+    return _URI_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{MASK}@", str(text))
+
+
+def mask_mapping(values: Mapping[str, Any]) -> dict[str, str]:
+    """``values`` (params or tags) as strings with :func:`mask_secrets` applied to each value."""
+    return {key: mask_secrets(value) for key, value in values.items()}
 
 
 def code_version() -> str:
@@ -112,17 +136,20 @@ def use_local_artifact_root() -> None:
 
 
 def tracking_uri() -> str:
-    """The tracking URI in force (MLflow's default unless ``MLFLOW_TRACKING_URI`` is set)."""
+    """The tracking URI in force (MLflow's default unless ``MLFLOW_TRACKING_URI`` is set), credentials masked.
+
+    For messages and pages: a ``user:password@`` in it never reaches a user's screen or a log.
+    """
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    return mask_secrets(mlflow.get_tracking_uri())
 
 
 def translate_mlflow_error(exc: Exception, what: str = "") -> LifecycleError:
     """Map an MLflow/requests exception to the error type a user must tell apart."""
     from mlflow.exceptions import MlflowException
 
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = mask_secrets(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     prefix = f"{what}: " if what else ""
     if isinstance(exc, MlflowException):
         code = getattr(exc, "error_code", "")
@@ -151,7 +178,7 @@ def stage_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, str
     experiment_id = None
     if experiment and not os.environ.get("MLFLOW_RUN_ID") and not nested:
         experiment_id = get_or_create_experiment(experiment)
-    all_tags = {TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), **(tags or {})}
+    all_tags = mask_mapping({TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), **(tags or {})})
     active = mlflow.active_run()
     if active is not None and not nested:
         mlflow.set_tags(all_tags)

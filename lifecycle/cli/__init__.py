@@ -2,21 +2,29 @@
 
 Each stage's commands live in their own module under ``lifecycle/cli/`` and are imported only
 when invoked, so ``lifecycle --help`` answers without importing torch or MLflow. This is the one
-place where :class:`~lifecycle.errors.LifecycleError` becomes a one-line message and an exit code.
+place where :class:`~lifecycle.errors.LifecycleError` (and an operating-system error: permission,
+full disk, port in use) becomes a one-line message and an exit code.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
-from lifecycle.errors import LifecycleError
+from lifecycle.errors import (
+    AddressUnavailableError,
+    FileSystemError,
+    LifecycleError,
+    TrackingUnavailableError,
+    from_os_error,
+)
 
 # command name -> (module, attribute, one-line help shown by `lifecycle --help`).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -30,40 +38,29 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "guard": ("lifecycle.cli.registry_cmd", "guard", "The webhook guard that holds UI promotions to the policy."),
     "serve": ("lifecycle.cli.serve_cmd", "serve", "Serve a registered model with `mlflow models serve`."),
     "monitor": ("lifecycle.cli.monitor_cmd", "monitor", "Drift and service metrics from inference records."),
-    "report": ("lifecycle.cli.monitor_cmd", "report", "Write the self-contained HTML report of a model."),
-    "retrain": ("lifecycle.cli.monitor_cmd", "retrain", "Continuous training on new data."),
+    "report": ("lifecycle.cli.report_cmd", "report", "Write the self-contained HTML report of a model."),
+    "retrain": ("lifecycle.cli.retrain_cmd", "retrain", "Continuous training on new data."),
     "tune": ("lifecycle.cli.optimize_cmd", "tune", "Hyperparameter search with Optuna."),
     "compress": ("lifecycle.cli.optimize_cmd", "compress", "Make a compressed variant of a registered version."),
     "pipeline": ("lifecycle.cli.pipeline_cmd", "pipeline", "Run the whole lifecycle as one command."),
 }
 
 
-def _available(name: str) -> bool:
-    module, attr, _ = COMMANDS[name]
-    if importlib.util.find_spec(module) is None:
-        return False
-    # A module may exist before all of its commands do (monitor before report/retrain): the
-    # command modules import their heavy dependencies lazily, so importing one here is cheap.
-    return hasattr(importlib.import_module(module), attr)
-
-
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if _available(name)]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS or not _available(cmd_name):
+        if cmd_name not in COMMANDS:
             return None
         module, attr, _ = COMMANDS[cmd_name]
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_text) for name, (_, _, help_text) in COMMANDS.items()])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,23 +75,78 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
 
 
+def check_writable(path: str | os.PathLike[str], flag: str, *, file: bool = False) -> None:
+    """Refuse up front an output that the operating system will not let us write (exit 14).
+
+    ``path`` is a folder to create or fill (``file``: a file to write). The nearest folder that
+    exists is probed by creating and removing a temporary file in it, which also catches what
+    permission bits do not show (a read-only or full disk, /proc, a root-squashed mount), so a
+    long run never fails at its last write. Nothing is left behind. An existing ``path`` that is
+    not a folder is left to the command (it is "the output exists", exit 6, there).
+    """
+    target = Path(path).expanduser().absolute()
+    probe = target.parent if file else target
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == target:
+            return
+        raise FileSystemError(f"{flag} {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lifecycle-write-check-", dir=probe)
+    except OSError as exc:
+        raise from_os_error(exc, f"{flag} {path}: cannot write in {probe}", writing=True) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _shown(exc: BaseException | str) -> str:
+    """The error's message as shown: the credentials of any URI in it masked."""
+    from lifecycle.tracking import mask_secrets
+
+    return mask_secrets(str(exc) or type(exc).__name__)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Run the CLI, turning library errors into one-line messages and their exit codes."""
+    """Run the CLI, turning library and operating-system errors into one-line messages and exit codes."""
     # Distributed workers (torchrun) print errors once, from rank 0.
     quiet_rank = os.environ.get("RANK", "0") != "0"
     from lifecycle.tracking import use_local_artifact_root
 
     use_local_artifact_root()
     try:
-        return cli.main(args=list(argv) if argv is not None else None, prog_name="lifecycle", standalone_mode=False)
+        try:
+            return cli.main(args=list(argv) if argv is not None else None, prog_name="lifecycle",
+                            standalone_mode=False)
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
+            # requests' errors and these are OSErrors too, but mean "cannot reach", not "cannot write".
+            raise TrackingUnavailableError(f"cannot connect: {' '.join(str(exc).split())}") from exc
+        except OSError as exc:
+            if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):
+                raise TrackingUnavailableError(f"cannot connect: {' '.join(str(exc).split())}") from exc
+            # Permission denied, disk full, port in use ...: the user's to fix, not a crash.
+            raise from_os_error(exc) from exc
+        except OverflowError as exc:
+            if "port" not in str(exc):
+                raise
+            # socket.bind() refuses a port above 65535 with OverflowError, not OSError.
+            raise AddressUnavailableError(" ".join(str(exc).split())) from exc
+        except Exception as exc:
+            # A database that cannot be reached (the tracking store, a study storage) surfaces as
+            # SQLAlchemy's OperationalError (after MLflow's own retries): not a crash either.
+            if type(exc).__name__ == "OperationalError" and type(exc).__module__.startswith("sqlalchemy"):
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TrackingUnavailableError(f"cannot reach the database: {first}") from exc
+            raise
     except LifecycleError as exc:
         if not quiet_rank:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_shown(exc)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
+        exc.message = _shown(exc.message)
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:

@@ -10,12 +10,13 @@ _SHOWN = ("loss", "perplexity", "bits_per_byte", "rougeL", "bleu", "exact_match"
 
 
 @click.command("evaluate")
-@click.option("--model", required=True, help="Model: folder, runs:/<run_id>/model, models:/NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--model", required=True,
+              help="Model: folder, runs:/<run_id>/model, models:/NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--data", required=True,
               help="Prepared data (folder or runs:/<run_id>/prepared) or a raw source (text/JSONL file, hf:NAME).")
 @click.option("--baseline", help="Compare against this model (default: models:/NAME@production when --model "
                                  "names another version of NAME).")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+@click.option("--prompts", "prompts", type=click.Path(dir_okay=False),
               help="Prompt set: JSONL with 'prompt' and 'reference' (default: the split's documents cut in two).")
 @click.option("--split", help="Split of prepared data: train, validation or test (default test).")
 @click.option("--checks", help="Behavioural suite YAML (default: the packaged checks.yaml).")
@@ -25,7 +26,7 @@ _SHOWN = ("loss", "perplexity", "bits_per_byte", "rougeL", "bleu", "exact_match"
 @click.option("--no-baseline", is_flag=True, help="Do not compare with the production version by default.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of EvalConfig keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
-def evaluate(model: str, data: str, baseline: str | None, prompts_file: str | None, split: str | None,
+def evaluate(model: str, data: str, baseline: str | None, prompts: str | None, split: str | None,
              checks: str | None, device: str | None, experiment: str | None, no_tags: bool, no_baseline: bool,
              config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Evaluate MODEL on DATA in one MLflow run; tag the registered version with the results.
@@ -46,7 +47,7 @@ def evaluate(model: str, data: str, baseline: str | None, prompts_file: str | No
              "write_tags": False if no_tags else None,
              "compare.default_to_production": False if no_baseline else None}
     cfg = load_config(EvalConfig, config_path, overrides, **flags)
-    out = evaluate_model(model, data, cfg=cfg, baseline=baseline, prompts_file=prompts_file)
+    out = evaluate_model(model, data, cfg=cfg, baseline=baseline, prompts_file=prompts)
     shown = "  ".join(f"{k}={out.metrics[k]:.4g}" for k in _SHOWN if k in out.metrics)
     click.echo(f"Evaluated {model} on data {out.data_digest[:12]}: {shown}")
     failed = [k[len('check_'):] for k, v in out.metrics.items() if k.startswith("check_") and v < 1]

@@ -11,13 +11,17 @@ import click
 @click.option("--data", required=True, help="Prepared data: a folder or runs:/<run_id>/prepared.")
 @click.option("--space", "space_path", required=True, type=click.Path(dir_okay=False),
               help="Search-space YAML (params, fixed, pruner, sampler, enqueue); see examples/tune_space.yaml.")
-@click.option("--trials", type=int, required=True, help="Finished trials the study should hold (a resume runs the rest).")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Trials run in parallel (threads of this process).")
+@click.option("--trials", type=int, required=True,
+              help="Finished trials the study should hold (a resume runs the rest).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Trials run in parallel (threads of this process).")
 @click.option("--study-name", help="Optuna study name (default: <model-name>-tune); the same name resumes.")
 @click.option("--storage", help="Optuna storage URL (default: optuna.db beside a sqlite tracking database).")
 @click.option("--model-name", help="Registered model name for the best trial (default: lifecycle-lm).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of TrainConfig keys shared by every trial.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a shared TrainConfig key (repeatable).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML file of TrainConfig keys shared by every trial.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a shared TrainConfig key (repeatable).")
 @click.option("--output", help="Folder for the trials' checkpoints (default: tune/<study-name>).")
 @click.option("--experiment", help="MLflow experiment of the parent run.")
 @click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
@@ -59,8 +63,10 @@ def tune(data: str, space_path: str, trials: int, jobs: int, study_name: str | N
 @click.argument("name")
 @click.argument("version")
 @click.option("--method", required=True, type=click.Choice(["int8-dynamic", "fp16", "bf16"]),
-              help="int8-dynamic: int8 linear layers for CPU serving; fp16/bf16: half-precision weights for GPU serving.")
-@click.option("--data", help="Data to measure parent and variant on (default: the data of the parent's last evaluation).")
+              help="int8-dynamic: int8 linear layers for CPU serving; "
+                   "fp16/bf16: half-precision weights for GPU serving.")
+@click.option("--data",
+              help="Data to measure parent and variant on (default: the data of the parent's last evaluation).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device for the measurements (int8: cpu).")
 @click.option("--experiment", help="MLflow experiment of the run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of EvalConfig keys.")

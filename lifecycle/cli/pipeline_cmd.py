@@ -23,12 +23,14 @@ def pipeline(config_path: str | None, overrides: tuple[str, ...], source: str | 
              preset: str | None, max_steps: int | None, workdir: str | None, policy: str | None,
              promote_to: str | None, force: bool) -> None:
     """Run the whole lifecycle as child runs of one parent MLflow run, reusing unchanged steps."""
+    from lifecycle.cli import check_writable
     from lifecycle.config import load_config
     from lifecycle.pipeline import PipelineConfig, run_pipeline
 
     flags = {"prepare.source.uri": source, "model_name": model_name, "train.preset": preset,
              "train.max_steps": max_steps, "workdir": workdir, "policy": policy, "promote_to": promote_to}
     cfg = load_config(PipelineConfig, config_path, overrides, **flags)
+    check_writable(cfg.workdir, "--workdir")
     outcome = run_pipeline(cfg, force=force, echo=lambda msg: click.echo(msg))
 
     reused = [s.name for s in outcome.steps if s.reused and s.status != "already"]

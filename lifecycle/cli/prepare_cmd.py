@@ -8,11 +8,15 @@ import click
 
 
 @click.command("prepare")
-@click.option("--source", default=None, help="File, folder, hf:NAME[:CONFIG], saved dataset, runs:/ URI or builtin:pydoc (default).")
+@click.option("--source", default=None,
+              help="File, folder, hf:NAME[:CONFIG], saved dataset, runs:/ URI or builtin:pydoc (default).")
 @click.option("--output", required=True, type=click.Path(), help="Prepared data folder to create.")
-@click.option("--config", "config", default=None, type=click.Path(), help="YAML file with a PrepareConfig.")
-@click.option("--set", "set", multiple=True, help="Override a config key, e.g. --set quality.min_words=20.")
-@click.option("--tokenizer", default=None, help="Reuse a tokenizer: folder, model, prepared data, runs:/ or models:/ URI.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="YAML file with a PrepareConfig.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set quality.min_words=20 (repeatable).")
+@click.option("--tokenizer", default=None,
+              help="Reuse a tokenizer: folder, model, prepared data, runs:/ or models:/ URI.")
 @click.option("--vocab-size", type=int, default=None, help="Vocabulary size of a trained BPE tokenizer.")
 @click.option("--block-size", type=int, default=None, help="Tokens per packed block.")
 @click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
@@ -24,25 +28,30 @@ import click
 @click.option("--response-column", default=None, help="sft: column of the response (default response).")
 @click.option("--messages-column", default=None, help="sft: column of chat messages (default messages).")
 @click.option("--document-per-file", is_flag=True, default=False, help=".txt/.md: one document per file.")
-@click.option("--dedup-against", default=None, help="Earlier prepared data to deduplicate against (folder or runs:/ URI).")
-@click.option("--pii", type=click.Choice(["replace", "drop", "off"]), default=None, help="Replace PII with placeholders, drop the document, or off.")
-@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help="Non-UTF-8 bytes: fail (strict) or replace and count.")
+@click.option("--dedup-against", default=None,
+              help="Earlier prepared data to deduplicate against (folder or runs:/ URI).")
+@click.option("--pii", type=click.Choice(["replace", "drop", "off"]), default=None,
+              help="Replace PII with placeholders, drop the document, or off.")
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
+              help="Non-UTF-8 bytes: fail (strict) or replace and count.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output folder.")
 @click.option("--num-proc", type=int, default=None, help="Worker processes for the per-document steps.")
 @click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
-def prepare(source: str | None, output: str, config: str | None, set: tuple[str, ...],  # noqa: A002 - flag names
+def prepare(source: str | None, output: str, config_path: str | None, overrides: tuple[str, ...],
             tokenizer: str | None, vocab_size: int | None, block_size: int | None, max_documents: int | None,
             text_column: str | None, data_format: str | None, prompt_column: str | None,
-            response_column: str | None, messages_column: str | None, document_per_file: bool, dedup_against: str | None, pii: str | None,
+            response_column: str | None, messages_column: str | None, document_per_file: bool,
+            dedup_against: str | None, pii: str | None,
             errors: str | None, overwrite: bool, num_proc: int | None, seed: int | None) -> None:
     """Clean, filter, deduplicate, scrub, split, tokenize and pack a corpus into OUTPUT."""
+    from lifecycle.cli import check_writable
     from lifecycle.config import load_config
     from lifecycle.data.config import PrepareConfig
     from lifecycle.data.prepare import prepare as run_prepare
 
     # Parameter names match the flags (and the MLproject parameters: entrypoints/_run.py).
     cfg = load_config(
-        PrepareConfig, config, set,
+        PrepareConfig, config_path, overrides,
         **{
             "source.uri": source,
             "source.text_column": text_column,
@@ -62,6 +71,7 @@ def prepare(source: str | None, output: str, config: str | None, set: tuple[str,
             "seed": seed,
         },
     )
+    check_writable(output, "--output")
     outcome = run_prepare(cfg, output, overwrite=overwrite)
     card = outcome.card
     summary = {

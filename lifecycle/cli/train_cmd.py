@@ -32,6 +32,7 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
 
     Run under `torchrun --nproc_per_node N -m lifecycle train ...` for DDP training.
     """
+    from lifecycle.cli import check_writable
     from lifecycle.config import load_config
     from lifecycle.train.config import TrainConfig
     from lifecycle.train.loop import TrainingInterrupted
@@ -40,6 +41,7 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
     cfg = load_config(TrainConfig, config_path, overrides, preset=preset, base_model=base_model,
                       max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                       output=output, model_name=model_name)
+    check_writable(cfg.output, "--output")
     try:
         outcome = run_train(cfg, data, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:

@@ -238,7 +238,8 @@ def open_study(name: str, storage_url: str, space: Space, digest: str, data_dige
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                  heartbeat_stale_trial_callback=_mark_stale)
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
-        raise ConfigError(f"cannot open the study storage {storage_url}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot open the study storage {tracking.mask_secrets(storage_url)}: "
+                          f"{tracking.mask_secrets(str(exc).splitlines()[0])}") from None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=space.pruner.get("n_startup_trials", 2),
                                          n_warmup_steps=space.pruner.get("n_warmup_steps", 0),
                                          interval_steps=space.pruner.get("interval_steps", 1))
@@ -255,8 +256,9 @@ def open_study(name: str, storage_url: str, space: Space, digest: str, data_dige
     if resumed:
         theirs = study.user_attrs.get("space_digest")
         if theirs and theirs != digest:
-            raise ConfigError(f"study {name!r} in {storage_url} was made with another search space or training "
-                              "config; resume it with the same --space/--config/--set, or pick a new --study-name")
+            raise ConfigError(f"study {name!r} in {tracking.mask_secrets(storage_url)} was made with another "
+                              "search space or training config; resume it with the same --space/--config/--set, "
+                              "or pick a new --study-name")
         if study.user_attrs.get("data_digest") not in (None, data_digest):
             raise DataError(f"study {name!r} was run on other data (digest {study.user_attrs['data_digest'][:12]}); "
                             "resume it on the same data, or pick a new --study-name")
@@ -309,7 +311,9 @@ def tune(data: str, space: Space, *, trials: int, base: Mapping[str, Any], jobs:
     to_run = max(0, trials - done_before)
 
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    tags = {"optuna.study": name, "optuna.storage": storage_url, tracking.TAG_DATA_DIGEST: lineage.digest}
+    # The storage URL may hold a password (postgresql://user:pw@host/db): masked wherever it is shown.
+    shown_storage = tracking.mask_secrets(storage_url)
+    tags = {"optuna.study": name, "optuna.storage": shown_storage, tracking.TAG_DATA_DIGEST: lineage.digest}
     if parent_id and mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID") and _run_exists(parent_id):
         run_ctx: Any = mlflow.start_run(run_id=parent_id)
     else:
@@ -318,9 +322,9 @@ def tune(data: str, space: Space, *, trials: int, base: Mapping[str, Any], jobs:
         parent_id = parent.info.run_id
         mlflow.set_tags(tags)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
-        _log_params_once(parent_id, {"tune.space": space.path, "tune.study": name, "tune.storage": storage_url,
-                                     "tune.data": data, "tune.params": ", ".join(space.names),
-                                     **{f"tune.base.{k}": v for k, v in flatten(dict(base)).items()}})
+        _log_params_once(parent_id, tracking.mask_mapping({
+            "tune.space": space.path, "tune.study": name, "tune.storage": shown_storage, "tune.data": data,
+            "tune.params": ", ".join(space.names), **{f"tune.base.{k}": v for k, v in flatten(dict(base)).items()}}))
         mlflow.log_param(f"tune.trials.{done_before}", trials)  # one per invocation: the trials asked for
         from tqdm.auto import tqdm
 
@@ -336,7 +340,7 @@ def tune(data: str, space: Space, *, trials: int, base: Mapping[str, Any], jobs:
                     mlflow.set_tag("tune.state", "INTERRUPTED")
                     mlflow.end_run("KILLED")
                 raise
-        outcome = _summarise(study, name, storage_url, parent_id, len(_finished(study)) - done_before, resumed)
+        outcome = _summarise(study, name, shown_storage, parent_id, len(_finished(study)) - done_before, resumed)
         _log_summary(study, outcome)
         if register and outcome.best_trial is not None:
             outcome.model_uri, outcome.version = register_best(study, space, base, data, runner, parent_id)

@@ -23,6 +23,7 @@ def colour(i: int) -> str:
 
 
 def _pyplot():
+    # Imported here: the backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers and in CI

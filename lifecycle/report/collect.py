@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from lifecycle.errors import NotFoundError, PermissionDeniedError, TrackingUnavailableError
+from lifecycle.registry.ledger import Ledger
+from lifecycle.tracking import _describe_registered, mask_secrets, translate_mlflow_error
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +101,6 @@ class ReportData:
 
 
 def _run_info(client: Any, run_id: str) -> RunInfo:
-    from mlflow.exceptions import MlflowException
-
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -119,8 +125,6 @@ def _curves(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def _search_stage(name: str, stage: str, max_results: int) -> list[Any]:
-    import mlflow
-
     quoted = name.replace("'", "\\'")
     return mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=max_results,
                               filter_string=f"tags.model_name = '{quoted}' and tags.`lifecycle.stage` = '{stage}'",
@@ -143,16 +147,6 @@ def _monitor_images(client: Any, run_id: str, tmp: Path) -> dict[str, bytes]:
 
 def collect(name: str, *, monitor_history: int = 10) -> ReportData:
     """Read everything the report of registered model ``name`` shows."""
-    import tempfile
-    import time
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from lifecycle.registry.ledger import Ledger
-    from lifecycle.tracking import _describe_registered, translate_mlflow_error
-
     client = MlflowClient()
     try:
         model = client.get_registered_model(name)
@@ -200,7 +194,8 @@ def collect(name: str, *, monitor_history: int = 10) -> ReportData:
     retrains = [_run_info(client, r.info.run_id) for r in _search_stage(name, "retrain", 20)]
     return ReportData(name=name, description=model.description or "", aliases=aliases, versions=versions,
                       data_runs=data_runs, eval_runs=eval_runs, events=events, monitor=monitor,
-                      monitor_history=history, retrain_runs=retrains, tracking_uri=mlflow.get_tracking_uri(),
+                      monitor_history=history, retrain_runs=retrains,
+                      tracking_uri=mask_secrets(mlflow.get_tracking_uri()),
                       generated=time.time())
 
 
@@ -214,7 +209,8 @@ def as_json(data: ReportData) -> str:
                      for v in data.versions],
         "events": [{"seq": e.seq, "action": e.action, "target": e.target, "from": e.from_version,
                     "to": e.to_version, "effective": e.effective, "timestamp": e.timestamp} for e in data.events],
-        "monitor": None if data.monitor is None else {"run_id": data.monitor.run.run_id, "verdict": data.monitor.verdict,
+        "monitor": None if data.monitor is None else {"run_id": data.monitor.run.run_id,
+                                                      "verdict": data.monitor.verdict,
                                                       "metrics": data.monitor.run.metrics},
     }
     return json.dumps(summary, indent=2, default=str)

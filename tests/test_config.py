@@ -1,0 +1,141 @@
+"""Config loading: defaults < YAML < flags < ``--set``; flags taken exactly, ``--set`` typed by the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lifecycle.config import config_digest, flatten, from_mapping, load_config, parse_overrides
+from lifecycle.errors import ConfigError
+
+
+@dataclass
+class Lora:
+    r: int = 8
+    alpha: float = 16.0
+
+
+@dataclass
+class Cfg:
+    preset: Literal["tiny", "small"] = "tiny"
+    lr: float = 1e-3
+    steps: int = 10
+    compile: bool = False
+    base: Optional[str] = None
+    name: str = "lm"
+    modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    budget: Optional[int] = None
+    lora: Lora = field(default_factory=Lora)
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError("steps must be positive")
+
+
+# Any text a user can type, including what YAML would read as something else (numbers, booleans,
+# comments, nulls, flow collections), control characters and non-ASCII.
+TEXT = st.one_of(
+    st.text(),
+    st.sampled_from(["012", "yes", "no", "on", "null", "none", "~", "", " ", "#", "notes #3.txt", "exp #2/ckpt",
+                     "[1, 2]", "{a: 1}", "1e3", "0x1F", "True", "- a", "'quoted'", '"q"', "a: b", "&x", "*x",
+                     "!!python/object:os.system", "-x", "--help", "a=b", "%TAG", "@x", "`x`", "1_000"]),
+)
+
+
+def test_overrides_stay_text_until_the_field_types_them():
+    """``--set`` text is typed by the field it sets (the YAML-scalar meanings users expect still hold)."""
+    assert parse_overrides(["lora.r=4", "lr=3e-4", "compile=true", "base=x"]) == {
+        "lora": {"r": "4"}, "lr": "3e-4", "compile": "true", "base": "x"}
+    cfg = load_config(Cfg, None, ["lora.r=4", "lr=3e-4", "compile=true", "base=x", "lora.alpha=1e1"])
+    assert (cfg.lora.r, cfg.lr, cfg.compile, cfg.base, cfg.lora.alpha) == (4, 3e-4, True, "x", 10.0)
+    assert type(cfg.lora.r) is int and type(cfg.base) is str
+
+
+def test_load_config_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.5\nsteps: 20\nlora:\n  r: 2\n")
+    cfg = load_config(Cfg, f, ["lora.alpha=4"], steps=30, base=None)
+    assert (cfg.lr, cfg.steps, cfg.lora.r, cfg.lora.alpha, cfg.base) == (0.5, 30, 2, 4.0, None)
+    assert flatten(cfg)["lora.r"] == "2"
+    assert config_digest(cfg) == config_digest(load_config(Cfg, f, ["lora.alpha=4"], steps=30))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.rank=8"], "unknown config key lora.rank; valid keys: lora.r, lora.alpha"),
+    (["steps=abc"], "steps: expected an integer"),
+    (["steps=1.5"], "steps: expected an integer"),
+    (["steps=nan"], "steps: expected an integer"),
+    (["lr=fast"], "lr: expected a number"),
+    (["lr=nan"], "lr: expected a number"),
+    (["sizes=1,x"], "sizes[1]: expected an integer"),
+    (["preset=huge"], "preset: 'huge' is not one of tiny, small"),
+    (["compile=maybe"], "compile: expected true/false"),
+    (["steps=0"], "steps must be positive"),
+    (["lora=3"], "lora: is a section"),
+    (["noequals"], "--set expects key=value"),
+    (["a..b=1"], "--set expects key=value"),
+])
+def test_bad_config_is_refused_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(Cfg, None, overrides)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("lr: 1\nsteps: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(Cfg, f)
+
+
+def test_from_mapping_rejects_non_mapping_section():
+    with pytest.raises(ConfigError, match="lora: expected a section"):
+        from_mapping(Cfg, {"lora": 3})
+
+
+def test_set_types_by_field_named_examples():
+    cfg = load_config(Cfg, None, ["name=012", "base=yes", "modules=[q_proj, 012]", "sizes=[3, 4]", "budget=",
+                                  "steps=1e3", "lr=-.5"])
+    assert (cfg.name, cfg.base, cfg.modules, cfg.sizes, cfg.budget, cfg.steps, cfg.lr) == (
+        "012", "yes", ["q_proj", "012"], [3, 4], None, 1000, -0.5)
+    assert load_config(Cfg, None, ["budget=null"]).budget is None
+    assert load_config(Cfg, None, ["base="]).base is None  # an empty value unsets an optional field
+    assert load_config(Cfg, None, ["base=none"]).base == "none"  # ... and a string field keeps any text
+    assert load_config(Cfg, None, ["steps=12345678901234567890"]).steps == 12345678901234567890
+
+
+@pytest.mark.tried("config", "any text (YAML-looking, '#', empty, control characters, non-ASCII) given to string "
+                   "flags, as load_config flags (hypothesis)", "reaches the config exactly, never re-read as YAML")
+@settings(max_examples=200, deadline=None)
+@given(name=TEXT, base=TEXT)
+def test_string_flags_reach_the_config_exactly(name, base):
+    cfg = load_config(Cfg, None, name=name, base=base)
+    assert cfg.name == name and cfg.base == base
+    assert type(cfg.name) is str
+
+
+@pytest.mark.tried("config", "any text after --set KEY= for a str field, beside int/float/bool fields (hypothesis)",
+                   "a str field gets the text exactly; the others are typed by the field or refused")
+@settings(max_examples=200, deadline=None)
+@given(text=TEXT, number=st.one_of(st.integers(-10**12, 10**12).map(str), TEXT))
+def test_set_is_typed_by_the_field(text, number):
+    cfg = load_config(Cfg, None, [f"name={text}", "lora.alpha=1", "lora.r=1"])
+    assert cfg.name == text and type(cfg.name) is str
+    try:
+        expected = int(number.strip())
+    except ValueError:
+        expected = None
+    if expected is not None:
+        assert load_config(Cfg, None, [f"lora.r={number}"]).lora.r == expected
+    else:
+        try:
+            value = load_config(Cfg, None, [f"lora.r={number}"]).lora.r
+        except ConfigError as exc:
+            assert "\n" not in str(exc)  # one line: the user's text is quoted with repr
+            assert str(exc).startswith("lora.r: expected an integer")
+        else:  # only numbers written another way (1e3, 2.0) are accepted
+            assert float(number) == value
