@@ -242,8 +242,9 @@ class CheckpointManager:
             out.update(torch.load(path / "optim.pt", map_location="cpu", weights_only=False))
             best = path / "best_model.pt"
             out["best"] = torch.load(best, map_location="cpu", weights_only=True) if best.is_file() else None
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise DataError(f"checkpoint {path} is unreadable: {str(exc).splitlines()[0][:200]}") from None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"checkpoint {path} is unreadable: {first[:200]}") from None
         out["state"] = CheckpointManager.read_state(path)
         return out
 
