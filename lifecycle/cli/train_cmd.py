@@ -49,8 +49,11 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
         # Preemption is not a crash: the checkpoint is written and the MLflow run marked KILLED.
         # 128 + signal number (143 for SIGTERM, 130 for Ctrl-C) tells a scheduler "terminated",
         # neither success nor failure.
+        # Without --output the run has its own folder checkpoints/<run_id>/: name that run.
+        again = "--resume" if cfg.output is not None or stop.checkpoint is None else \
+            f"--resume-run {stop.checkpoint.parent.name}"
         click.echo(f"Stopped by {stop.signame} after step {stop.step}; checkpoint {stop.checkpoint}. "
-                   "Continue with the same command plus --resume.", err=True)
+                   f"Continue with the same command plus {again}.", err=True)
         sys.exit(130 if stop.signame == "SIGINT" else 143)
     if outcome.run_id is None:  # a non-zero torchrun rank: rank 0 reports
         return
