@@ -290,7 +290,7 @@ def test_a_bad_checkpoint_interval_is_refused(value):
 @pytest.mark.tried("train", "a second trainer (same process or another) opens a checkpoint folder in use",
                    "refused with exit 9 and a one-line message naming the holder's pid, host, run id and start")
 def test_a_second_lock_on_a_folder_is_refused_naming_the_holder(tmp_path):
-    folder = tmp_path / "ck"
+    folder = tmp_path / "checkpoints" / "ck"
     with OutputLock(folder, run_id="run-a"):
         record = read_record(folder / LOCK_FILE)
         assert record["pid"] == os.getpid() and record["run_id"] == "run-a"
@@ -300,8 +300,8 @@ def test_a_second_lock_on_a_folder_is_refused_naming_the_holder(tmp_path):
         assert "\n" not in message and err.value.exit_code == 9
         for part in (f"pid {os.getpid()}", record["host"], "run run-a", f"started {record['started']}"):
             assert part in message
-    # Released: the record is gone and the folder the lock made (holding nothing else) too.
-    assert not folder.exists()
+    # Released: the record is gone and the folders the lock made (holding nothing else) too.
+    assert not (tmp_path / "checkpoints").exists()
     with OutputLock(folder, run_id="run-b") as lock:
         (folder / "step-00000001").mkdir()
         lock.update(run_id="run-c")
@@ -373,3 +373,20 @@ def test_default_runs_get_their_own_folder_and_resume_by_run(prepared_tiny, tmp_
     with pytest.raises(ConfigError, match="--resume-run picks a run folder"):
         train(TrainConfig(**{**FAST, "output": "elsewhere"}), str(prepared_tiny), resume_run=run_ids[0])
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.tried("train", "a start refused after the output lock is taken (missing base model, bad --resume-run)",
+                   "one-line error; no output folder, lock file or checkpoints/ folder is left behind")
+def test_a_refused_start_leaves_no_output_folder(prepared_tiny, tmp_path, monkeypatch, tracking_uri):
+    from lifecycle.errors import LifecycleError
+    from lifecycle.train.run import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(**FAST, output=str(tmp_path / "new" / "ck"), base_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(LifecycleError) as err:
+        train(cfg, str(prepared_tiny))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError):
+        train(TrainConfig(**FAST), str(prepared_tiny), resume_run="../escape")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "escape").exists()

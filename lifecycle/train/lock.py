@@ -53,13 +53,17 @@ class OutputLock:
         self.path = self.folder / LOCK_FILE
         self.run_id = run_id
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders this lock made, deepest first
         self._record: dict[str, Any] = {}
 
     def acquire(self) -> "OutputLock":
         """Take the lock or raise :class:`ConcurrencyError` naming the live holder."""
-        self._created = not self.folder.exists()
+        missing, parent = [], self.folder
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +105,10 @@ class OutputLock:
             os.ftruncate(fd, 0)
             if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
                 self.path.unlink()
-                self.folder.rmdir()
+                for made in self._created:
+                    if any(made.iterdir()):
+                        break
+                    made.rmdir()
         except OSError as exc:
             log.debug("lock cleanup of %s: %s", self.folder, exc)
         finally:
