@@ -33,6 +33,21 @@ from lifecycle.train.loop import Trainer  # noqa: E402
 from lifecycle.train.model import build_model, get_preset  # noqa: E402
 
 
+class TimedManager(CheckpointManager):
+    """The project's CheckpointManager, timing how long a save waits for the previous write."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.wait_s: list[float] = []
+
+    def wait(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return super().wait()
+        finally:
+            self.wait_s.append(time.perf_counter() - t0)
+
+
 class TimedTrainer(Trainer):
     """The project's Trainer, timing how long each save holds the loop up."""
 
@@ -49,22 +64,25 @@ class TimedTrainer(Trainer):
 
 
 def timed_fit(cfg: TrainConfig, args: argparse.Namespace, data: PreparedData,
-              device: torch.device) -> tuple[float, list[float]]:
-    """Wall seconds of one ``fit`` (the last write included) and the seconds each save held the loop."""
+              device: torch.device) -> tuple[float, list[float], list[float]]:
+    """Wall seconds of one ``fit`` (the last write included), the seconds each save held the loop up,
+    and of those the seconds spent waiting for the previous write."""
     vocab = Vocab(args.vocab)
     model = build_model(args.preset, vocab, n_positions=max(args.seq_len, get_preset(args.preset).n_positions), seed=0)
     out = tempfile.mkdtemp(prefix="bench-ckpt-")
     try:
         cfg = dataclasses.replace(cfg, output=out)
-        trainer = TimedTrainer(cfg, model, data, ctx=DistContext(device=device),
-                               checkpoints=CheckpointManager(out, keep=2))
+        manager = TimedManager(out, keep=2)
+        trainer = TimedTrainer(cfg, model, data, ctx=DistContext(device=device), checkpoints=manager)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         trainer.fit()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, trainer.save_s
+        # Each save starts with one wait (the manager's first call); later calls are the final joins.
+        waits = manager.wait_s[: len(trainer.save_s)] if hasattr(manager, "wait_s") else []
+        return time.perf_counter() - t0, trainer.save_s, waits
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -98,19 +116,22 @@ def main() -> None:
                     "background": dict(checkpoint_every=args.every, checkpoint_background=True)}
     times: dict[str, float] = {}
     blocked: dict[str, list[float]] = {}
+    waited: dict[str, list[float]] = {}
     for name, kw in variants.items():
         for _ in range(args.repeats):
-            wall, saves_s = timed_fit(dataclasses.replace(base, **kw), args, data, device)
+            wall, saves_s, waits = timed_fit(dataclasses.replace(base, **kw), args, data, device)
             if name not in times or wall < times[name]:
-                times[name], blocked[name] = wall, saves_s
+                times[name], blocked[name], waited[name] = wall, saves_s, waits
     n_params = sum(p.numel() for p in build_model(args.preset, Vocab(args.vocab), seed=0).parameters())
     print(f"{args.preset} preset ({n_params / 1e6:.1f}M parameters), {args.steps} steps, a save every {args.every} "
           f"steps ({saves} saves), device {device}; wall time includes the final write")
     for name, t in times.items():
         # The periodic saves (a run without them still saves once at the end).
         s = sorted(blocked[name][:saves]) if name != "no checkpoints" else []
+        w = sorted(waited[name][:saves]) if s else []
         extra = (f"  loop held up per save: median {s[len(s) // 2] * 1000:.1f} ms, max {s[-1] * 1000:.1f} ms"
-                 if s else "")
+                 + (f" (of which waiting for the previous write: median {w[len(w) // 2] * 1000:.1f} ms)"
+                    if w and name == "background" else "") if s else "")
         print(f"  {name:15s} wall {t:7.2f} s{extra}")
 
 

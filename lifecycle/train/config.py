@@ -107,7 +107,8 @@ class TrainConfig:
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
         if not (self.checkpoint_every_s >= 0 and self.checkpoint_every_s != float("inf")):
-            raise ConfigError(f"checkpoint_every_s must be a number of seconds >= 0 (0: off), got {self.checkpoint_every_s}")
+            raise ConfigError("checkpoint_every_s must be a number of seconds >= 0 (0: off), "
+                              f"got {self.checkpoint_every_s}")
         if self.output is not None and not str(self.output).strip():
             raise ConfigError("output must not be empty (leave it unset for checkpoints/<run_id>/)")
         if self.learning_rate <= 0:

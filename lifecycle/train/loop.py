@@ -350,7 +350,8 @@ class Trainer:
                 if self.ctx.distributed:
                     flags[0] = loss_sum.double()
                     flags[1] = 1.0 if stop.signame else 0.0
-                    flags[2] = 1.0 if self.ctx.is_main and every_s and time.monotonic() - last_save_t >= every_s else 0.0
+                    due = self.ctx.is_main and every_s and time.monotonic() - last_save_t >= every_s
+                    flags[2] = 1.0 if due else 0.0
                     self.ctx.all_reduce_sum(flags)
                     loss_value = float(flags[0]) / self.ctx.world_size
                     stop_now = flags[1] > 0
