@@ -282,6 +282,7 @@ def test_latency_metrics_per_batch_size():
     (["latency.batch_sizes=[0]"], "latency.batch_sizes"),
     (["compare.confidence=1.5"], "compare.confidence"),
     (["loss.windw=3"], "unknown config key loss.windw"),
+    (["precision=fp16"], "precision"),
 ])
 def test_bad_eval_config_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -292,3 +293,18 @@ def test_eval_config_defaults_are_small():
     cfg = load_config(EvalConfig, None, ["latency.batch_sizes=1,4"])
     assert cfg.generation.num_prompts == 32 and cfg.generation.max_new_tokens == 32
     assert cfg.latency.batch_sizes == [1, 4]
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_needs_cuda(tokenizer, tiny_model, tmp_path):
+    from lifecycle.evaluate.measure import precision_of
+
+    assert EvalConfig().precision == "auto"
+    assert loss.resolve_precision("auto", "cpu") == "fp32" and loss.resolve_precision("auto", "cuda") == "bf16"
+    assert loss.resolve_precision("fp32", "cuda") == "fp32" and loss.resolve_precision("bf16", "cuda:1") == "bf16"
+    with pytest.raises(ConfigError, match="bf16 evaluation needs CUDA"):
+        loss.resolve_precision("bf16", "cpu")
+    tiny_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    fp32, _ = loss.load_lm(tmp_path, "cpu", "fp32")
+    bf16, _ = loss.load_lm(tmp_path, "cpu", "bf16")  # the loader itself obeys; resolve_precision gates CUDA
+    assert (precision_of(fp32, tmp_path), precision_of(bf16, tmp_path)) == ("fp32", "bf16")

@@ -144,6 +144,8 @@ def test_evaluate_registered_version_writes_tags(registered: str, prepared_tiny:
         assert float(tags[f"eval/{metric}"]) == pytest.approx(run.data.metrics[f"eval/{metric}"]), metric
     assert tags["eval_data_digest"] == card["digest"] == run.data.tags["eval_data_digest"]
     assert run.data.tags["lifecycle.stage"] == "evaluate"
+    # On the CPU the measurements run in fp32, and say so on the run and on the version.
+    assert tags["eval_precision"] == run.data.tags["eval_precision"] == run.data.params["eval.precision"] == "fp32"
     # An untrained model is near uniform over the vocabulary: loss ~ ln(V).
     assert float(tags["eval/loss"]) == pytest.approx(__import__("math").log(card["vocab_size"]), rel=0.1)
     assert float(tags["eval/perplexity"]) > 100 and 0 < float(tags["eval/bits_per_byte"]) < 16

@@ -21,13 +21,16 @@ _SHOWN = ("loss", "perplexity", "bits_per_byte", "rougeL", "bleu", "exact_match"
 @click.option("--split", help="Split of prepared data: train, validation or test (default test).")
 @click.option("--checks", help="Behavioural suite YAML (default: the packaged checks.yaml).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device for the measurements.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Precision of the measurements: auto (fp32 on CPU, bf16 on CUDA as served), fp32, or bf16 (CUDA).")
 @click.option("--experiment", help="MLflow experiment of the run.")
 @click.option("--no-tags", is_flag=True, help="Do not write eval/... tags on the registered version.")
 @click.option("--no-baseline", is_flag=True, help="Do not compare with the production version by default.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of EvalConfig keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 def evaluate(model: str, data: str, baseline: str | None, prompts: str | None, split: str | None,
-             checks: str | None, device: str | None, experiment: str | None, no_tags: bool, no_baseline: bool,
+             checks: str | None, device: str | None, precision: str | None,
+             experiment: str | None, no_tags: bool, no_baseline: bool,
              config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Evaluate MODEL on DATA in one MLflow run; tag the registered version with the results.
 
@@ -43,7 +46,7 @@ def evaluate(model: str, data: str, baseline: str | None, prompts: str | None, s
     from lifecycle.evaluate.config import EvalConfig
     from lifecycle.evaluate.run import evaluate_model
 
-    flags = {"split": split, "checks": checks, "device": device, "experiment": experiment,
+    flags = {"split": split, "checks": checks, "device": device, "precision": precision, "experiment": experiment,
              "write_tags": False if no_tags else None,
              "compare.default_to_production": False if no_baseline else None}
     cfg = load_config(EvalConfig, config_path, overrides, **flags)

@@ -18,13 +18,16 @@ import click
 @click.option("--batch-size", type=int, help="Micro-batch per process (global = batch * grad_accum * processes).")
 @click.option("--learning-rate", type=float, help="Peak learning rate.")
 @click.option("--seed", type=int, help="Seed of model init and data order.")
-@click.option("--output", help="Checkpoint folder.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output (same MLflow run).")
+@click.option("--output", help="Checkpoint folder (default: checkpoints/<run_id>/, one folder per run).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output, or without --output "
+                                             "of the run under checkpoints/ that saved last (same MLflow run).")
+@click.option("--resume-run", "resume_run", metavar="RUN_ID", help="Continue the run checkpointed in "
+                                                                   "checkpoints/RUN_ID/ (same MLflow run).")
 @click.option("--overwrite", is_flag=True, help="Delete existing checkpoints in --output and start over.")
 def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_name: str | None,
           preset: str | None, base_model: str | None, max_steps: int | None, batch_size: int | None,
           learning_rate: float | None, seed: int | None, output: str | None, resume: bool,
-          overwrite: bool) -> None:
+          resume_run: str | None, overwrite: bool) -> None:
     """Train a causal LM on prepared data, log it to one MLflow run and register it.
 
     Instruction data (`lifecycle prepare --format sft`) is detected from its data card: every
@@ -43,13 +46,16 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
                       output=output, model_name=model_name)
     check_writable(cfg.output, "--output")
     try:
-        outcome = run_train(cfg, data, resume=resume, overwrite=overwrite)
+        outcome = run_train(cfg, data, resume=resume, resume_run=resume_run, overwrite=overwrite)
     except TrainingInterrupted as stop:
         # Preemption is not a crash: the checkpoint is written and the MLflow run marked KILLED.
         # 128 + signal number (143 for SIGTERM, 130 for Ctrl-C) tells a scheduler "terminated",
         # neither success nor failure.
+        # Without --output the run has its own folder checkpoints/<run_id>/: name that run.
+        again = "--resume" if cfg.output is not None or stop.checkpoint is None else \
+            f"--resume-run {stop.checkpoint.parent.name}"
         click.echo(f"Stopped by {stop.signame} after step {stop.step}; checkpoint {stop.checkpoint}. "
-                   "Continue with the same command plus --resume.", err=True)
+                   f"Continue with the same command plus {again}.", err=True)
         sys.exit(130 if stop.signame == "SIGINT" else 143)
     if outcome.run_id is None:  # a non-zero torchrun rank: rank 0 reports
         return

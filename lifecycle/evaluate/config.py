@@ -112,6 +112,9 @@ class EvalConfig:
 
     split: str = "test"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Weights and activations of the measurements: ``auto`` is fp32 on a CPU and bf16 on CUDA (as
+    #: serving runs); ``fp32`` is true fp32 everywhere (TF32 off); ``bf16`` needs CUDA.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     #: Behavioural suite (YAML); None: the packaged ``lifecycle/evaluate/checks.yaml``.
     checks: Optional[str] = None
@@ -127,3 +130,5 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.split not in ("train", "validation", "test"):
             raise ConfigError(f"split: {self.split!r} is not one of train, validation, test")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision: {self.precision!r} is not one of auto, fp32, bf16")

@@ -42,8 +42,22 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def load_lm(model_dir: Any, device: str = "cpu") -> tuple[Any, Any]:
-    """Load the model (eval mode, on ``device``) and its tokenizer from one Hugging Face folder."""
+def resolve_precision(name: str, device: str) -> str:
+    """``auto`` becomes bf16 on CUDA (what serving runs) and fp32 elsewhere; bf16 needs CUDA."""
+    if name == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if name == "bf16" and not device.startswith("cuda"):
+        from lifecycle.errors import ConfigError
+
+        raise ConfigError("precision: bf16 evaluation needs CUDA (serving runs bf16 only on a GPU); use fp32 on a CPU")
+    return name
+
+
+def load_lm(model_dir: Any, device: str = "cpu", precision: str = "fp32") -> tuple[Any, Any]:
+    """Load the model (eval mode, on ``device``, in ``precision``) and its tokenizer from one Hugging Face folder.
+
+    A compressed variant keeps the dtype it is served in, whatever ``precision`` says.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +67,8 @@ def load_lm(model_dir: Any, device: str = "cpu") -> tuple[Any, Any]:
     # A compressed variant is measured as it is served (lifecycle.serving.variant).
     model = load_variant(model_dir, torch.device(device))
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         model.to(device).eval()
     return model, tokenizer
 

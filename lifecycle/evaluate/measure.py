@@ -44,6 +44,23 @@ class SideResult:
     served_via: str = ""
     served_device: str = ""
     notes: list[str] = field(default_factory=list)
+    #: What the teacher-forced measurements ran in: fp32, bf16, fp16, or a variant's own (int8-dynamic).
+    precision: str = ""
+
+
+def precision_of(model: Any, model_dir: Path) -> str:
+    """The precision ``model`` computes in: an int8 variant by name, else its weights' dtype (fp32, bf16, fp16)."""
+    from lifecycle.serving.variant import read_variant
+
+    meta = read_variant(model_dir)
+    if meta is not None and meta["method"] == "int8-dynamic":
+        return "int8-dynamic"
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    for p in model.parameters():
+        if p.is_floating_point():
+            dtype = str(p.dtype).replace("torch.", "")
+            return names.get(dtype, dtype)
+    return "unknown"
 
 
 def vocab_digest(tokenizer: Any) -> str:
@@ -165,7 +182,8 @@ def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts
     from lifecycle.evaluate.predictor import Predictor
 
     notes: list[str] = []
-    model, tokenizer = loss.load_lm(model_dir, device)
+    model, tokenizer = loss.load_lm(model_dir, device, loss.resolve_precision(cfg.precision, device))
+    precision = precision_of(model, model_dir)
     if data.sft is not None:
         metrics, block, doc_bpb, prompt_bpb, blocks_digest = _teacher_forced_sft(
             label, model, tokenizer, data, prompts, cfg, device=device, progress=progress, notes=notes)
@@ -199,4 +217,5 @@ def measure_model(label: str, uri: str, model_dir: Path, data: EvalData, prompts
         predictor.close()
     return SideResult(label=label, uri=uri, metrics=metrics, block_nll=block.block_nll, blocks_digest=blocks_digest,
                       doc_bpb=doc_bpb, prompt_bpb=prompt_bpb, generations=texts, prompt_rouge=rouge,
-                      checks=results, vocab_digest=vdigest, served_via=via, served_device=served_on, notes=notes)
+                      checks=results, vocab_digest=vdigest, served_via=via, served_device=served_on, notes=notes,
+                      precision=precision)

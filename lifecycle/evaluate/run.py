@@ -23,6 +23,7 @@ from lifecycle.evaluate.checks import load_suite
 from lifecycle.evaluate.config import EvalConfig
 from lifecycle.evaluate.dataset import EvalData, load_eval_data, tokenizers_match
 from lifecycle.evaluate.measure import SideResult, measure_model
+from lifecycle.precision import tf32
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,12 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
     """Evaluate ``model`` on ``data`` (and against ``baseline``) in one MLflow run; tag the version."""
     import mlflow
 
-    from lifecycle.evaluate.loss import resolve_device
+    from lifecycle.evaluate.loss import resolve_device, resolve_precision
     from lifecycle.tracking import TAG_DATA_DIGEST, stage_run
 
     cfg = cfg or EvalConfig()
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     # --- everything that can be refused, before any run exists --------------------------------
     model_dir = _model_dir(model)
     version = results.registered_version(model)
@@ -171,13 +173,14 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                 "eval_model": model, "data_format": "sft" if eval_data.sft is not None else "lm"}
     if version is not None:
         run_tags["eval_model_version"] = version.uri
-    with stage_run("evaluate", tags=run_tags, experiment=cfg.experiment) as run:
+    # fp32 means fp32: TF32 off while measuring, whatever an earlier stage in this process left set.
+    with stage_run("evaluate", tags=run_tags, experiment=cfg.experiment) as run, tf32(False):
         run_id = run.info.run_id
         # Namespaced: under `mlflow run` the entry point's own parameters (model, data, ...) are
         # already logged with their raw values, and MLflow refuses to change a logged param.
         params = {"eval.model": model, "eval.data": data, "eval.split": eval_data.split,
                   "eval.prompts": prompt_source, "eval.baseline": baseline_uri or "",
-                  "eval.data_digest": eval_data.digest, "eval.device": device,
+                  "eval.data_digest": eval_data.digest, "eval.device": device, "eval.precision": precision,
                   **{f"config.{k}": v for k, v in flatten(cfg).items()}}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         ch = measure_model("challenger", model, model_dir, eval_data, prompts, suite, cfg, device=device,
@@ -187,7 +190,9 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
         metrics = {f"eval/{k}": v for k, v in ch.metrics.items()}
         compare_values: dict[str, float] = {}
         paired_on = None
-        extra_tags = {"eval_served_via": ch.served_via, "eval_served_device": ch.served_device}
+        extra_tags = {"eval_served_via": ch.served_via, "eval_served_device": ch.served_device,
+                      "eval_precision": ch.precision}
+        mlflow.set_tag("eval_precision", ch.precision)
         with tempfile.TemporaryDirectory(prefix="lifecycle-eval-") as tmp:
             tmpdir = Path(tmp)
             generation.write_prompts(prompts, tmpdir / "prompts.jsonl")

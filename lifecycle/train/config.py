@@ -17,6 +17,10 @@ from lifecycle.train.model import PRESETS
 #: The registered model name used when ``--model-name`` is not given.
 DEFAULT_MODEL_NAME = "lifecycle-lm"
 
+#: Where runs without an explicit ``output`` keep their checkpoints: one folder per MLflow run,
+#: ``checkpoints/<run_id>/``, so that training twice in one folder starts two independent runs.
+DEFAULT_CHECKPOINT_ROOT = "checkpoints"
+
 
 @dataclass
 class LoraConfig:
@@ -71,8 +75,13 @@ class TrainConfig:
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
     checkpoint_every: int = 100
+    #: Also save when this many seconds passed since the last save (0: by steps only).
+    checkpoint_every_s: float = 0.0
+    #: Copy the states to host memory and write them on a background thread (one save in flight).
+    checkpoint_background: bool = True
     keep_checkpoints: int = 2
-    output: str = "checkpoints"
+    #: Checkpoint folder; None: ``checkpoints/<run_id>/`` (a folder of its own for each run).
+    output: Optional[str] = None
     # Hardware.
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -97,6 +106,11 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if not (self.checkpoint_every_s >= 0 and self.checkpoint_every_s != float("inf")):
+            raise ConfigError("checkpoint_every_s must be a number of seconds >= 0 (0: off), "
+                              f"got {self.checkpoint_every_s}")
+        if self.output is not None and not str(self.output).strip():
+            raise ConfigError("output must not be empty (leave it unset for checkpoints/<run_id>/)")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         for name in ("warmup_steps", "eval_batches", "early_stopping_patience"):
@@ -115,5 +129,7 @@ class TrainConfig:
 
 
 #: Keys a resumed run may change (everything else must match the checkpoint's config).
+#: Where and how checkpoints are written does not change the numbers.
 RESUME_MUTABLE_KEYS = frozenset({"max_steps", "progress", "log_model", "model_name", "experiment",
-                                 "eval_batches", "keep_checkpoints", "system_metrics"})
+                                 "eval_batches", "keep_checkpoints", "system_metrics", "output",
+                                 "checkpoint_every", "checkpoint_every_s", "checkpoint_background"})

@@ -9,6 +9,7 @@ data position) is in the checkpoint, so a resumed run continues bit-for-bit on C
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lifecycle.errors import AcceleratorOutOfMemoryError, TrainingDivergedError
+from lifecycle.precision import tf32
 from lifecycle.train.checkpoint import CheckpointManager, set_rng_state
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import PreparedData, SampleOrder
 from lifecycle.train.distributed import DistContext
+
+log = logging.getLogger(__name__)
 
 LogFn = Callable[[Mapping[str, float], int], None]
 
@@ -109,7 +113,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: Any, data: PreparedData, *, ctx: DistContext,
                  log: LogFn | None = None, checkpoints: CheckpointManager | None = None,
-                 resume_from: Path | None = None, extra_state: Mapping[str, Any] | None = None):
+                 resume_from: Path | Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None):
+        """``resume_from``: a checkpoint folder, or what :meth:`CheckpointManager.load` read from one."""
         import torch
 
         self.cfg = cfg
@@ -120,10 +125,9 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.device = ctx.device if ctx.device is not None else torch.device("cpu")
         cuda = self.device.type == "cuda"
-        if cuda:
-            # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer).
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer), only while
+        # training runs (see fit): evaluation in the same process must stay fp32.
+        self.use_tf32 = cuda
         self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)) else None
         self.model = model.to(self.device)
         self.module = self.model  # the unwrapped model: saved, evaluated and returned
@@ -155,12 +159,14 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _restore(self, path: Path) -> None:
-        ck = CheckpointManager.load(path, map_location=self.device)
+    def _restore(self, source: Path | Mapping[str, Any]) -> None:
+        # Loaded on the CPU: load_state_dict moves weights and optimizer state to the parameters'
+        # device, and the RNG states must stay CPU tensors for torch.set_rng_state.
+        ck = CheckpointManager.load(Path(source)) if isinstance(source, (str, Path)) else source
         self.module.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], self.device)
         st = ck["state"]
         self.step = int(st["step"])
         self.best_val = float(st["best_val_loss"]) if st.get("best_val_loss") is not None else math.inf
@@ -189,16 +195,28 @@ class Trainer:
             **self.extra_state,
         }
 
-    def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the checkpoint of the current step; every rank waits for it."""
+    def save_checkpoint(self, *, background: bool | None = None) -> Path | None:
+        """Rank 0 saves the checkpoint of the current step; every rank waits until its state is taken.
+
+        In the background (``checkpoint_background``) the write finishes later, on the writer
+        thread: :meth:`finished_checkpoint` joins it.
+        """
         path = None
         if self.ctx.is_main and self.checkpoints is not None:
             path = self.checkpoints.save(
                 self.step, model_state=self.module.state_dict(), optimizer_state=self.optimizer.state_dict(),
                 scheduler_state=self.scheduler.state_dict(), trainer_state=self.trainer_state(),
-                best_state=self.best_state)
+                best_state=self.best_state, device=self.device,
+                background=self.cfg.checkpoint_background if background is None else background)
         self.ctx.barrier()
         return path
+
+    def finished_checkpoint(self) -> Path | None:
+        """Join the save in flight (raising its error) and return the newest checkpoint on disk."""
+        if self.checkpoints is None:
+            return None
+        self.checkpoints.wait()
+        return self.checkpoints.last_saved or self.checkpoints.latest()
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -262,15 +280,35 @@ class Trainer:
                     disable=not (self.cfg.progress and self.ctx.is_main), mininterval=0.5)
 
     def fit(self) -> TrainResult:
-        """Train until ``max_steps`` or early stopping; restore the best weights at the end."""
+        """Train until ``max_steps`` or early stopping; restore the best weights at the end.
+
+        Returns (or raises) only after the last checkpoint write has finished.
+        """
         try:
-            return self._fit()
-        except Exception as exc:
+            with tf32(self.use_tf32):
+                result = self._fit()
+        except BaseException as exc:
+            self._close_checkpoints(failing=True)
             import torch
 
             if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() and "CUDA" in str(exc):
                 raise oom_error(exc, self.cfg) from None
             raise
+        self._close_checkpoints(failing=False)
+        if self.checkpoints is not None and self.checkpoints.last_saved is not None:
+            result.checkpoint = self.checkpoints.last_saved
+        return result
+
+    def _close_checkpoints(self, *, failing: bool) -> None:
+        """Join the writer before the loop hands back; a write error is raised unless another error is."""
+        if self.checkpoints is None:
+            return
+        try:
+            self.checkpoints.close()
+        except Exception as exc:  # noqa: BLE001 - the error that stopped the loop matters more
+            if not failing:
+                raise
+            log.error("the last checkpoint write failed too: %s", exc)
 
     def _fit(self) -> TrainResult:
         import torch
@@ -284,7 +322,10 @@ class Trainer:
         loss_value = math.nan
         # One small all-reduce per step carries the loss and the stop flag: every rank must agree
         # to stop on the same step, or the next collective would hang.
-        flags = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # A third slot carries rank 0's "a timed checkpoint is due" so that every rank saves together.
+        flags = torch.zeros(3, dtype=torch.float64, device=self.device)
+        every_s = cfg.checkpoint_every_s
+        last_save_t = time.monotonic()
         with _StopSignal() as stop, self._progress() as bar:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -309,18 +350,23 @@ class Trainer:
                 if self.ctx.distributed:
                     flags[0] = loss_sum.double()
                     flags[1] = 1.0 if stop.signame else 0.0
+                    due = self.ctx.is_main and every_s and time.monotonic() - last_save_t >= every_s
+                    flags[2] = 1.0 if due else 0.0
                     self.ctx.all_reduce_sum(flags)
                     loss_value = float(flags[0]) / self.ctx.world_size
                     stop_now = flags[1] > 0
+                    time_due = flags[2] > 0
                 else:
                     loss_value = float(loss_sum)
                     stop_now = stop.signame is not None
+                    time_due = bool(every_s) and time.monotonic() - last_save_t >= every_s
                 gn = float(grad_norm)
                 if not (math.isfinite(loss_value) and math.isfinite(gn)):
                     what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                     raise TrainingDivergedError(
                         f"training diverged at step {self.step + 1}: {what} is {loss_value if what == 'loss' else gn}; "
-                        f"last good checkpoint: {last_ckpt or 'none'}; lower --learning-rate "
+                        f"last good checkpoint: {self.finished_checkpoint() or last_ckpt or 'none'}; "
+                        f"lower --learning-rate "
                         f"(now {cfg.learning_rate:g}) or raise warmup_steps")
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
@@ -338,8 +384,11 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     stopped_early = self._after_eval(self.evaluate())
                     bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.last_val:.4f}", refresh=False)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or stopped_early or stop_now:
-                    last_ckpt = self.save_checkpoint() or last_ckpt
+                if (self.step % cfg.checkpoint_every == 0 or time_due or self.step == cfg.max_steps or stopped_early
+                        or stop_now):
+                    # The signal's checkpoint is written before the process exits: no background.
+                    last_ckpt = self.save_checkpoint(background=False if stop_now else None) or last_ckpt
+                    last_save_t = time.monotonic()
                 if stop_now:
                     raise TrainingInterrupted(self.step, last_ckpt, stop.signame or "SIGTERM")
                 if stopped_early:

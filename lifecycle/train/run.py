@@ -8,10 +8,12 @@ torchrun every rank trains; only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from lifecycle import tracking
 from lifecycle.config import flatten, to_dict
-from lifecycle.errors import ConfigError, DataError, OutputExistsError
+from lifecycle.errors import ConfigError, DataError, NotFoundError, OutputExistsError
 from lifecycle.train.checkpoint import CheckpointManager
-from lifecycle.train.config import RESUME_MUTABLE_KEYS, TrainConfig
+from lifecycle.train.config import DEFAULT_CHECKPOINT_ROOT, RESUME_MUTABLE_KEYS, TrainConfig
+from lifecycle.train.lock import OutputLock
 from lifecycle.train.data import PreparedData, load_prepared
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class TrainOutcome:
     best_step: int
     stopped_early: bool
     resumed_from: int | None
+    checkpoint_dir: str | None = None
 
 
 @dataclass
@@ -95,6 +99,65 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
                           "or start over with --overwrite")
 
 
+#: What a run folder under ``checkpoints/`` may be called: an MLflow run id (letters, digits, - and _).
+_RUN_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def run_folder(root: str | Path, run_id: str) -> Path:
+    """``root/<run_id>``; a run id that is not a plain folder name is refused (never re-read as a path)."""
+    if not isinstance(run_id, str) or not _RUN_FOLDER.fullmatch(run_id):
+        raise ConfigError(f"--resume-run: {run_id!r} is not a run id (letters, digits, '-' and '_', as MLflow "
+                          f"prints them; the folders under {root}/ are named by run id)")
+    return Path(root) / run_id
+
+
+def latest_run_folder(root: str | Path) -> Path | None:
+    """The run folder under ``root`` whose newest complete checkpoint was written last."""
+    best: tuple[float, Path] | None = None
+    base = Path(root)
+    if not base.is_dir():
+        return None
+    for folder in base.iterdir():
+        if not (folder.is_dir() and _RUN_FOLDER.fullmatch(folder.name)):
+            continue
+        latest = CheckpointManager(folder).latest()
+        if latest is None:
+            continue
+        try:
+            written = (latest / "trainer_state.json").stat().st_mtime
+        except OSError:
+            continue
+        if best is None or written > best[0]:
+            best = (written, folder)
+    return best[1] if best else None
+
+
+def checkpoint_folder(cfg: TrainConfig, *, resume: bool, resume_run: str | None) -> Path | None:
+    """Where this run's checkpoints live; None for a new default run (``checkpoints/<run_id>/`` once it exists).
+
+    An explicit ``output`` is used as it is. Without one every run has its own folder under
+    ``checkpoints/``: ``--resume`` continues the run that saved last, ``--resume-run ID`` a given one.
+    """
+    if resume_run is not None:
+        if cfg.output is not None:
+            raise ConfigError("--resume-run picks a run folder under checkpoints/; with --output, use --resume "
+                              "(it continues the checkpoints in --output)")
+        folder = run_folder(DEFAULT_CHECKPOINT_ROOT, resume_run)
+        if CheckpointManager(folder).latest() is None:
+            known = sorted(p.name for p in Path(DEFAULT_CHECKPOINT_ROOT).glob("*") if CheckpointManager(p).latest())
+            raise NotFoundError(f"--resume-run {resume_run}: no checkpoint in {folder}"
+                                + (f" (runs with checkpoints: {', '.join(known[:10])})" if known else ""))
+        return folder
+    if cfg.output is not None:
+        return Path(cfg.output)
+    if resume:
+        folder = latest_run_folder(DEFAULT_CHECKPOINT_ROOT)
+        if folder is None:
+            log.warning("--resume: no checkpoint under %s/, starting a new run", DEFAULT_CHECKPOINT_ROOT)
+        return folder
+    return None
+
+
 def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tuple[Any, bool]:
     """Open the MLflow run (a new one, the resumed one, or the one `mlflow run` made)."""
     import mlflow
@@ -142,8 +205,14 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
 
 
 def train(cfg: TrainConfig, data_uri: str, *, resume: bool = False, overwrite: bool = False,
-          callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = ()) -> TrainOutcome:
+          callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = (),
+          resume_run: str | None = None) -> TrainOutcome:
     """Train (or resume) under ``cfg`` on ``data_uri``; register the result as ``cfg.model_name``.
+
+    Checkpoints go to ``cfg.output`` when it is set, else to ``checkpoints/<run_id>/``; ``resume``
+    continues the latest checkpoint there (without ``output``: of the run that saved last), and
+    ``resume_run`` the run folder ``checkpoints/<resume_run>/``. One trainer at a time may write a
+    folder: a second one is refused with :class:`~lifecycle.errors.ConcurrencyError`.
 
     ``callbacks`` see every metric the loop reports, ``(metrics, step)``, right after MLflow's
     sink (rank 0); one that raises stops training and the exception propagates (the
@@ -153,7 +222,9 @@ def train(cfg: TrainConfig, data_uri: str, *, resume: bool = False, overwrite: b
 
     ctx = distributed.setup(cfg.device)
     try:
-        return _train(cfg, data_uri, ctx, resume=resume, overwrite=overwrite, callbacks=callbacks)
+        with contextlib.ExitStack() as stack:
+            return _train(cfg, data_uri, ctx, stack, resume=resume or resume_run is not None,
+                          resume_run=resume_run, overwrite=overwrite, callbacks=callbacks)
     finally:
         ctx.close()
 
@@ -172,22 +243,40 @@ def _chain(sink: Any, callbacks: Sequence[Callable[[Mapping[str, float], int], N
     return log
 
 
-def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite: bool,
+def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStack, *, resume: bool,
+           resume_run: str | None, overwrite: bool,
            callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = ()) -> TrainOutcome:
     data, lineage = resolve_data(data_uri, search_runs=ctx.is_main)
-    ckpts = CheckpointManager(cfg.output, keep=cfg.keep_checkpoints)
-    latest = ckpts.latest()
+    folder: Path | None = None
+    if ctx.is_main:
+        folder = checkpoint_folder(cfg, resume=resume, resume_run=resume_run)
+    folder = ctx.broadcast_object(folder)
+    lock: OutputLock | None = None
+    if folder is not None and ctx.is_main:
+        # Before looking at the folder: a second trainer must not clear or resume the first's checkpoints.
+        lock = stack.enter_context(OutputLock(folder))
+    ctx.barrier()
+    latest: Path | None = None
+    resume_ck: dict[str, Any] | None = None
     resume_state: dict[str, Any] | None = None
+    if folder is not None:
+        ckpts = CheckpointManager(folder, keep=cfg.keep_checkpoints)
+        latest = ckpts.latest()
     if latest is not None and not resume:
         if not overwrite:
-            raise OutputExistsError(f"{cfg.output} already holds checkpoints (latest {latest.name}); continue that "
+            raise OutputExistsError(f"{folder} already holds checkpoints (latest {latest.name}); continue that "
                                     "run with --resume, or start over with --overwrite")
         if ctx.is_main:
             ckpts.clear()
         ctx.barrier()
         latest = None
     if resume and latest is not None:
-        resume_state = CheckpointManager.read_state(latest)
+        found = ckpts.load_latest()  # skips (and names) a damaged newest checkpoint
+        if found is None:
+            raise DataError(f"--resume: every checkpoint in {folder} is damaged (see the warnings); start over "
+                            "with --overwrite")
+        latest, resume_ck = found
+        resume_state = resume_ck["state"]
         check_resume_config(cfg, resume_state.get("config", {}))
         if resume_state.get("data_digest") and resume_state["data_digest"] != lineage.digest:
             raise DataError(f"--resume with different data: the checkpoint was trained on digest "
@@ -195,8 +284,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
         if int(resume_state.get("world_size", 1)) != ctx.world_size:
             raise ConfigError(f"the checkpoint was written by {resume_state.get('world_size')} processes; "
                               f"resume with the same --nproc_per_node (now {ctx.world_size})")
-    elif resume:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", cfg.output)
+    elif resume and folder is not None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", folder)
 
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
@@ -217,6 +306,18 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
         mlrun, own_run = _start_run(cfg, run_id, tags)
         run_id = mlrun.info.run_id
     run_id = ctx.broadcast_object(run_id)
+    if folder is None:
+        folder = run_folder(DEFAULT_CHECKPOINT_ROOT, run_id)
+        if ctx.is_main:
+            try:
+                lock = stack.enter_context(OutputLock(folder, run_id=run_id))
+            except BaseException as exc:
+                _fail_run(exc, None, own_run)
+                raise
+        ctx.barrier()
+        ckpts = CheckpointManager(folder, keep=cfg.keep_checkpoints)
+    elif lock is not None:
+        lock.update(run_id=run_id)
     try:
         if ctx.is_main:
             import mlflow
@@ -236,6 +337,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
                 existing = MlflowClient().get_run(run_id).data.params
                 mlflow.log_params({(k if existing.get(k, str(v)) == str(v) else f"resolved.{k}"): v
                                    for k, v in params.items()})
+            mlflow.set_tag("checkpoint_dir", str(folder))
             logger = tracking.AsyncMetricLogger(run_id)
             already = last_logged_steps(MlflowClient(), run_id) if resume_state else {}
             if resume_state:
@@ -244,7 +346,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
 
         from lifecycle.train.loop import Trainer
 
-        trainer = Trainer(cfg, start.model, data, ctx=ctx, log=_chain(sink, callbacks if ctx.is_main else ()), checkpoints=ckpts, resume_from=latest if resume_state else None,
+        trainer = Trainer(cfg, start.model, data, ctx=ctx, log=_chain(sink, callbacks if ctx.is_main else ()),
+                          checkpoints=ckpts, resume_from=resume_ck,
                           extra_state={"run_id": run_id, "data_digest": lineage.digest, "data_run_id": lineage.run_id,
                                        "base_model": start.base_model})
         result = trainer.fit()
@@ -257,6 +360,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, *, resume: bool, overwrite
         logger = None
         outcome = _finish(cfg, run_id, result, start, lineage, finalize_model)
         outcome.resumed_from = resume_state["step"] if resume_state else None
+        outcome.checkpoint_dir = str(folder)
         if own_run:
             import mlflow
 
