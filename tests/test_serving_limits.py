@@ -331,8 +331,12 @@ def test_compiled_generation_from_two_threads(tiny_model_dir):  # noqa: F811
     except Exception as exc:  # noqa: BLE001 - the compiler toolchain, not our code
         pytest.skip(f"torch.compile (inductor) cannot compile on this machine: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    from torch._dynamo.utils import counters
+
     plain = Engine(tiny_model_dir, ServingConfig(coalesce=False, cpu_threads=1, max_new_tokens_cap=4))
     assert compiled.buckets == [1, 2]
+    assert getattr(compiled.model, "_compiled_call", None) is not None  # generation really went through compile
+    graphs = counters["stats"]["unique_graphs"]
     prompts = [["Hello"], ["class", "The quick brown fox"]]
     out: dict[int, list[str]] = {}
     errors: list[BaseException] = []
@@ -353,6 +357,7 @@ def test_compiled_generation_from_two_threads(tiny_model_dir):  # noqa: F811
     assert out[0] == list(plain.predict(prompts[0], {"max_new_tokens": 4}).text)
     assert out[1] == list(plain.predict(prompts[1], {"max_new_tokens": 4}).text)
     # Served by warmed graphs: no compile on the request threads (a compile takes many seconds here).
+    assert counters["stats"]["unique_graphs"] == graphs > 0
     assert time.perf_counter() - started < 20
     compiled.close()
     plain.close()
@@ -398,3 +403,27 @@ def test_serve_refuses_busy_and_out_of_range_ports_before_starting(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "out of range" in proc.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_body_limit_reaches_the_app_the_scoring_server_builds_after_loading(monkeypatch):
+    import fastapi
+    from mlflow.pyfunc import scoring_server
+
+    from lifecycle.serving import body_limit
+
+    original = fastapi.FastAPI
+    monkeypatch.delenv(body_limit.SCORING_SERVER_ENV, raising=False)
+    assert body_limit.install(100) is False and fastapi.FastAPI is original  # outside the server: untouched
+    monkeypatch.setenv(body_limit.SCORING_SERVER_ENV, "/some/model")
+    try:
+        assert body_limit.install(100)
+
+        class Model:
+            metadata = type("Meta", (), {"get_input_schema": staticmethod(lambda: None)})
+
+        # What mlflow's scoring_server.app does once the model has loaded.
+        app = scoring_server.init(Model())
+        assert fastapi.FastAPI is original  # only that one app was changed
+        assert BodyLimit in [m.cls for m in app.user_middleware]
+    finally:
+        fastapi.FastAPI = original

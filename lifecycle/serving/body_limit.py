@@ -89,27 +89,32 @@ async def _refuse(send: Send, status: int, message: str) -> None:
 def install(max_bytes: int) -> bool:
     """Inside ``mlflow models serve``, put :class:`BodyLimit` in front of the app it is about to build.
 
-    The model loads before the scoring server calls ``scoring_server.init(model)``, so wrapping
-    ``init`` here reaches the app; nothing changes outside the scoring server. True when installed.
+    The scoring server builds its app as ``scoring_server.init(load_model(...))``: ``init`` is
+    looked up before the model loads, so it cannot be wrapped from here, but ``init`` imports
+    ``FastAPI`` when it runs, after the model has loaded. The next ``FastAPI`` built in this
+    process (the scoring server's) therefore gets the middleware, and ``fastapi.FastAPI`` is put
+    back at once. Nothing changes outside the scoring server. True when installed.
     """
     if SCORING_SERVER_ENV not in os.environ:
         return False
-    from mlflow.pyfunc import scoring_server
+    import fastapi
 
-    init = getattr(scoring_server, "init", None)
-    if init is None:
-        return False
-    if getattr(init, "_lifecycle_body_limit", None) is not None:
-        init._lifecycle_body_limit[0] = max_bytes  # type: ignore[attr-defined]
+    current = fastapi.FastAPI
+    if getattr(current, "_lifecycle_body_limit", None) is not None:
+        current._lifecycle_body_limit[0] = max_bytes  # type: ignore[attr-defined]
         return True
     limit = [max_bytes]
 
-    def init_with_limit(model: Any) -> Any:
-        app = init(model)
-        app.add_middleware(BodyLimit, max_bytes=limit[0])
-        return app
+    class FastAPIWithBodyLimit(current):  # type: ignore[misc, valid-type]
+        """The scoring server's app, with the body limit as its outermost middleware."""
 
-    init_with_limit._lifecycle_body_limit = limit  # type: ignore[attr-defined]
-    scoring_server.init = init_with_limit
-    log.info("scoring server: request bodies over %d bytes get HTTP 413", max_bytes)
+        _lifecycle_body_limit = limit
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            fastapi.FastAPI = current  # one app only: the scoring server's
+            self.add_middleware(BodyLimit, max_bytes=limit[0])
+            log.info("scoring server: request bodies over %d bytes get HTTP 413", limit[0])
+
+    fastapi.FastAPI = FastAPIWithBodyLimit
     return True
