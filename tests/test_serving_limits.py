@@ -427,3 +427,37 @@ def test_body_limit_reaches_the_app_the_scoring_server_builds_after_loading(monk
         assert BodyLimit in [m.cls for m in app.user_middleware]
     finally:
         fastapi.FastAPI = original
+
+
+def test_several_workers_on_a_gpu_are_warned_about(tmp_path, capsys):
+    from tests.cli import cli
+
+    # The warning comes before anything is resolved or started (the model here does not exist).
+    code = cli("serve", "no-such-model", "--device", "cuda", "--workers", "2", "--port", str(_free_port()))
+    err = capsys.readouterr().err
+    assert "warning: --workers 2 on a GPU loads 2 copies of the model" in err and "prefer --workers 1" in err
+    assert code == 5 and err.strip().splitlines()[-1].startswith("Error: ")
+    code = cli("serve", "no-such-model", "--device", "cpu", "--workers", "2", "--port", str(_free_port()))
+    assert "warning" not in capsys.readouterr().err and code == 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("text, kept, gone", [
+    ("could not open https://alice:s3cr3t@example.com/data.jsonl", "https://***@example.com/data.jsonl", "s3cr3t"),
+    ("s3://AKIAXXXX:abc%2Fdef@bucket/key failed", "s3://***@bucket/key", "AKIAXXXX"),
+    ("GET https://host/f?X-Amz-Signature=deadbeef&x=1", "X-Amz-Signature=***&x=1", "deadbeef"),
+    ("postgresql+psycopg2://user:pw@127.0.0.1:5432/db", "postgresql+psycopg2://***@127.0.0.1:5432/db", "pw@"),
+])
+def test_uri_credentials_never_reach_records(text, kept, gone, tmp_path):
+    from lifecycle.serving.redact import strip_credentials
+
+    assert kept in strip_credentials(text) and gone not in strip_credentials(text)
+    rec = InferenceRecorder(tmp_path / "inf.jsonl", model_name="m", model_version="1")
+    rec.record(latency_ms=1.0, error=f"OSError: {text}", status="error")
+    rec.close()
+    assert gone not in (tmp_path / "inf.jsonl").read_text(encoding="utf-8")
