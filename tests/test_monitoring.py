@@ -175,8 +175,8 @@ def _damaged(draw) -> bytes:
                    "damaged lines are skipped and counted, every good record is read, the window and service "
                    "metrics are still computed")
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(st.one_of(_valid_lines.map(lambda line: (True, line.encode())), _damaged().map(lambda b: (False, b))),
-                      min_size=1, max_size=30))
+@given(lines=st.lists(st.one_of(_valid_lines.map(lambda line: (True, line.encode())),
+                                _damaged().map(lambda raw: (False, raw))), min_size=1, max_size=30))
 def test_damaged_lines_are_skipped_and_counted_never_fatal(tmp_path, lines):
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(b"".join(raw + b"\n" for _, raw in lines))

@@ -277,7 +277,8 @@ i = 0
 print("ready", flush=True)
 while int(n) < 0 or i < int(n):
     rec.record(latency_ms=1.0 + i % 7, batch_size=1, params={"writer": tag, "i": i},
-               rows=[{"prompt_tokens": 5 + i % 11, "completion_tokens": 3, "finish_reason": "stop", "truncated": False}],
+               rows=[{"prompt_tokens": 5 + i % 11, "completion_tokens": 3, "finish_reason": "stop",
+                      "truncated": False}],
                prompts=["the quick brown fox jumps over the lazy dog"], completions=["y" * int(big)])
     i += 1
 """

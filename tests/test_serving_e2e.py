@@ -155,7 +155,8 @@ def test_started_by_absolute_path_without_the_virtualenv_on_path(served):
 
 
 @pytest.mark.tried("serving", "requests over the limits through HTTP: a body over max_body_bytes, more rows than "
-                   "max_rows, a stop string over max_stop_chars", "413 / 400 naming the limit; the server keeps serving")
+                   "max_rows, a stop string over max_stop_chars",
+                   "413 / 400 naming the limit; the server keeps serving")
 def test_limits_over_http_name_the_limit(served):
     url = served["url"]
     status, payload = post(url, {"inputs": ["word " * (MAX_BODY // 5 + 10)], "params": {"max_new_tokens": 2}})

@@ -109,8 +109,8 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
     from lifecycle.evaluate.config import EvalConfig
     from lifecycle.evaluate.dataset import load_eval_data
     from lifecycle.registry import facts
-    from lifecycle.serving.variant import choose_device
     from lifecycle.registry.client import get_client
+    from lifecycle.serving.variant import choose_device
 
     # --- everything that can be refused, before any run or version exists ----------------------
     check_method(method)

@@ -18,8 +18,10 @@
 Batches are shared fairly: a batch takes rows round-robin, one from each waiting request with
 the batch's key in turn, so a small request that arrives behind a huge one rides in the very next
 batch instead of waiting for every row of the huge one; requests served by a batch then go to the
-back of the queue, so a request with another key leads the batch after. Nobody starves. Pure threading, no thread of its own (nothing to start after a fork, nothing that
-keeps a briefly loaded model alive): the batch function is injected, so this is testable without
+back of the queue, so a request with another key leads the batch after. Nobody starves.
+
+Pure threading, no thread of its own (nothing to start after a fork, nothing that keeps a
+briefly loaded model alive): the batch function is injected, so this is testable without
 a model.
 """
 
