@@ -98,9 +98,10 @@ def reference_folder(mv: Any, reference: str | None) -> tuple[Path, str]:
 
 
 def _bpb_scorer(model_dir: Path, device: str):
-    from lifecycle.evaluate.loss import document_nll, load_lm, resolve_device
+    from lifecycle.evaluate.loss import document_nll, load_lm
+    from lifecycle.serving.variant import variant_device
 
-    dev = resolve_device(device)
+    dev = variant_device(model_dir, device)  # a CPU-only variant is scored on CPU, as it is served
     loaded: list[Any] = []  # the model is loaded on first use: a window without text never needs it
 
     def score(texts: Sequence[str]) -> float:
