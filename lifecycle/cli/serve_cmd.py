@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 @click.option("--alias", default="production", show_default=True, help="Registry alias to serve.")
 @click.option("--version", "version", default=None, help="Serve this version number instead of an alias.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", "-p", default=5001, show_default=True, type=int, help="Port to listen on (1-65535; out of range or in use: exit 2).")
+@click.option("--port", "-p", default=5001, show_default=True, type=int,
+              help="Port to listen on (1-65535; out of range or in use: exit 2).")
 @click.option("--workers", "-w", default=1, show_default=True, type=int,
               help="Server worker processes (each loads its own copy of the model; on one GPU prefer 1).")
 @click.option("--device", default=None,
