@@ -213,6 +213,42 @@ def start_guard(tracking_url: str, workdir: Path, secret: str, *, env: dict[str,
     return proc, url
 
 
+#: PATH of a service manager (systemd's default is close): no virtualenv, no pyenv shims.
+BARE_PATH = "/usr/bin:/bin"
+
+
+def lifecycle_script() -> Path:
+    """The installed ``lifecycle`` console script of this interpreter (absolute path)."""
+    import sysconfig
+
+    script = Path(sysconfig.get_path("scripts")) / "lifecycle"
+    if not script.is_file():
+        raise RuntimeError(f"the lifecycle console script is not installed at {script} (pip install -e .)")
+    return script
+
+
+def start_lifecycle_serve(name: str, workdir: Path, args: list[str] | None = None, *,
+                          env: dict[str, str] | None = None, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start ``lifecycle serve NAME`` the way a service manager does: the console script by its
+    absolute path, PATH=/usr/bin:/bin (the virtualenv's ``bin``, where ``uvicorn`` lives, is not on
+    it). Returns (process, base URL); the server's output is ``workdir/serve.log``."""
+    port = free_port()
+    full_env = {**os.environ, **(env or {}), "PATH": BARE_PATH}
+    cmd = [str(lifecycle_script()), "serve", name, "--port", str(port), *(args or [])]
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/ping", timeout=timeout, proc=proc)
+    except Exception:
+        _stop_group(proc)
+        raise RuntimeError(f"lifecycle serve did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
+    return proc, url
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """Stop a process started by this module (its whole session)."""
     _stop_group(proc)

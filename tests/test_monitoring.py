@@ -8,11 +8,13 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lifecycle.errors import ConfigError, DataError
 from lifecycle.monitoring import drift, service
 from lifecycle.monitoring.config import MonitorConfig
-from lifecycle.monitoring.records import parse_since, read_records, records_path, select_window
+from lifecycle.monitoring.records import load_records, parse_since, read_records, records_path, select_window
 from lifecycle.monitoring.reference import fallback_token_ids, split_segments, unknown_rate
 from lifecycle.monitoring.verdict import decide
 
@@ -103,16 +105,91 @@ def test_parse_since_relative_iso_and_bad():
         parse_since("yesterday")
 
 
-def test_read_records_refuses_malformed_lines_with_line_number(tmp_path):
+def test_read_records_skips_and_counts_malformed_lines_with_line_number(tmp_path, caplog):
+    # Issue #18 item 4b: a damaged line used to raise here and block every later monitor of the
+    # file; it is now skipped, counted and named (file:line) in a warning.
     good = _write(tmp_path / "r.jsonl", [_rec(NOW)])
     assert read_records(good)[0]["_ts"] == NOW
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(_rec(NOW)) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not a JSON record"):
-        read_records(bad)
+    with caplog.at_level("WARNING", logger="lifecycle.monitoring.records"):
+        read = load_records(bad)
+    assert len(read.records) == 1 and len(read.skipped) == 1
+    assert "bad.jsonl:2: not a JSON record" in read.skipped[0] and "bad.jsonl:2" in caplog.text
     bad.write_text('{"hello": 1}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="not an inference record"):
-        read_records(bad)
+    read = load_records(bad)
+    assert read.records == [] and "not an inference record" in read.skipped[0]
+
+
+def test_a_record_glued_after_a_torn_one_is_recovered(tmp_path):
+    whole, other = json.dumps(_rec(NOW, latency=1.0)), json.dumps(_rec(NOW, latency=2.0))
+    path = tmp_path / "torn.jsonl"
+    # A writer killed mid-line, then another writer's record appended right after the fragment.
+    path.write_bytes((whole + "\n" + whole[:37] + other + "\n").encode())
+    read = load_records(path)
+    assert [r["latency_ms"] for r in read.records] == [1.0, 2.0]
+    assert len(read.skipped) == 1 and "torn record" in read.skipped[0]
+
+
+_valid_lines = st.builds(lambda lat, v, rows: json.dumps(_rec(NOW - timedelta(seconds=lat), v, latency=lat,
+                                                              prompt_tokens=tuple(rows))),
+                         st.floats(0, 1e6, allow_nan=False), st.sampled_from(["1", "2"]),
+                         st.lists(st.integers(0, 10_000), min_size=1, max_size=4))
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
+                                                                                      max_size=3), max_leaves=8)
+_FIELDS = ["ts", "latency_ms", "model_name", "model_version", "rows", "batch_size", "error", "status",
+           "finish_reason", "prompts", "completions"]
+
+
+@st.composite
+def _damaged(draw) -> bytes:
+    """A line the reader must skip: torn, binary, non-UTF-8, a field of the wrong type, or one missing."""
+    kind = draw(st.sampled_from(["torn", "binary", "non-utf8", "wrong-type", "missing", "not-object"]))
+    line = draw(_valid_lines)
+    if kind == "torn":
+        return line.encode()[:draw(st.integers(1, len(line) - 1))]
+    if kind == "binary":
+        return draw(st.binary(min_size=1, max_size=60)).replace(b"\n", b"") or b"\x00"
+    if kind == "non-utf8":
+        cut = draw(st.integers(1, len(line)))  # at 0 the whole record after the byte is recovered
+        return line.encode()[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])) + line.encode()[cut:]
+    if kind == "not-object":
+        return json.dumps(draw(st.lists(_json_values, max_size=3))).encode()
+    rec = json.loads(line)
+    key = draw(st.sampled_from(["ts", "latency_ms"] if kind == "missing" else _FIELDS))
+    if kind == "missing":
+        del rec[key]
+    else:
+        bad = {"ts": st.sampled_from([5, "yesterday", "0001-01-01T00:00:00+14:00", None]),
+               "latency_ms": st.sampled_from(["fast", -1, None, True, [1]]),
+               "rows": st.sampled_from(["x", [1], [{"prompt_tokens": "many"}], [{"completion_tokens": -3}]]),
+               "batch_size": st.sampled_from(["x", -1, [2]]),
+               "prompts": st.sampled_from(["x", [1], [None]]), "completions": st.sampled_from([{"a": 1}, [2.5]])}
+        rec[key] = draw(bad.get(key, st.sampled_from([[1], {"a": "b"}, 1.5, True])))
+    return json.dumps(rec).encode()
+
+
+@pytest.mark.tried("monitoring", "records files with torn lines, binary garbage, non-UTF-8 bytes, wrong field types "
+                   "and missing fields mixed among good records (hypothesis)",
+                   "damaged lines are skipped and counted, every good record is read, the window and service "
+                   "metrics are still computed")
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(_valid_lines.map(lambda line: (True, line.encode())),
+                                _damaged().map(lambda raw: (False, raw))), min_size=1, max_size=30))
+def test_damaged_lines_are_skipped_and_counted_never_fatal(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"".join(raw + b"\n" for _, raw in lines))
+    read = load_records(path)
+    good = sum(ok for ok, _ in lines)
+    damaged = [raw for ok, raw in lines if not ok and raw.strip()]
+    assert len(read.records) == good
+    assert len(read.skipped) == len(damaged)
+    if any(r["model_version"] == "1" for r in read.records):
+        window = select_window(read.records, name="m", version="1", until=NOW, mismatch="separate")
+        metrics = service.service_metrics(window.records)
+        assert metrics["request_count"] == len(window.records)
+        assert all(isinstance(v, float) for v in metrics.values())
 
 
 def test_records_path_needs_a_file_or_the_env(tmp_path, monkeypatch):

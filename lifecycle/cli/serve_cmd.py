@@ -1,18 +1,24 @@
 """``lifecycle serve``: `mlflow models serve` for a registered model, with our settings in the env.
 
 It resolves ``models:/NAME@ALIAS`` (or ``/VERSION``) first, so a missing alias is a one-line
-error with what exists instead of a server that dies while loading, then replaces itself with
-``mlflow models serve -m URI --env-manager local`` (signals and exit code are the server's own).
+error with what exists instead of a server that dies while loading, checks that the port is in
+range and free (exit 2 otherwise), then replaces itself with ``mlflow models serve -m URI
+--env-manager local`` (signals and exit code are the server's own), with this interpreter's
+``bin`` first on PATH so that the server's ``uvicorn`` is found without an activated virtualenv.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import click
 
 from lifecycle.errors import ConfigError
+from lifecycle.serving.launch import check_port, serve_env
+
+log = logging.getLogger(__name__)
 
 
 @click.command("serve")
@@ -20,10 +26,12 @@ from lifecycle.errors import ConfigError
 @click.option("--alias", default="production", show_default=True, help="Registry alias to serve.")
 @click.option("--version", "version", default=None, help="Serve this version number instead of an alias.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", "-p", default=5001, show_default=True, type=int, help="Port to listen on.")
+@click.option("--port", "-p", default=5001, show_default=True, type=int,
+              help="Port to listen on (1-65535; out of range or in use: exit 2).")
 @click.option("--workers", "-w", default=1, show_default=True, type=int,
-              help="Server worker processes (each loads its own copy of the model).")
-@click.option("--device", default=None, help="cuda, cuda:N or cpu (default: CUDA when available).")
+              help="Server worker processes (each loads its own copy of the model; on one GPU prefer 1).")
+@click.option("--device", default=None,
+              help="cuda, cuda:N or cpu (default: CUDA when available; an int8-dynamic variant falls back to cpu).")
 @click.option("--max-batch-size", type=int, default=None, help="Most rows per generate call.")
 @click.option("--batch-wait-ms", type=float, default=None,
               help="Longest a starting batch waits for requests still being parsed (default 5; a lone request "
@@ -31,6 +39,10 @@ from lifecycle.errors import ConfigError
 @click.option("--coalesce/--no-coalesce", default=None, help="Batch concurrent requests together (default on).")
 @click.option("--max-new-tokens-cap", type=int, default=None, help="Largest max_new_tokens a request may ask for.")
 @click.option("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")
+@click.option("--max-rows", type=int, default=None, help="Most prompts per request (default 256; more: HTTP 400).")
+@click.option("--max-body-bytes", type=int, default=None,
+              help="Largest request body in bytes (default 4 MiB; larger: HTTP 413).")
+@click.option("--max-stop-chars", type=int, default=None, help="Longest stop string (default 64; longer: HTTP 400).")
 @click.option("--inference-log", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per request here (LIFECYCLE_INFERENCE_LOG).")
 @click.option("--log-text", is_flag=True, default=False,
@@ -38,7 +50,8 @@ from lifecycle.errors import ConfigError
 @click.option("--timeout", type=int, default=None, help="Request timeout in seconds (MLflow's default: 60).")
 def serve(name: str, alias: str, version: str | None, host: str, port: int, workers: int, device: str | None,
           max_batch_size: int | None, batch_wait_ms: float | None, coalesce: bool | None,
-          max_new_tokens_cap: int | None, max_prompt_tokens: int | None, inference_log: str | None,
+          max_new_tokens_cap: int | None, max_prompt_tokens: int | None, max_rows: int | None,
+          max_body_bytes: int | None, max_stop_chars: int | None, inference_log: str | None,
           log_text: bool, timeout: int | None) -> None:
     """Serve registered model NAME (at --alias, default production) over HTTP.
 
@@ -51,7 +64,8 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    env = dict(os.environ)
+    # `mlflow models serve` runs `uvicorn` by name: find ours even without an activated virtualenv.
+    env = serve_env()
     settings = {
         "LIFECYCLE_DEVICE": device,
         "LIFECYCLE_MAX_BATCH_SIZE": max_batch_size,
@@ -59,6 +73,9 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
         "LIFECYCLE_COALESCE": None if coalesce is None else str(coalesce).lower(),
         "LIFECYCLE_MAX_NEW_TOKENS_CAP": max_new_tokens_cap,
         "LIFECYCLE_MAX_PROMPT_TOKENS": max_prompt_tokens,
+        "LIFECYCLE_MAX_ROWS": max_rows,
+        "LIFECYCLE_MAX_BODY_BYTES": max_body_bytes,
+        "LIFECYCLE_MAX_STOP_CHARS": max_stop_chars,
         "LIFECYCLE_INFERENCE_LOG": os.path.abspath(inference_log) if inference_log else None,
         "LIFECYCLE_INFERENCE_LOG_TEXT": "1" if log_text else None,
         "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": timeout,
@@ -67,7 +84,12 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
     # Validate the settings here, where a bad value is a one-line error, not a dead worker.
     from lifecycle.serving.settings import serving_config
 
-    serving_config({}, environ=env)
+    config = serving_config({}, environ=env)
+    check_port(host, port)
+    if workers > 1 and _on_cuda(config.device):
+        click.echo(f"warning: --workers {workers} on a GPU loads {workers} copies of the model onto the same device "
+                   "and splits the coalescer's batches between them (smaller batches, more memory); one worker "
+                   "batches every request: prefer --workers 1 on a single GPU", err=True)
     uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
     client = MlflowClient()
     _check_model_uri(client, uri)
@@ -80,3 +102,12 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, cmd, env)
+
+
+def _on_cuda(device: str | None) -> bool:
+    """Whether the server's model will sit on a GPU (the device asked for, or CUDA when available)."""
+    if device:
+        return device.strip().lower().startswith("cuda")
+    import torch  # only when several workers were asked for: the question needs it
+
+    return bool(torch.cuda.is_available())

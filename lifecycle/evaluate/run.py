@@ -134,14 +134,16 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
     """Evaluate ``model`` on ``data`` (and against ``baseline``) in one MLflow run; tag the version."""
     import mlflow
 
-    from lifecycle.evaluate.loss import resolve_device, resolve_precision
+    from lifecycle.evaluate.loss import resolve_precision
+    from lifecycle.serving.variant import variant_device
     from lifecycle.tracking import TAG_DATA_DIGEST, stage_run
 
     cfg = cfg or EvalConfig()
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     # --- everything that can be refused, before any run exists --------------------------------
     model_dir = _model_dir(model)
+    # A CPU-only variant falls back to CPU (logged) unless a device was asked for.
+    device = variant_device(model_dir, cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     version = results.registered_version(model)
     eval_data = load_eval_data(data, cfg.split)
     _check_model(eval_data, model_dir, model)

@@ -1,13 +1,18 @@
 """Read inference records (the serving stage's JSONL contract) and select one window of one version.
 
-See :mod:`lifecycle.serving.records` for the fields. Malformed lines are refused with their line
-number rather than skipped: a monitor that silently drops data reports a healthier service than
-the one that runs.
+See :mod:`lifecycle.serving.records` for the fields. A damaged line (torn by a server killed
+mid-write, a stray non-UTF-8 byte, binary garbage, a record with a missing field or a field of the
+wrong type) is skipped, counted and named in a warning, never fatal: one bad line used to block
+every later ``monitor`` of the file. The count is reported (``monitor/records_skipped``) so that a
+window that lost data says so instead of looking healthier than the service that ran. A record
+glued to the end of a torn one (the next writer appended right after it) is recovered.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 from collections import Counter
@@ -23,6 +28,12 @@ _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 MismatchPolicy = Literal["refuse", "separate"]
+#: Every record starts with its timestamp (the writer's key order): where a glued record begins.
+_RECORD_START = b'{"ts":'
+#: Damaged lines named one by one in the warning (the count covers them all).
+_NAMED = 5
+
+log = logging.getLogger(__name__)
 
 
 def parse_since(text: str | None, *, now: datetime | None = None) -> datetime | None:
@@ -55,32 +66,109 @@ def records_path(path: str | os.PathLike[str] | None) -> Path:
     return p
 
 
-def _timestamp(value: Any, where: str) -> datetime:
+def _timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
     try:
-        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise DataError(f"{where}: 'ts' is not an ISO time: {value!r}") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC: an offset that moves the time out of datetime's range is a damaged value.
+        return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _problem(rec: Any) -> str | None:
+    """Why ``rec`` is not a usable inference record, or None when every field monitor reads is sound."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not a record"
+    if "ts" not in rec or "latency_ms" not in rec:
+        return "not an inference record (needs at least 'ts' and 'latency_ms')"
+    if _timestamp(rec["ts"]) is None:
+        return "'ts' is not an ISO time"
+    if not _number(rec["latency_ms"]):
+        return "'latency_ms' is not a non-negative number"
+    for key in ("model_name", "model_version", "error", "status", "finish_reason"):
+        value = rec.get(key)
+        if value is not None and (not isinstance(value, (str, int)) or isinstance(value, bool)):
+            return f"'{key}' has the wrong type"
+    if rec.get("batch_size") is not None and not _number(rec["batch_size"]):
+        return "'batch_size' is not a non-negative number"
+    rows = rec.get("rows")
+    if rows is not None:
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return "'rows' is not a list of objects"
+        for r in rows:
+            if any(r.get(k) is not None and not _number(r[k]) for k in ("prompt_tokens", "completion_tokens")):
+                return "a row's token count is not a non-negative number"
+    for key in ("prompts", "completions"):
+        if rec.get(key) is not None and not (isinstance(rec[key], list) and all(isinstance(t, str) for t in rec[key])):
+            return f"'{key}' is not a list of strings"
+    return None
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) or (None, why the line is damaged)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte {exc.start})"
+    try:
+        rec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, f"not a JSON record ({getattr(exc, 'msg', 'nested too deeply')})"
+    why = _problem(rec)
+    if why is not None:
+        return None, why
+    rec["_ts"] = _timestamp(rec["ts"])
+    return rec, None
+
+
+@dataclass
+class RecordsRead:
+    """The usable records of a file and the damaged lines that were skipped (``path:line: why``)."""
+
+    records: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_records(path: str | os.PathLike[str]) -> RecordsRead:
+    """Every usable record of a JSONL file, each with a parsed ``_ts``; damaged lines skipped and counted.
+
+    Blank lines are not records and are not counted. A damaged line that ends in a whole record
+    (a writer appended right after a torn line) keeps that record and counts the torn part.
+    One warning names the first damaged lines and the total.
+    """
+    p = Path(path)
+    out: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with open(p, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            rec, why = _parse(raw)
+            if rec is None:
+                glued = raw.rfind(_RECORD_START, 1)
+                if glued > 0:
+                    rec, _ = _parse(raw[glued:])
+                    if rec is not None:
+                        why = f"torn record before a whole one ({why})"
+                skipped.append(f"{p}:{n}: {why}")
+            if rec is not None:
+                out.append(rec)
+    if skipped:
+        named = "; ".join(skipped[:_NAMED]) + ("" if len(skipped) <= _NAMED else f"; and {len(skipped) - _NAMED} more")
+        log.warning("skipped %d damaged line(s) of %s: %s", len(skipped), p, named)
+    return RecordsRead(records=out, skipped=skipped)
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a JSONL file, each with a parsed ``_ts`` (aware datetime); blank lines skipped."""
-    p = Path(path)
-    out: list[dict[str, Any]] = []
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not a JSON record ({exc.msg})") from None
-            if not isinstance(rec, dict) or "ts" not in rec or "latency_ms" not in rec:
-                raise DataError(f"{where}: not an inference record (needs at least 'ts' and 'latency_ms')")
-            rec["_ts"] = _timestamp(rec["ts"], where)
-            out.append(rec)
-    return out
+    """The usable records of a JSONL file (see :func:`load_records`, which also returns what was skipped)."""
+    return load_records(path).records
 
 
 def identity(rec: dict[str, Any]) -> str:

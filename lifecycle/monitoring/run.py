@@ -29,9 +29,10 @@ from lifecycle.errors import (
 from lifecycle.monitoring import plots
 from lifecycle.monitoring.analysis import Analysis, analyse, finite
 from lifecycle.monitoring.config import MonitorConfig
-from lifecycle.monitoring.records import parse_since, read_records, records_path, select_window
+from lifecycle.monitoring.records import load_records, parse_since, records_path, select_window
 from lifecycle.monitoring.reference import load_reference
 from lifecycle.monitoring.verdict import Verdict, decide
+from lifecycle.serving.redact import strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ def reference_folder(mv: Any, reference: str | None) -> tuple[Path, str]:
 
 
 def _bpb_scorer(model_dir: Path, device: str):
-    from lifecycle.evaluate.loss import document_nll, load_lm, resolve_device
+    from lifecycle.evaluate.loss import document_nll, load_lm
+    from lifecycle.serving.variant import variant_device
 
-    dev = resolve_device(device)
+    dev = variant_device(model_dir, device)  # a CPU-only variant is scored on CPU, as it is served
     loaded: list[Any] = []  # the model is loaded on first use: a window without text never needs it
 
     def score(texts: Sequence[str]) -> float:
@@ -149,7 +151,8 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
     thresholds, policy_path = thresholds_of(policy)
     since = parse_since(cfg.since, now=now)
     path = records_path(records)
-    all_records = read_records(path)
+    read = load_records(path)
+    all_records = read.records
     mv = resolve_version(name, None if version else alias, version)
     window = select_window(all_records, name=name, version=str(mv.version),
                            aliases=[mv.run_id, f"run-{mv.run_id}"] if mv.run_id else [],
@@ -161,6 +164,10 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
     scorer = _bpb_scorer(model_dir, cfg.device) if cfg.semantic else None
     an = analyse(window, ref.segments, tokenizer, psi_bins=cfg.psi_bins, bits_per_byte=scorer,
                  max_loss_texts=cfg.max_loss_texts, seed=cfg.seed)
+    # Damaged lines never block the verdict, but the run says how much data it could not read.
+    an.metrics["monitor/records_skipped"] = float(len(read.skipped))
+    if read.skipped:
+        an.notes.append(f"skipped {len(read.skipped)} damaged line(s) of the records file (first: {read.skipped[0]})")
     verdict = decide(an.metrics, thresholds)
 
     tags = {"model_name": name, "model_version": str(mv.version), "monitor.verdict": verdict.verdict}
@@ -168,7 +175,9 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
         # "resolved." prefix: under `mlflow run` the run already holds the entry point's raw
         # parameters (records='', reference='') and MLflow refuses to change a logged param.
         mlflow.log_params({**{f"config.{k}": v for k, v in flatten(cfg).items()},
-                           "resolved.records": str(path), "resolved.reference": ref_uri,
+                           # A URI's userinfo or token never reaches params (they are shown to every reader).
+                           "resolved.records": strip_credentials(str(path)),
+                           "resolved.reference": strip_credentials(ref_uri),
                            "resolved.reference_digest": ref.digest or "",
                            "resolved.reference_segments": len(ref.segments), "resolved.policy": policy_path,
                            "resolved.window_since": since.isoformat() if since else "all",

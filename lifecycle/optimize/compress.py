@@ -108,19 +108,16 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
 
     from lifecycle.evaluate.config import EvalConfig
     from lifecycle.evaluate.dataset import load_eval_data
-    from lifecycle.evaluate.loss import resolve_device
     from lifecycle.registry import facts
     from lifecycle.registry.client import get_client
+    from lifecycle.serving.variant import choose_device
 
     # --- everything that can be refused, before any run or version exists ----------------------
     check_method(method)
     cfg = cfg or EvalConfig()
-    if method == "int8-dynamic":
-        if cfg.device == "cuda":
-            raise ConfigError("int8-dynamic variants run on CPU (torch dynamic quantisation has no GPU kernels); "
-                              "drop --device cuda")
-        cfg = _with(cfg, device="cpu")
-    device = resolve_device(cfg.device)
+    # The one device choice of serve/evaluate/compress: a CPU-only method falls back to CPU (logged).
+    device = choose_device(cfg.device, method)
+    cfg = _with(cfg, device=device)
     client = get_client()
     mv = facts.get_version(client, name, version)
     version = str(mv.version)

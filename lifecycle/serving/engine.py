@@ -12,16 +12,21 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from lifecycle.errors import AcceleratorOutOfMemoryError
 from lifecycle.serving.batching import Arrival, Coalescer
 from lifecycle.serving.generate import (
     Completion,
+    batch_buckets,
     context_length,
     encode_prompts,
+    free_accelerator_memory,
     generate_batch,
+    is_out_of_memory,
     load_model,
     pick_device,
 )
 from lifecycle.serving.records import InferenceRecorder
+from lifecycle.serving.redact import record_safe
 from lifecycle.serving.requests import GenParams, InvalidRequest, parse_inputs, parse_params, plain_chat_prompt
 from lifecycle.serving.settings import ServingConfig
 
@@ -36,7 +41,8 @@ class Engine:
     def __init__(self, model_dir: str | Path, config: ServingConfig | None = None, *,
                  recorder: InferenceRecorder | None = None):
         self.config = config or ServingConfig()
-        self.device = pick_device(self.config.device)
+        # A CPU-only variant (int8-dynamic) falls back to CPU when no device was asked for.
+        self.device = pick_device(self.config.device, model_dir)
         import torch
 
         if self.device.type == "cpu" and self.config.cpu_threads:
@@ -47,16 +53,35 @@ class Engine:
         self.model, self.tokenizer = load_model(model_dir, self.device)
         self.context = context_length(self.model)
         self.recorder = recorder
-        # Static cache + compile only pays off (and only works well) on CUDA.
-        self.static_cache = bool(self.config.compile and self.device.type == "cuda")
+        # Static cache + compiled decode: pays off on CUDA; elsewhere only when asked for explicitly.
+        self.static_cache = bool(self.config.compile)
+        # The batch sizes a compiled decode step is built for (warmed up at load time).
+        self.buckets = batch_buckets(self.config.max_batch_size) if self.static_cache else None
         self.coalescer = (Coalescer(self._run_batch, max_batch=self.config.max_batch_size,
                                     wait_s=self.config.batch_wait_ms / 1000.0)
                           if self.config.coalesce else None)
 
     def warmup(self) -> None:
-        """One short generation so the first real request does not pay for lazy initialisation."""
-        self._generate(["Hello"], parse_params({"max_new_tokens": 2}, max_new_tokens_cap=self.config.max_new_tokens_cap,
-                                               default_max_new_tokens=self.config.default_max_new_tokens))
+        """Short generations so the first real requests do not pay for lazy initialisation.
+
+        With ``compile`` every batch size a request can be served at (:attr:`buckets`) is
+        generated once, so that each compiled graph exists before the first request arrives
+        (compiling one on a request thread took longer than the request timeout).
+        """
+        params = self._params({"max_new_tokens": 2})
+        for size in self.buckets or [1]:
+            started = time.perf_counter()
+            items = [(ids, params, False) for ids, _ in encode_prompts(self.tokenizer, ["Hello"] * size,
+                                                                         max_prompt_tokens=self.context - 2,
+                                                                         truncate=True)]
+            self._run_batch(params.batch_key(), items)
+            if self.static_cache:
+                log.info("compiled decode for batch size %d in %.1f s", size, time.perf_counter() - started)
+
+    def _params(self, params: Mapping[str, Any] | None) -> GenParams:
+        return parse_params(params, max_new_tokens_cap=self.config.max_new_tokens_cap,
+                            default_max_new_tokens=self.config.default_max_new_tokens,
+                            max_stop_chars=self.config.max_stop_chars)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the tokenizer's template, or the plain format without one."""
@@ -87,15 +112,20 @@ class Engine:
         gen: GenParams | None = None
         prompts: list[str] = []
         try:
-            gen = parse_params(params, max_new_tokens_cap=self.config.max_new_tokens_cap,
-                               default_max_new_tokens=self.config.default_max_new_tokens)
-            prompts = parse_inputs(model_input, self.chat_prompt)
+            gen = self._params(params)
+            prompts = parse_inputs(model_input, self.chat_prompt, max_rows=self.config.max_rows)
             completions, batch_size = self._generate(prompts, gen, arrival)
         except InvalidRequest as exc:
-            self._record(start, gen, prompts, [], 0, error=str(exc), status="invalid")
+            self._record(start, gen, prompts, [], 0, error=self._safe(exc.record, gen, prompts), status="invalid")
             raise
         except Exception as exc:
-            self._record(start, gen, prompts, [], 0, error=f"{type(exc).__name__}: {exc}", status="error")
+            if is_out_of_memory(exc):
+                free_accelerator_memory(self.device)
+                self._record(start, gen, prompts, [], 0, error="accelerator out of memory", status="error")
+                raise AcceleratorOutOfMemoryError(
+                    f"accelerator out of memory ({type(exc).__name__}); retry with fewer or shorter prompts") from exc
+            self._record(start, gen, prompts, [], 0, error=self._safe(f"{type(exc).__name__}: {exc}", gen, prompts),
+                         status="error")
             raise
         finally:
             if arrival is not None:
@@ -104,9 +134,20 @@ class Engine:
         return pd.DataFrame([[c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, c.truncated]
                              for c in completions], columns=OUTPUT_COLUMNS)
 
-    def record_refusal(self, message: str) -> None:
-        """Record a request refused before it reached :meth:`predict` (e.g. by MLflow's param checks)."""
-        self._record(time.perf_counter(), None, [], [], 0, error=message, status="invalid")
+    def record_refusal(self, message: str, *, start: float | None = None, params: Any = None) -> None:
+        """Record a request refused before it reached :meth:`predict` (e.g. by MLflow's param checks).
+
+        ``start`` is when the refusing check began (``time.perf_counter()``); the request's stop
+        strings (``params["stop"]``) are cut out of the recorded message.
+        """
+        stop = params.get("stop") if isinstance(params, Mapping) else None
+        self._record(time.perf_counter() if start is None else start, None, [], [], 0,
+                     error=record_safe(message, _texts(stop)), status="invalid")
+
+    @staticmethod
+    def _safe(message: str, gen: GenParams | None, prompts: list[str]) -> str:
+        """``message`` as it may be recorded: without the request's prompts or stop strings."""
+        return record_safe(message, [*prompts, *(gen.stop if gen else ())])
 
     def _generate(self, prompts: list[str], gen: GenParams,
                   arrival: Arrival | None = None) -> tuple[list[Completion], int]:
@@ -124,8 +165,15 @@ class Engine:
     def _run_batch(self, key: Any, items: list[tuple[list[int], GenParams, bool]]) -> list[Completion]:
         # Every item shares the batch key, so the first one's params stand for the batch.
         params = items[0][1]
-        results = generate_batch(self.model, self.tokenizer, [ids for ids, _, _ in items],
-                                 [p.max_new_tokens for _, p, _ in items], params, static_cache=self.static_cache, threads=self.threads)
+        try:
+            results = generate_batch(self.model, self.tokenizer, [ids for ids, _, _ in items],
+                                     [p.max_new_tokens for _, p, _ in items], params, static_cache=self.static_cache,
+                                     threads=self.threads, buckets=self.buckets)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                # Once per failed batch, before any caller retries.
+                free_accelerator_memory(self.device)
+            raise
         for result, (_, _, truncated) in zip(results, items):
             result.truncated = truncated
         return results
@@ -151,3 +199,19 @@ class Engine:
             self.coalescer.close()
         if self.recorder is not None:
             self.recorder.close()
+
+
+def _texts(params: Any) -> list[str]:
+    """Every string inside ``params`` (e.g. a client's stop strings, however nested)."""
+    out: list[str] = []
+    stack = [params]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, Mapping):
+            stack.extend(str(k) for k in value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)) or hasattr(value, "tolist"):
+            stack.extend(value.tolist() if hasattr(value, "tolist") else value)
+    return out

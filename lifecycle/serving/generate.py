@@ -28,17 +28,53 @@ class Completion:
     truncated: bool = False  # the prompt was left-truncated to fit (only when the caller asked)
 
 
-def pick_device(requested: str | None = None) -> Any:
-    """CUDA when available unless ``requested`` (or ``LIFECYCLE_DEVICE``) says otherwise."""
+def pick_device(requested: str | None = None, model_dir: str | Path | None = None) -> Any:
+    """The torch device: ``requested`` (or ``LIFECYCLE_DEVICE``), else CUDA when available.
+
+    With ``model_dir`` a CPU-only variant in it falls back to CPU when no device was asked for
+    (:func:`lifecycle.serving.variant.choose_device`).
+    """
     import torch
 
-    name = requested or os.environ.get("LIFECYCLE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from lifecycle.errors import ConfigError
+    from lifecycle.serving.variant import choose_device, variant_device
 
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use LIFECYCLE_DEVICE=cpu")
-    return device
+    name = requested or os.environ.get("LIFECYCLE_DEVICE")
+    return torch.device(variant_device(model_dir, name) if model_dir is not None else choose_device(name))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the accelerator running out of memory, in any of torch's spellings.
+
+    ``torch.OutOfMemoryError`` for the caching allocator, and plain ``RuntimeError``s such as
+    ``CUDA error: out of memory`` (raised by kernels and cuBLAS) or ``CUBLAS_STATUS_ALLOC_FAILED``.
+    """
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return "out of memory" in text or "alloc_failed" in text
+
+
+def free_accelerator_memory(device: Any) -> None:
+    """Give cached CUDA blocks back after an out-of-memory, so the next batch starts from a clean pool."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes a compiled decode step is built for: powers of two up to ``max_batch``, and it."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
 
 
 def load_model(model_dir: str | Path, device: Any) -> tuple[Any, Any]:
@@ -106,18 +142,30 @@ _GENERATE_LOCK = threading.Lock()
 
 
 def generate_batch(model: Any, tokenizer: Any, batch_ids: Sequence[Sequence[int]], max_new: Sequence[int],
-                   params: GenParams, *, static_cache: bool = False, threads: int | None = None) -> list[Completion]:
+                   params: GenParams, *, static_cache: bool = False, threads: int | None = None,
+                   buckets: Sequence[int] | None = None) -> list[Completion]:
     """Generate for a batch of tokenized prompts that share ``params`` (except ``max_new_tokens``).
 
     The batch runs to the largest ``max_new`` and each row is cut to its own, which is exactly
     what the row would have produced alone: decoding is causal and left padding is masked.
     ``threads`` sets torch's CPU threads for the calling thread: OpenMP settings are per thread,
     so the server's request threads (which lead batches) would otherwise use the default.
+
+    ``static_cache`` compiles the decode step (``torch.compile`` through transformers). A compiled
+    step is specialised to its shapes, so the cache always spans the whole context and the batch
+    is padded up to the next of ``buckets`` (the padding rows are dropped): every request reuses
+    one of a few graphs that :meth:`~lifecycle.serving.engine.Engine.warmup` built at load time,
+    instead of recompiling on a request thread for each new batch size and length.
     """
     import torch
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
+    rows = len(batch_ids)
+    if static_cache and buckets:
+        size = next((b for b in sorted(buckets) if b >= rows), rows)
+        batch_ids = list(batch_ids) + [batch_ids[0]] * (size - rows)
+        max_new = list(max_new) + [max_new[0]] * (size - rows)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     width = max(len(ids) for ids in batch_ids)
@@ -131,7 +179,14 @@ def generate_batch(model: Any, tokenizer: Any, batch_ids: Sequence[Sequence[int]
     if params.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = params.repetition_penalty
     if static_cache:
+        from transformers import CompileConfig
+
         kwargs["cache_implementation"] = "static"
+        kwargs["max_cache_len"] = context_length(model)
+        # CUDA graphs ("reduce-overhead") on a GPU; elsewhere transformers compiles only when told to.
+        compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+        compile_config._compile_all_devices = device.type != "cuda" or None
+        kwargs["compile_config"] = compile_config
     config = GenerationConfig(**kwargs)
     extra: dict[str, Any] = {}
     if params.stop:
@@ -143,9 +198,9 @@ def generate_batch(model: Any, tokenizer: Any, batch_ids: Sequence[Sequence[int]
             torch.manual_seed(params.seed)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              generation_config=config, **extra)
-    new_tokens = out[:, width:].tolist()
+    new_tokens = out[:rows, width:].tolist()
     return [_finish(tokenizer, ids, toks[:n], n, eos, pad, params.stop)
-            for ids, toks, n in zip(batch_ids, new_tokens, max_new)]
+            for ids, toks, n in zip(batch_ids[:rows], new_tokens, max_new[:rows])]
 
 
 def _finish(tokenizer: Any, prompt_ids: Sequence[int], tokens: list[int], limit: int, eos: int, pad: int,

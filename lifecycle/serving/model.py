@@ -9,12 +9,15 @@ scoring server answers with HTTP 400 and the message; an accelerator out of memo
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
+from lifecycle.errors import AcceleratorOutOfMemoryError
+from lifecycle.serving import body_limit
 from lifecycle.serving.requests import PARAM_SPECS, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ MODEL_ARTIFACT = "model"
 _ENGINES: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
 
-def _record_refusal(message: str) -> None:
+def _record_refusal(message: str, *, start: float | None = None, params: Any = None) -> None:
     from mlflow.pyfunc.context import get_prediction_context
 
     ctx = get_prediction_context()
@@ -35,7 +38,7 @@ def _record_refusal(message: str) -> None:
     if engine is None and len(_ENGINES) == 1:
         engine = next(iter(_ENGINES.values()))
     if engine is not None:
-        engine.record_refusal(message)
+        engine.record_refusal(message, start=start, params=params)
 
 
 def _model_identity(model_dir: Path) -> tuple[str | None, str | None]:
@@ -71,6 +74,7 @@ def _install_strict_params() -> None:
         names = {p.name for p in getattr(schema, "params", [])} if schema is not None else set()
         if names != ours:
             return original(params, schema)
+        start = time.perf_counter()
         try:
             if isinstance(params, dict):
                 unknown = sorted(str(k) for k in params if str(k) not in names)
@@ -79,15 +83,14 @@ def _install_strict_params() -> None:
                         f"unknown param {unknown[0]!r}; allowed params: {', '.join(sorted(names))}")
             return original(params, schema)
         except MlflowException as exc:
-            _record_refusal(exc.message)
+            _record_refusal(exc.message, start=start, params=params)
             raise
 
     strict._lifecycle_strict = True  # type: ignore[attr-defined]
     pyfunc_module._enforce_params_schema = strict
 
 
-#: Set by ``mlflow models serve`` in the environment of its uvicorn workers (the model to load).
-_SCORING_SERVER_ENV = "__pyfunc_model_path__"
+_SCORING_SERVER_ENV = body_limit.SCORING_SERVER_ENV
 
 
 class _ServerAsyncio:
@@ -165,6 +168,7 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         if model_id:
             _ENGINES[model_id] = self.engine
         _install_strict_params()
+        body_limit.install(config.max_body_bytes)
         if config.coalesce:
             threads = _widen_scoring_server_threads(config.max_batch_size)
             if threads:
@@ -180,14 +184,13 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """Generate text; a DataFrame with text, prompt_tokens, completion_tokens, finish_reason, truncated."""
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 
         try:
             return self.engine.predict(model_input, params)
         except InvalidRequest as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
-                raise MlflowException(f"accelerator out of memory; retry with fewer or shorter prompts: {exc}",
-                                      error_code="RESOURCE_EXHAUSTED") from None
-            raise
+        except AcceleratorOutOfMemoryError as exc:
+            # Every spelling of CUDA OOM (the engine classifies them): 429 so clients back off.
+            raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
 

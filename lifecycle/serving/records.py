@@ -1,14 +1,19 @@
 """Inference records: one JSON line per request, for monitoring.
 
-The sink is a JSONL file named by ``LIFECYCLE_INFERENCE_LOG`` (appended, one line per
-``predict`` call, written under a lock and flushed, so concurrent requests and several server
-worker processes never interleave partial lines: each line goes out in one ``write`` on a file
-opened in append mode). Prompt and completion text are stored only when
-``LIFECYCLE_INFERENCE_LOG_TEXT=1``, and then scrubbed with the prepare stage's PII scrubber.
+The sink is a JSONL file named by ``LIFECYCLE_INFERENCE_LOG``: one line per ``predict`` call,
+each written with a single ``os.write`` of the whole line on an ``O_APPEND`` descriptor, so
+concurrent requests and several server worker processes never interleave inside a line (the
+kernel appends each write whole, at the end of the file). A writer killed in the middle of a
+large write can still leave a torn line; the reader (:mod:`lifecycle.monitoring.records`) skips
+and counts it, and a recorder that opens a file ending in a torn line starts on a fresh line.
+Prompt and completion text are stored only when ``LIFECYCLE_INFERENCE_LOG_TEXT=1``, and then
+scrubbed with the prepare stage's PII scrubber. ``error`` never quotes the request (see
+:class:`~lifecycle.serving.requests.InvalidRequest`) nor credentials of a URI.
 
 Record fields (the contract with ``lifecycle monitor``):
 
-``ts`` (ISO-8601 UTC), ``model_name``, ``model_version``, ``latency_ms`` (whole predict call),
+``ts`` (ISO-8601 UTC), ``model_name``, ``model_version``, ``latency_ms`` (whole predict call,
+or the refusal for a request refused before it; always > 0: a measured time rounds up to 0.001),
 ``n_rows``, ``prompt_tokens`` and ``completion_tokens`` (sums over rows), ``batch_size`` (rows in
 the largest ``generate`` call that served the request), ``finish_reason`` (``length`` if any row
 hit its limit, else ``stop``; null on error), ``rows`` (per row: ``prompt_tokens``,
@@ -21,11 +26,14 @@ hit its limit, else ``stop``; null on error), ``rows`` (per row: ``prompt_tokens
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from lifecycle.serving.redact import strip_credentials
 
 LOG_ENV = "LIFECYCLE_INFERENCE_LOG"
 TEXT_ENV = "LIFECYCLE_INFERENCE_LOG_TEXT"
@@ -52,8 +60,11 @@ class InferenceRecorder:
         self._scrub = scrubber if scrubber is not None or not include_text else _default_scrubber()
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Line-buffered append: each record reaches the OS as one write.
-        self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the model
+        # O_APPEND: every write lands whole at the current end of the file, whoever else appends.
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if _ends_torn(self.path):
+            # A writer died mid-line: start on a fresh line so that our first record stays whole.
+            self._write(b"\n")
 
     @classmethod
     def from_env(cls, *, model_name: str | None, model_version: str | None,
@@ -74,7 +85,7 @@ class InferenceRecorder:
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "model_name": self.model_name,
             "model_version": self.model_version,
-            "latency_ms": round(float(latency_ms), 3),
+            "latency_ms": measured_ms(latency_ms),
             "n_rows": len(rows),
             "prompt_tokens": int(sum(r.get("prompt_tokens", 0) for r in rows)),
             "completion_tokens": int(sum(r.get("completion_tokens", 0) for r in rows)),
@@ -83,7 +94,7 @@ class InferenceRecorder:
                 "length" if any(r.get("finish_reason") == "length" for r in rows) else "stop"),
             "rows": [dict(r) for r in rows],
             "params": dict(params or {}),
-            "error": error,
+            "error": None if error is None else strip_credentials(str(error)),
             "status": status,
         }
         if self.include_text:
@@ -91,11 +102,19 @@ class InferenceRecorder:
             rec["prompts"] = [self._scrubbed(t, pii) for t in (prompts or [])]
             rec["completions"] = [self._scrubbed(t, pii) for t in (completions or [])]
             rec["pii"] = pii
-        line = json.dumps(rec, ensure_ascii=False, default=str) + "\n"
-        with self._lock:
-            self._fh.write(line)
-            self._fh.flush()
+        line = (json.dumps(rec, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        self._write(line)
         return rec
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"inference recorder for {self.path} is closed")
+            written = os.write(self._fd, data)
+            # A regular file takes the whole buffer in one write unless the disk is full or the
+            # process is being killed; finish the line rather than leave it torn.
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
 
     def _scrubbed(self, text: str, counts: dict[str, int]) -> str:
         assert self._scrub is not None
@@ -107,4 +126,27 @@ class InferenceRecorder:
     def close(self) -> None:
         """Close the file (records after this raise)."""
         with self._lock:
-            self._fh.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def measured_ms(value: float) -> float:
+    """Milliseconds to 3 decimals, rounded up: a time that was measured is never recorded as 0."""
+    ms = float(value)
+    if not math.isfinite(ms) or ms <= 0:
+        return 0.001
+    return math.ceil(ms * 1000.0) / 1000.0
+
+
+def _ends_torn(path: Path) -> bool:
+    """Whether the file is non-empty and its last byte is not a newline."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False

@@ -25,7 +25,16 @@ from lifecycle.errors import DataError
 
 
 class InvalidRequest(DataError):
-    """A request the model refuses: bad input shape, empty prompt, bad or unknown param, over a cap."""
+    """A request the model refuses: bad input shape, empty prompt, bad or unknown param, over a cap.
+
+    ``str(exc)`` goes back to the client and may quote the request (it is theirs). ``record`` is
+    the same refusal without anything taken from the request (no prompt or message text, no stop
+    string, no key the client chose): that is what the inference records keep.
+    """
+
+    def __init__(self, message: str, *, record: str | None = None):
+        super().__init__(message)
+        self.record = message if record is None else record
 
 
 #: Parameter name -> (MLflow ParamSpec dtype, default, shape). ``None`` defaults mean "not given".
@@ -43,6 +52,14 @@ PARAM_SPECS: dict[str, tuple[str, Any, tuple[int, ...] | None]] = {
 
 ALLOWED_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 8
+#: Longest param name or value quoted back in a refusal (a client may put anything there).
+_QUOTE_CHARS = 40
+
+
+def _quoted(value: Any) -> str:
+    """``repr`` of a client's value, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "..."
 
 
 @dataclass(frozen=True)
@@ -77,9 +94,10 @@ class GenParams:
         return out
 
 
-def _describe_allowed(cap: int) -> str:
+def _describe_allowed(cap: int, stop_chars: int | None = None) -> str:
+    each = f" of at most {stop_chars} characters" if stop_chars else ""
     return (f"max_new_tokens (1..{cap}), temperature (>= 0), top_p (0 < p <= 1), top_k (>= 0, 0 = off), "
-            f"do_sample (bool), seed (int), stop (list of up to {MAX_STOP_STRINGS} strings), "
+            f"do_sample (bool), seed (int), stop (list of up to {MAX_STOP_STRINGS} strings{each}), "
             "repetition_penalty (> 0), truncate (bool)")
 
 
@@ -89,22 +107,25 @@ def _is_missing(value: Any) -> bool:
 
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
-        raise InvalidRequest(f"param {name} must be an integer, got {value!r}")
-    as_float = float(value)
-    if not as_float.is_integer():
-        raise InvalidRequest(f"param {name} must be an integer, got {value!r}")
-    return int(as_float)
+        raise InvalidRequest(f"param {name} must be an integer, got {_quoted(value)}")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"param {name} must be an integer, got {_quoted(value)}") from None
+    if not math.isfinite(as_float) or not as_float.is_integer():
+        raise InvalidRequest(f"param {name} must be an integer, got {_quoted(value)}")
+    return int(value) if isinstance(value, int) else int(as_float)
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise InvalidRequest(f"param {name} must be a number, got {value!r}")
+        raise InvalidRequest(f"param {name} must be a number, got {_quoted(value)}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"param {name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"param {name} must be a number, got {_quoted(value)}") from None
     if not math.isfinite(out):
-        raise InvalidRequest(f"param {name} must be finite, got {value!r}")
+        raise InvalidRequest(f"param {name} must be finite, got {_quoted(value)}")
     return out
 
 
@@ -113,16 +134,22 @@ def _as_bool(name: str, value: Any) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise InvalidRequest(f"param {name} must be true or false, got {value!r}")
+    raise InvalidRequest(f"param {name} must be true or false, got {_quoted(value)}")
 
 
 def parse_params(params: Mapping[str, Any] | None, *, max_new_tokens_cap: int,
-                 default_max_new_tokens: int) -> GenParams:
-    """Validate request params against the caps; unknown names and bad values raise InvalidRequest."""
+                 default_max_new_tokens: int, max_stop_chars: int | None = None) -> GenParams:
+    """Validate request params against the caps; unknown names and bad values raise InvalidRequest.
+
+    ``max_stop_chars`` bounds each stop string (matching a long one costs on every decoded token).
+    """
+    if params is not None and not isinstance(params, Mapping):
+        raise InvalidRequest(f"params must be an object of name: value, got {type(params).__name__}")
     params = dict(params or {})
-    unknown = sorted(set(params) - set(PARAM_SPECS))
+    unknown = sorted((str(k) for k in set(params) - set(PARAM_SPECS)), key=str)
     if unknown:
-        raise InvalidRequest(f"unknown param {unknown[0]!r}; allowed params: {_describe_allowed(max_new_tokens_cap)}")
+        raise InvalidRequest(f"unknown param {_quoted(unknown[0])}; allowed params: "
+                             f"{_describe_allowed(max_new_tokens_cap, max_stop_chars)}")
     get = {k: v for k, v in params.items() if not _is_missing(v)}
     max_new = _as_int("max_new_tokens", get.get("max_new_tokens", default_max_new_tokens))
     if not 1 <= max_new <= max_new_tokens_cap:
@@ -150,9 +177,14 @@ def parse_params(params: Mapping[str, Any] | None, *, max_new_tokens_cap: int,
     if not isinstance(stop, (list, tuple)) and hasattr(stop, "tolist"):
         stop = stop.tolist()
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise InvalidRequest(f"stop must be a list of non-empty strings, got {stop!r}")
+        raise InvalidRequest(f"stop must be a list of non-empty strings, got {_quoted(stop)}",
+                             record=f"stop must be a list of non-empty strings, got {type(stop).__name__}")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    longest = max((len(s) for s in stop), default=0)
+    if max_stop_chars is not None and longest > max_stop_chars:
+        raise InvalidRequest(f"each stop string may have at most {max_stop_chars} characters (the server's "
+                             f"max_stop_chars limit), got one of {longest}")
     penalty = _as_float("repetition_penalty", get.get("repetition_penalty", 1.0))
     if penalty <= 0:
         raise InvalidRequest(f"repetition_penalty must be > 0, got {penalty}")
@@ -179,10 +211,12 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not {"role", "content"} <= set(m):
-            raise InvalidRequest(f"messages[{i}] must be an object with role and content, got {m!r}")
+            wanted = f"messages[{i}] must be an object with role and content"
+            raise InvalidRequest(f"{wanted}, got {_quoted(m)}", record=f"{wanted}, got {type(m).__name__}")
         role, content = m["role"], m["content"]
-        if role not in ALLOWED_ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ALLOWED_ROLES)}, got {role!r}")
+        if not isinstance(role, str) or role not in ALLOWED_ROLES:
+            wanted = f"messages[{i}].role must be one of {', '.join(ALLOWED_ROLES)}"
+            raise InvalidRequest(f"{wanted}, got {_quoted(role)}", record=wanted)
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
@@ -193,7 +227,8 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
 
 def _check_prompt(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise InvalidRequest(f"{where} must be a string, got {type(value).__name__} ({value!r:.60})")
+        raise InvalidRequest(f"{where} must be a string, got {type(value).__name__} ({_quoted(value)})",
+                             record=f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InvalidRequest(f"{where} is empty: give a non-empty prompt string")
     return value
@@ -203,9 +238,34 @@ _FORMATS = ("a string or list of strings, a DataFrame with a 'prompt' (or 'messa
             "{\"prompt\": ...}, or {\"messages\": [{\"role\": ..., \"content\": ...}]}")
 
 
-def parse_inputs(model_input: Any, chat: Callable[[list[dict[str, str]]], str]) -> list[str]:
-    """Turn any accepted input shape into a list of prompt strings (chat rendered by ``chat``)."""
+def _check_rows(n: int, max_rows: int | None) -> None:
+    if max_rows is not None and n > max_rows:
+        raise InvalidRequest(f"the request holds {n} rows; at most {max_rows} are allowed per request (the "
+                             "server's max_rows limit): split it into several requests")
+
+
+def _row_count(model_input: Any) -> int | None:
+    """Rows of ``model_input`` without looking inside them (None when that needs parsing)."""
+    if isinstance(model_input, (str, Mapping)):
+        prompt = model_input.get("prompt") if isinstance(model_input, Mapping) else None
+        return len(prompt) if isinstance(prompt, (list, tuple)) else 1
+    try:
+        return len(model_input)
+    except TypeError:
+        return None
+
+
+def parse_inputs(model_input: Any, chat: Callable[[list[dict[str, str]]], str], *,
+                 max_rows: int | None = None) -> list[str]:
+    """Turn any accepted input shape into a list of prompt strings (chat rendered by ``chat``).
+
+    More than ``max_rows`` rows are refused before any row is looked at.
+    """
     import pandas as pd
+
+    count = _row_count(model_input)
+    if count is not None:
+        _check_rows(count, max_rows)
 
     def row(item: Any, where: str) -> str:
         if isinstance(item, Mapping):
@@ -216,16 +276,20 @@ def parse_inputs(model_input: Any, chat: Callable[[list[dict[str, str]]], str]) 
                 return chat(_check_messages(item["messages"]))
             if "prompt" in keys:
                 return _check_prompt(item["prompt"], f"{where}.prompt")
-            raise InvalidRequest(f"{where} has neither 'prompt' nor 'messages' (keys: {sorted(item)}); expected {_FORMATS}")
+            missing = f"{where} has neither 'prompt' nor 'messages'"
+            raise InvalidRequest(f"{missing} (keys: {_quoted(sorted(map(str, item)))}); expected {_FORMATS}",
+                                 record=f"{missing}; expected {_FORMATS}")
         return _check_prompt(item, where)
 
     if isinstance(model_input, pd.DataFrame):
         cols = set(model_input.columns)
         if not cols & {"prompt", "messages"}:
-            raise InvalidRequest(f"input DataFrame has columns {sorted(map(str, cols))}; expected {_FORMATS}")
+            raise InvalidRequest(f"input DataFrame has columns {_quoted(sorted(map(str, cols)))}; expected {_FORMATS}",
+                                 record=f"input DataFrame has no prompt or messages column; expected {_FORMATS}")
         extra = cols - {"prompt", "messages"}
         if extra:
-            raise InvalidRequest(f"unexpected input column(s) {sorted(map(str, extra))}; allowed: prompt, messages")
+            raise InvalidRequest(f"unexpected input column(s) {_quoted(sorted(map(str, extra)))}; allowed: prompt, "
+                                 "messages", record="unexpected input column(s); allowed: prompt, messages")
         records = model_input.to_dict(orient="records")
         rows = [row(r, f"row {i}") for i, r in enumerate(records)]
     elif isinstance(model_input, pd.Series):
@@ -235,8 +299,9 @@ def parse_inputs(model_input: Any, chat: Callable[[list[dict[str, str]]], str]) 
     elif isinstance(model_input, Mapping):
         extra = set(model_input) - {"prompt", "messages"}
         if extra:
-            raise InvalidRequest(f"unexpected input key(s) {sorted(map(str, extra))}; allowed: prompt, messages "
-                                 f"(generation params go in params: {', '.join(PARAM_SPECS)})")
+            hint = f"allowed: prompt, messages (generation params go in params: {', '.join(PARAM_SPECS)})"
+            raise InvalidRequest(f"unexpected input key(s) {_quoted(sorted(map(str, extra)))}; {hint}",
+                                 record=f"unexpected input key(s); {hint}")
         prompt = model_input.get("prompt")
         if hasattr(prompt, "tolist") and not isinstance(prompt, str):
             prompt = prompt.tolist()
@@ -251,5 +316,6 @@ def parse_inputs(model_input: Any, chat: Callable[[list[dict[str, str]]], str]) 
         raise InvalidRequest(f"unsupported input type {type(model_input).__name__}; expected {_FORMATS}")
     if not rows:
         raise InvalidRequest(f"the request holds no prompts; expected {_FORMATS}")
+    _check_rows(len(rows), max_rows)
     return rows
 

@@ -28,6 +28,9 @@ ENV_VARS: dict[str, str] = {
     "LIFECYCLE_COMPILE": "compile",
     "LIFECYCLE_CPU_THREADS": "cpu_threads",
     "LIFECYCLE_WARMUP": "warmup",
+    "LIFECYCLE_MAX_ROWS": "max_rows",
+    "LIFECYCLE_MAX_BODY_BYTES": "max_body_bytes",
+    "LIFECYCLE_MAX_STOP_CHARS": "max_stop_chars",
     "LIFECYCLE_MODEL_NAME": "model_name",
     "LIFECYCLE_MODEL_VERSION": "model_version",
 }
@@ -60,6 +63,12 @@ class ServingConfig:
     cpu_threads: int | None = None
     #: One short generation at load time so the first request does not pay for lazy initialisation.
     warmup: bool = True
+    #: Most rows (prompts) one request may carry; more is refused with HTTP 400 naming the limit.
+    max_rows: int = 256
+    #: Largest request body ``mlflow models serve`` reads (bytes); larger gets HTTP 413 unread.
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Longest stop string (characters); every decoded token is matched against each one.
+    max_stop_chars: int = 64
     #: Identity written into inference records; falls back to the run id of the logged model.
     model_name: str | None = None
     model_version: str | None = None
@@ -77,6 +86,9 @@ class ServingConfig:
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens_cap)
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        for name in ("max_rows", "max_body_bytes", "max_stop_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
 

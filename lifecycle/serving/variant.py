@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,46 @@ VARIANT_FILE = "lifecycle_variant.json"
 INT8_WEIGHTS = "model.int8.safetensors"
 METHODS = ("int8-dynamic", "fp16", "bf16")
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+#: Methods whose kernels exist on CPU only.
+CPU_ONLY = ("int8-dynamic",)
+
+log = logging.getLogger(__name__)
+
+
+def choose_device(requested: str | None, method: str | None = None) -> str:
+    """The device a model (a variant made with ``method``, or a plain one) runs on.
+
+    The one device choice of serve, evaluate and compress. ``requested`` None / "" / "auto"
+    means "nobody asked": CUDA when available, except that a CPU-only variant then falls back
+    to ``cpu`` with a warning. A device that was asked for is honoured or refused, never
+    replaced: ``cuda`` without a GPU, or a GPU for a CPU-only variant, is a ConfigError.
+    """
+    import torch
+
+    asked = (requested or "").strip()
+    if asked.lower() in ("", "auto"):
+        if method in CPU_ONLY:
+            if torch.cuda.is_available():
+                log.warning("an %s variant runs on CPU only (torch's dynamic quantisation has no GPU kernels): "
+                            "using cpu although a GPU is available", method)
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(asked).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {asked!r} is not a device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {asked!r} requested but CUDA is not available; use cpu")
+    if method in CPU_ONLY and kind != "cpu":
+        raise ConfigError(f"an {method} variant runs on CPU only (torch's dynamic quantisation has no GPU kernels); "
+                          f"device {asked!r} was asked for: use cpu, or leave the device unset to fall back to it")
+    return asked
+
+
+def variant_device(model_dir: str | Path, requested: str | None) -> str:
+    """:func:`choose_device` for the model in ``model_dir`` (plain folder or variant)."""
+    meta = read_variant(model_dir)
+    return choose_device(requested, meta["method"] if meta else None)
 
 
 def read_variant(model_dir: str | Path) -> dict[str, Any] | None:
@@ -205,8 +246,9 @@ def load_variant(model_dir: str | Path, device: Any) -> Any | None:
     kind = getattr(device, "type", str(device))
     if meta["method"] == "int8-dynamic":
         if kind != "cpu":
+            # Callers pick the device with variant_device(), which falls back to cpu by itself.
             raise ConfigError("an int8-dynamic variant runs on CPU only (torch's dynamic quantisation has no GPU "
-                              "kernels); serve or evaluate it with LIFECYCLE_DEVICE=cpu / --device cpu")
+                              "kernels); serve or evaluate it on cpu")
         return load_int8(model_dir)
     from transformers import AutoModelForCausalLM
 
