@@ -8,7 +8,8 @@ from typing import Any
 
 from lifecycle.errors import ConfigError, NotFoundError
 from lifecycle.registry import TARGETS
-from lifecycle.registry.client import call, error_code, registry, translate
+from lifecycle.registry.client import call, error_code, fault_point, registry, translate
+from lifecycle.registry.ledger import preview
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,26 @@ def check_target(target: str) -> str:
     if t not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; use one of: {', '.join(TARGETS)}")
     return t
+
+
+def check_name(name: str) -> str:
+    """Refuse a model name MLflow could never hold (:class:`ConfigError`, exit 2) before any request."""
+    import posixpath
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("the model name is empty")
+    if "/" in name or ":" in name:
+        raise ConfigError(f"model name {name!r} cannot contain '/' or ':'")
+    norm = posixpath.normpath(name)
+    if norm != name or norm in (".", "..") or norm.startswith(".."):
+        raise ConfigError(f"{name!r} is not a valid model name")
+    if len(name) > 200:
+        raise ConfigError(f"model name is {len(name)} characters; at most 200 are supported")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("the model name is not valid UTF-8 text") from None
+    return name
 
 
 def get_model(client: Any, name: str) -> Any:
@@ -97,8 +118,10 @@ def mark(client: Any, name: str, text: str) -> None:
     A write the user may not make fails here, before anything else is written (basic-auth
     needs EDIT on the model): the tag doubles as the permission check of promote/rollback.
     """
+
+    fault_point("mark the model")
     call(f"update registered model {name}", registry(client).set_registered_model_tag, name,
-         "lifecycle.last_action", text[:5000])
+         "lifecycle.last_action", preview(text, 5000))
 
 
 def alias_version(model: Any, alias: str) -> str | None:
@@ -149,6 +172,15 @@ def has_signature(name: str, version: str) -> bool | None:
     return info.signature is not None
 
 
+def transition(client: Any, name: str, version: str, stage: str, *, archive: bool = False) -> None:
+    """Set the legacy stage of a version (deprecated by MLflow, mirrored for the old UI and URIs)."""
+    fault_point(f"mirror stage of v{version}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(f"mirror stage of {name} v{version}", registry(client).transition_model_version_stage, name, version,
+             stage, archive_existing_versions=archive)
+
+
 def mirror_jobs(client: Any, name: str, version: str, target: str, replaced: str | None, *,
                 version_stage: str | None = None, replaced_stage: str | None = None) -> list[Any]:
     """The stage writes that mirror an alias move, as jobs for :func:`client.parallel`.
@@ -164,26 +196,20 @@ def mirror_jobs(client: Any, name: str, version: str, target: str, replaced: str
     def stage_of(v: str) -> str:
         return call(f"read {name} v{v}", reg.get_model_version, name, v).current_stage
 
-    def transition(v: str, stage: str, archive: bool = False) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call(f"mirror stage of {name} v{v}", reg.transition_model_version_stage, name, v, stage,
-                 archive_existing_versions=archive)
-
     if target == "staging":
         def to_staging() -> None:
             # A legacy stage holds one value where aliases hold two: a version that is in
             # production and also gets @staging keeps its Production stage.
             if (version_stage or stage_of(version)) != "Production":
-                transition(version, "Staging")
+                transition(client, name, version, "Staging")
         return [to_staging]
-    jobs = [lambda: transition(version, "Production", archive=True)]
+    jobs = [lambda: transition(client, name, version, "Production", archive=True)]
     if replaced and replaced != version:
         def archive_replaced() -> None:
             # archive_existing_versions only archives versions whose *stage* was Production; the
             # alias may have pointed at one whose stage never was (a UI alias move).
             if (replaced_stage or stage_of(replaced)) not in ("Production", "Archived"):
-                transition(replaced, "Archived")
+                transition(client, name, replaced, "Archived")
         jobs.append(archive_replaced)
     return jobs
 
