@@ -109,23 +109,25 @@ def preview(text: str, limit: int = _PREVIEW) -> str:
 
 def _typed(data: dict[str, Any]) -> None:
     """Raise ValueError unless ``data`` has the field types an event needs (hand edits, old writers)."""
-    def need(key: str, types: tuple[type, ...], optional: bool = False) -> None:
-        value = data.get(key)
-        if value is None and optional:
+    def need(key: str, types: tuple[type, ...], *, nullable: bool = False, required: bool = True) -> None:
+        if key not in data and not required:
             return
-        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+        value = data.get(key)
+        if value is None and nullable:
+            return
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ValueError(f"field {key!r} is {type(value).__name__}, not {'/'.join(t.__name__ for t in types)}")
 
     for key in ("model", "action", "target"):
         need(key, (str,))
     need("seq", (int,))
     for key in ("from_version", "to_version", "policy_path", "policy_digest"):
-        need(key, (str,), optional=True)
-    need("effective", (bool,), optional=True)
-    need("timestamp", (int, float), optional=True)
-    need("reverts", (int,), optional=True)
+        need(key, (str,), nullable=True, required=False)
+    need("reverts", (int,), nullable=True, required=False)
+    need("effective", (bool,), required=False)
+    need("timestamp", (int, float), required=False)
     for key in ("actor", "reason", "detail"):
-        need(key, (str,), optional=True)
+        need(key, (str,), required=False)
     gates = data.get("gates", [])
     if not isinstance(gates, list) or not all(isinstance(g, dict) for g in gates):
         raise ValueError("field 'gates' is not a list of objects")
