@@ -487,6 +487,19 @@ def passed_production(events: Iterable[Event], version: str) -> bool:
                and ev.action in (PROMOTE, UI_PROMOTE) for ev in events)
 
 
+def guard_failures(events: Iterable[Event], target: str) -> list[Event]:
+    """``guard_failed`` events of ``target`` that no later move or repair of that alias answered."""
+    open_: list[Event] = []
+    for ev in events:
+        if ev.target != target:
+            continue
+        if ev.action == GUARD_FAILED:
+            open_.append(ev)
+        elif ev.done and ev.action in (PROMOTE, ROLLBACK, UI_PROMOTE, GUARD_REVERT, REPAIR):
+            open_ = []
+    return open_
+
+
 def unsettled(events: Iterable[Event]) -> list[Event]:
     """Moves written but never confirmed (a command killed mid-move): ``lifecycle repair`` settles them."""
     return [ev for ev in events if ev.effective and ev.state == PENDING]

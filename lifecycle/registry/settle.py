@@ -34,14 +34,19 @@ def settle(client: Any, led: L.Ledger, lock: RegistryLock, name: str, model: Any
            target: str, *, by: str = "repair") -> L.Event | None:
     """Settle the pending moves of ``target`` (call under the lock); the ``repair`` event written, or None.
 
+    An unanswered ``guard_failed`` of ``target`` is answered by the same event: the caller goes on
+    to compare the alias with the ledger, which is what the guard could not do.
+
     ``events`` (the model's ledger, read under the lock) is updated in place: settled states, and
     the repair event appended.
     """
     pending = [e for e in L.unsettled(events) if e.target == target]
-    if not pending:
+    # A guard that gave up on this alias is answered by this look, recorded below.
+    gave_up = L.guard_failures(events, target)
+    if not pending and not gave_up:
         return None
     current = facts.alias_version(model, target)
-    notes = []
+    notes = [f"looked again after guard_failed #{ev.seq}" for ev in gave_up]
     for ev in pending:
         done = happened(ev, events, current)
         lock.verify()
@@ -55,7 +60,7 @@ def settle(client: Any, led: L.Ledger, lock: RegistryLock, name: str, model: Any
         facts.mirror_stage(client, name, current, target, None)
     event = L.Event(model=name, action=L.REPAIR, target=target, seq=L.next_seq_of(events, led.damaged.get(name, [])),
                     from_version=current, to_version=current, effective=False, actor=f"{by}:{actor()}",
-                    reason=f"settled half-done moves of @{target}: " + "; ".join(notes))
+                    reason=f"settled @{target}: " + "; ".join(notes))
     lock.verify()
     led.append(event)
     events.append(event)

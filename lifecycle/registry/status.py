@@ -15,9 +15,6 @@ from lifecycle.registry import TARGETS, facts, ledger as L
 from lifecycle.registry.client import get_client, parallel
 from lifecycle.registry.lock import RegistryLock
 
-#: Events after which a ``guard_failed`` of the same alias no longer needs a person.
-_SETTLING = (L.PROMOTE, L.ROLLBACK, L.UI_PROMOTE, L.GUARD_REVERT, L.REPAIR)
-
 
 def problems(name: str, aliases: dict[str, str], events: list[L.Event], damaged: list[L.Damaged],
              lock: Any = None) -> list[str]:
@@ -33,12 +30,7 @@ def problems(name: str, aliases: dict[str, str], events: list[L.Event], damaged:
         if aliases.get(target) != truth:
             out.append(f"DISAGREE: @{target} is {'v' + aliases[target] if target in aliases else 'unset'} but the "
                        f"ledger says {'v' + truth if truth else 'unset'}; run `lifecycle repair {name}`")
-        failed = []
-        for ev in events:
-            if ev.target == target and ev.action == L.GUARD_FAILED:
-                failed.append(ev)
-            elif ev.target == target and ev.action in _SETTLING and ev.done:
-                failed = []
+        failed = L.guard_failures(events, target)
         for ev in failed:
             out.append(f"GUARD FAILED: event #{ev.seq}: the guard gave up on @{target}: {L.preview(ev.reason, 300)}; "
                        f"run `lifecycle repair {name}`")
