@@ -25,7 +25,8 @@ LONG_TEXT = st.builds(lambda s, n: s * n, ANY_TEXT.filter(bool), st.integers(1, 
 
 def _event(reason: str, value: str, gate_reason: str = "") -> L.Event:
     return L.Event(model="m", action=L.PROMOTE, target="production", seq=3, from_version="1", to_version="2",
-                   effective=True, actor="alice", reason=reason, gates=[{"gate": "g", "status": "pass", "reason": gate_reason}],
+                   effective=True, actor="alice", reason=reason,
+                   gates=[{"gate": "g", "status": "pass", "reason": gate_reason}],
                    eval_run_ids={"eval_run_id": value}, data_digests={"data_digest": value})
 
 
@@ -85,7 +86,8 @@ def _mutations():
     tags = st.fixed_dictionaries({"ledger.event": st.just(good)})
     foreign = st.one_of(
         st.builds(lambda t: {"ledger.event": t}, ANY_TEXT),
-        st.builds(lambda s: {"ledger.event": good, "ledger.state": s}, ANY_TEXT.filter(lambda s: s not in ("pending", "done", "failed", ""))),
+        st.builds(lambda s: {"ledger.event": good, "ledger.state": s},
+                  ANY_TEXT.filter(lambda s: s not in ("pending", "done", "failed", ""))),
         st.builds(lambda p: {"ledger.event": good, "ledger.event.parts": p}, ANY_TEXT),
         tags.map(lambda t: {**t, "ledger.event.parts": "2", "ledger.event.part.0": good[:10]}),
         tags.map(lambda t: {**t, "ledger.seq": "0000000099"}),
@@ -223,7 +225,8 @@ def test_damaged_entries_never_stop_the_commands(client, unique_name, capsys, ca
                     reason="x" * 9000).to_json()
     bad = {
         _damage(client, name, {"ledger.seq": "0000000002", "ledger.event": whole[:8000]}): "cut off",
-        _damage(client, name, {"ledger.seq": "0000000003", "ledger.event": whole.replace('"seq":2', '"seq":"3"')}): "seq",
+        _damage(client, name, {"ledger.seq": "0000000003",
+                               "ledger.event": whole.replace('"seq":2', '"seq":"3"')}): "seq",
         _damage(client, name, {"ledger.seq": "0000000004", "ledger.event": whole, "ledger.event.parts": "3"}): "parts",
         _damage(client, name, {"ledger.seq": "0000000005", "ledger.event": "{not json"}): "JSON",
     }
@@ -235,7 +238,7 @@ def test_damaged_entries_never_stop_the_commands(client, unique_name, capsys, ca
         assert run_id in caplog.text
     assert cli("status", name) == 0
     out = capsys.readouterr().out
-    assert sum(f"UNREADABLE: ledger entry" in line for line in out.splitlines()) == 4
+    assert sum("UNREADABLE: ledger entry" in line for line in out.splitlines()) == 4
     assert all(run_id in out for run_id in bad)
     # The commands that write go on, and number their events after the damaged ones.
     assert cli("promote", name, v2, "--to", "production", "--reason", "after damage") == 0

@@ -86,7 +86,8 @@ def test_status_and_repair_of_a_half_done_promotion(client, unique_name, capsys)
     capsys.readouterr()
     assert cli("status", name) == 0
     out = capsys.readouterr().out
-    assert f"HALF-DONE: event #2 (promote @production -> v{v2}) was never confirmed; run `lifecycle repair {name}`" in out
+    assert (f"HALF-DONE: event #2 (promote @production -> v{v2}) was never confirmed; "
+            f"run `lifecycle repair {name}`") in out
     assert "[HALF-DONE: never confirmed]" in out
     assert cli("history", name) == 0 and "#2   ?" in capsys.readouterr().out
     assert cli("repair", name) == 0

@@ -167,8 +167,8 @@ def test_basic_auth_stale_lock_needs_an_admin(auth_server, monkeypatch, unique_n
                                    "permission": "EDIT"}, timeout=30)
         assert resp.status_code == 200, resp.text
     # A crashed holder's lock, made by the admin: its lease ran out an hour ago.
-    client.create_registered_model(lock_name(name), tags={"lock.owner": "crashed", "lock.expires": f"{time.time() - 3600:.0f}",
-                                                           "lock.holder": "elsewhere:1"})
+    client.create_registered_model(lock_name(name), tags={"lock.owner": "crashed", "lock.holder": "elsewhere:1",
+                                                           "lock.expires": f"{time.time() - 3600:.0f}"})
     capsys.readouterr()
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", writer)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "writer-pass-1234")

@@ -22,7 +22,8 @@ def _print_gates(outcome: Any) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--to", "target", required=True, help="staging or production.")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
+@click.option("--policy", "policy_path", default=None,
+              help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--dry-run", is_flag=True, help="Evaluate and record the gates; move nothing.")
 @click.option("--reason", default="", help="Why (kept in the ledger).")
 def promote(name: str, version: str, target: str, policy_path: str | None, dry_run: bool, reason: str) -> None:
@@ -44,7 +45,8 @@ def promote(name: str, version: str, target: str, policy_path: str | None, dry_r
 
 @click.command()
 @click.argument("name")
-@click.option("--to", "to", default=None, help="Version to roll back to (default: the one that held production before).")
+@click.option("--to", "to", default=None,
+              help="Version to roll back to (default: the one that held production before).")
 @click.option("--reason", required=True, help="Why (kept in the ledger).")
 @click.option("--expect-current", default=None, help="Act only if production is this version (safe to retry).")
 @click.option("--force", is_flag=True, help="Allow a --to version that never passed the production gates.")
@@ -105,7 +107,8 @@ def history(name: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML for aliases moved outside lifecycle (as the guard uses).")
+@click.option("--policy", "policy_path", default=None,
+              help="Policy YAML for aliases moved outside lifecycle (as the guard uses).")
 @click.option("--break-lock", "break_stale_lock", is_flag=True,
               help="First delete NAME's registry lock if it is stale (expired, ownerless, or its holder is gone).")
 def repair(name: str, policy_path: str | None, break_stale_lock: bool) -> None:

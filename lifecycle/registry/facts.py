@@ -62,7 +62,8 @@ def get_model(client: Any, name: str) -> Any:
             from lifecycle.registry.lock import is_lock_model
 
             try:
-                names = sorted(m.name for m in client.search_registered_models(max_results=50) if not is_lock_model(m.name))
+                found = client.search_registered_models(max_results=50)
+                names = sorted(m.name for m in found if not is_lock_model(m.name))
             except MlflowException:
                 names = []
             listing = f" (registered models: {', '.join(names)})" if names else " (the registry holds no models)"

@@ -88,7 +88,8 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str, *, by: str = "
                     policy_digest=policy.digest)
         if current is None:
             event = L.Event(action=L.GUARD_REVERT, from_version=None, to_version=truth, effective=True,
-                            reason=f"@{alias} was deleted outside lifecycle; restored to v{truth} (use rollback)", **base)
+                            reason=f"@{alias} was deleted outside lifecycle; restored to v{truth} (use rollback)",
+                            **base)
             move_alias(client, led, lock, event)
             return Outcome(event=event, moved=True, message=notes + event.reason)
         candidate = read_snapshot(client, led, name, current, policy, alias).candidate

@@ -266,7 +266,8 @@ class Event:
         except json.JSONDecodeError as exc:
             raise ValueError(f"the event JSON is cut off or edited ({exc.msg} at character {exc.pos})") from None
         # The searchable tags drive the ledger's queries: they must agree with the event.
-        if tags.get("ledger.model") not in (None, event.model) or tags.get("ledger.seq", "").lstrip("0") != str(event.seq).lstrip("0"):
+        seq_tag = tags.get("ledger.seq", "").lstrip("0")
+        if tags.get("ledger.model") not in (None, event.model) or seq_tag != str(event.seq).lstrip("0"):
             raise ValueError("the ledger.model / ledger.seq tags disagree with the event")
         return event
 

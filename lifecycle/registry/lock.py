@@ -149,7 +149,8 @@ class RegistryLock:
         try:
             fault_point(f"create lock {name}")
             registry(self.client).create_registered_model(
-                name, tags=tags, description=f"lifecycle lock of {self.model}; safe to delete if lock.expires has passed")
+                name, tags=tags,
+                description=f"lifecycle lock of {self.model}; safe to delete if lock.expires has passed")
             return True
         except MlflowException as exc:
             code = error_code(exc)
@@ -237,7 +238,8 @@ class RegistryLock:
             return
         if self._state(self.name).owner != self.token:
             self.held = False
-            raise ConcurrencyError(f"lost the registry lock of {self.model} (lease expired and was broken); nothing more was written")
+            raise ConcurrencyError(f"lost the registry lock of {self.model} (lease expired and was broken); "
+                                   "nothing more was written")
 
     def release(self) -> None:
         """Release the lock if we still hold it (never deletes another holder's lock)."""

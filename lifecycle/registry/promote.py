@@ -228,8 +228,9 @@ def promote(name: str, version: str, target: str, *, policy_path: str | None = N
         runs, digests = lineage(snap.candidate.tags)
         action = L.DRY_RUN if dry_run else (L.REJECT if failures else L.PROMOTE)
         soft = [r for r in results if r.status == "fail" and not r.blocking]
-        verdict = ("; ".join(f"{r.gate}: {r.reason}" for r in failures) if failures else
-                   "all enabled gates passed" + (f" (dry-run gates failing: {', '.join(r.gate for r in soft)})" if soft else ""))
+        soft_note = f" (dry-run gates failing: {', '.join(r.gate for r in soft)})" if soft else ""
+        verdict = ("; ".join(f"{r.gate}: {r.reason}" for r in failures) if failures
+                   else "all enabled gates passed" + soft_note)
         why = reason or verdict  # the user's words verbatim; the gates' verdict when none were given
         event = L.Event(model=name, action=action, target=target, seq=snap.next_seq(), from_version=current,
                         to_version=version, effective=action == L.PROMOTE, actor=actor(),

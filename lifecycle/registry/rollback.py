@@ -60,7 +60,8 @@ def plan_rollback(events: list[L.Event], current: str | None, *, to: str | None,
     for version in reversed(below):
         if version is not None and version != current:
             return L.ROLLBACK, version, f"back to v{version}, which held production before v{current}"
-    return L.ROLLBACK_REFUSED, None, f"no earlier production version in the ledger (production is {'v' + current if current else 'unset'})"
+    return L.ROLLBACK_REFUSED, None, (f"no earlier production version in the ledger "
+                                      f"(production is {'v' + current if current else 'unset'})")
 
 
 def rollback(name: str, *, reason: str, to: str | None = None, expect_current: str | None = None,
@@ -86,7 +87,8 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
     lock = RegistryLock(client, name, purpose="rollback")
     try:
         # A missing model or --to version is refused before anything is written (its error wins).
-        exists = (lambda: facts.get_version(client, name, to)) if to is not None else (lambda: facts.get_model(client, name))
+        exists = ((lambda: facts.get_version(client, name, to)) if to is not None
+                  else (lambda: facts.get_model(client, name)))
         parallel(client, exists, lock.acquire, led.experiment_id)
         # One round under the lock: the model (aliases), its whole ledger, every version (tags and
         # stages of whichever the plan picks), and the mark that checks our write permission.

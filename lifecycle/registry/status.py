@@ -86,11 +86,13 @@ def format_event(ev: L.Event) -> str:
     """One line per event for humans (the reason's control characters shown as escapes)."""
     when = dt.datetime.fromtimestamp(ev.timestamp, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     arrow = f"{'v' + ev.from_version if ev.from_version else '-'} -> {'v' + ev.to_version if ev.to_version else '-'}"
-    mark = "*" if ev.effective and ev.done else ("?" if ev.state == L.PENDING else ("x" if ev.state == L.FAILED else " "))
+    mark = ("*" if ev.effective and ev.done else "?" if ev.state == L.PENDING
+            else "x" if ev.state == L.FAILED else " ")
     gates = ""
     if ev.gates:
         failed = [g.get("gate", "?") for g in ev.gates if g.get("status") == "fail"]
-        gates = f" gates {len(ev.gates) - len(failed)}/{len(ev.gates)} pass" + (f" (failed: {', '.join(failed)})" if failed else "")
+        gates = (f" gates {len(ev.gates) - len(failed)}/{len(ev.gates)} pass"
+                 + (f" (failed: {', '.join(failed)})" if failed else ""))
     state = {L.PENDING: " [HALF-DONE: never confirmed]", L.FAILED: " [did not happen]"}.get(ev.state, "")
     detail = f" ({L.preview(ev.detail, 2000)})" if ev.detail else ""
     return (f"#{ev.seq:<4}{mark} {when}Z {ev.action:<16} {ev.target:<10} {arrow:<14} by {L.preview(ev.actor, 200)}"
