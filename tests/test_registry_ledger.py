@@ -246,3 +246,45 @@ def test_damaged_entries_never_stop_the_commands(client, unique_name, capsys, ca
     assert cli("repair", name) == 0
     events = L.Ledger(client).events(name)
     assert [e.seq for e in events] == [1, 6, 7] and aliases(client, name)["production"] == v1
+
+
+NAME_CHARS = st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/:")
+
+
+@pytest.mark.tried("registry", "model names of any text: quotes, backslashes, SQL wildcards, spaces, non-ASCII, "
+                   "'/', ':', '..', empty, over-long (hypothesis)", "a name MLflow can hold gets its events back "
+                   "exactly; any other is refused with exit 2 (or 5 when no such model) and nothing changes")
+def test_model_names_of_any_text(client, unique_name, capsys):
+    from tests.test_registry_support import make_source
+
+    source = make_source(client, f"{unique_name}-runs")
+    known = make_version(client, unique_name, source=source)
+    assert cli("promote", unique_name, known, "--to", "staging") == 0
+    before = snapshot(client, unique_name)
+    counter = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(raw=st.one_of(st.text(NAME_CHARS, min_size=1, max_size=30), st.text(max_size=30),
+                         st.sampled_from(["a\\b", "o'neil", "100%_x", " x ", "..", "x/..", "a" * 300])))
+    def one(raw):
+        try:
+            from lifecycle.registry.facts import check_name
+
+            check_name(raw)
+        except ConfigError:
+            assert cli("promote", raw, "1", "--to", "staging") == 2
+            assert cli("status", raw) == 2 and cli("rollback", raw, "--reason", "r") == 2
+            return
+        name = f"{unique_name}-{next(counter)}-{raw}"  # hypothesis may replay a name
+        assert cli("promote", name, "1", "--to", "staging") == 5  # no such model: nothing written
+        assert cli("history", name) == 5
+        v = make_version(client, name, source=source)
+        assert cli("promote", name, v, "--to", "staging", "--reason", raw) == 0
+        capsys.readouterr()
+        assert cli("history", name, "--json") == 0
+        events = json.loads(capsys.readouterr().out)
+        assert [(e["model"], e["reason"], e["to_version"]) for e in events] == [(name, raw, v)]
+        assert aliases(client, name) == {"staging": v}
+
+    one()
+    assert snapshot(client, unique_name) == before

@@ -8,7 +8,7 @@ from typing import Any
 
 from lifecycle.errors import ConfigError, NotFoundError
 from lifecycle.registry import TARGETS
-from lifecycle.registry.client import call, error_code, fault_point, registry, translate
+from lifecycle.registry.client import call, error_code, fault_point, filter_literal, registry, translate
 from lifecycle.registry.ledger import preview
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ def check_name(name: str) -> str:
     norm = posixpath.normpath(name)
     if norm != name or norm in (".", "..") or norm.startswith(".."):
         raise ConfigError(f"{name!r} is not a valid model name")
+    if "'" in name and '"' in name:
+        raise ConfigError(f"model name {name!r} holds both ' and \", which MLflow's search cannot match; rename it")
     if len(name) > 200:
         raise ConfigError(f"model name is {len(name)} characters; at most 200 are supported")
     try:
@@ -88,8 +90,8 @@ def get_version(client: Any, name: str, version: str) -> Any:
 
 def list_versions(client: Any, name: str) -> list[Any]:
     """Every version of ``name`` (tags and stages included) in one request, oldest first."""
-    quoted = name.replace("'", "\\'")
-    versions = call("list versions", registry(client).search_model_versions, f"name='{quoted}'", max_results=1000)
+    versions = call("list versions", registry(client).search_model_versions, f"name={filter_literal(name)}",
+                    max_results=1000)
     return sorted(versions, key=lambda v: int(v.version))
 
 

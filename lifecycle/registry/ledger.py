@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 from lifecycle.errors import ConfigError, LifecycleError
-from lifecycle.registry.client import call, error_code, fault_point
+from lifecycle.registry.client import call, error_code, fault_point, filter_literal
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +380,7 @@ class Ledger:
         exp_id = self.experiment_id(create=False)
         if exp_id is None:
             return []
-        quoted = model.replace("\\", "\\\\").replace("'", "\\'")
-        flt = f"tags.`ledger.model` = '{quoted}'" + (f" and {extra}" if extra else "")
+        flt = f"tags.`ledger.model` = {filter_literal(model)}" + (f" and {extra}" if extra else "")
         order = [f"tags.`ledger.seq` {'DESC' if descending else 'ASC'}"]
         out: list[Any] = []
         token = None
