@@ -187,3 +187,17 @@ def test_break_lock_refuses_a_live_holder(client, unique_name, capsys):
     out = capsys.readouterr().out
     assert f"broke the registry lock of {name}" in out and "lease expired" in out
     assert lock_name(name) not in {m.name for m in client.search_registered_models()}
+
+
+def test_status_tells_a_move_in_progress_from_a_half_done_one(client, unique_name, capsys):
+    from lifecycle.registry.lock import RegistryLock
+    from lifecycle.registry.status import status
+
+    name = unique_name
+    v1 = make_version(client, name)
+    _write(client, L.Event(model=name, action=L.PROMOTE, target="staging", to_version=v1, effective=True), L.PENDING)
+    with RegistryLock(client, name, purpose="a promote in flight"):
+        problems = status(name, client=client)["problems"]
+        assert len(problems) == 1 and problems[0].startswith("IN PROGRESS: event #1 (promote @staging -> v1)")
+    problems = status(name, client=client)["problems"]
+    assert len(problems) == 1 and problems[0].startswith("HALF-DONE: event #1"), problems

@@ -20,10 +20,15 @@ def problems(name: str, aliases: dict[str, str], events: list[L.Event], damaged:
              lock: Any = None) -> list[str]:
     """What needs a person, one line each (a pure function of what status read)."""
     out = []
+    # A live holder of the lock may be making the move right now: not (yet) a problem to repair.
+    busy = lock is not None and lock.exists and lock.stale_because() is None
     for ev in L.unsettled(events):
-        out.append(f"HALF-DONE: event #{ev.seq} ({ev.action} @{ev.target} -> "
-                   f"{'v' + ev.to_version if ev.to_version else 'no alias'}) was never confirmed; "
-                   f"run `lifecycle repair {name}`")
+        move = f"event #{ev.seq} ({ev.action} @{ev.target} -> {'v' + ev.to_version if ev.to_version else 'no alias'})"
+        if busy:
+            out.append(f"IN PROGRESS: {move} is not confirmed yet ({lock.describe()}); if it stays so, "
+                       f"run `lifecycle repair {name}`")
+        else:
+            out.append(f"HALF-DONE: {move} was never confirmed; run `lifecycle repair {name}`")
     for target in TARGETS:
         stack = L.holder_stack(events, target)
         truth = stack[-1] if stack else None
