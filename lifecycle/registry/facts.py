@@ -9,7 +9,7 @@ from typing import Any
 from lifecycle.errors import ConfigError, NotFoundError
 from lifecycle.registry import TARGETS
 from lifecycle.registry.client import call, error_code, fault_point, filter_literal, registry, translate
-from lifecycle.registry.ledger import preview
+from lifecycle.registry.text import preview
 
 log = logging.getLogger(__name__)
 

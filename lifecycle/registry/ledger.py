@@ -27,12 +27,12 @@ import json
 import logging
 import os
 import time
-import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 from lifecycle.errors import ConfigError, LifecycleError
 from lifecycle.registry.client import call, error_code, fault_point, filter_literal
+from lifecycle.registry.text import MAX_REASON_CHARS, check_text, preview  # noqa: F401 - part of this API
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,8 @@ DEFAULT_EXPERIMENT = "lifecycle-ledger"
 #: MLflow's cap on a run tag value (characters); longer values are cut or refused by the server.
 _MAX_TAG = 8000
 _PART = 7000
-#: A reason is prose for people: longer text is refused up front (exit 2), not stored in part.
-MAX_REASON_CHARS = 20_000
 #: Parts of one event at most (about 450 000 characters of JSON): one create request stays small.
 _MAX_PARTS = 64
-_PREVIEW = 500
 
 #: Actions. Effective events move an alias (or its absence) and define the registry's truth.
 PROMOTE = "promote"            # gates passed, alias moved by `lifecycle promote`
@@ -70,41 +67,6 @@ PENDING, DONE, FAILED = "pending", "done", "failed"
 def experiment_name() -> str:
     """The ledger experiment (``LIFECYCLE_LEDGER_EXPERIMENT`` overrides the default)."""
     return os.environ.get("LIFECYCLE_LEDGER_EXPERIMENT", DEFAULT_EXPERIMENT)
-
-
-def check_text(text: str, what: str = "--reason", limit: int = MAX_REASON_CHARS) -> str:
-    """Refuse text the ledger cannot keep whole (:class:`ConfigError`, exit 2); return it unchanged.
-
-    Any length up to ``limit`` and any character are kept exactly, quotes, newlines, control
-    characters and non-ASCII included, except text that is not Unicode (lone surrogates, which is
-    how Python hands over a command-line argument that was not valid UTF-8).
-    """
-    if not isinstance(text, str):
-        raise ConfigError(f"{what} must be text, got {type(text).__name__}")
-    if len(text) > limit:
-        raise ConfigError(f"{what} is {len(text)} characters; the ledger keeps at most {limit} "
-                          f"(put longer text in a file and give its path or URL)")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigError(f"{what} is not valid UTF-8 text; nothing was written") from None
-    return text
-
-
-def preview(text: str, limit: int = _PREVIEW) -> str:
-    """A one-line, printable preview of ``text`` for a short tag, a run name or a status line.
-
-    Control characters (NUL, newlines ...) become escapes: PostgreSQL refuses NUL in text, and a
-    run name is one line. The whole text stays in the event's JSON.
-    """
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
-        else:
-            out.append(ch)
-    flat = "".join(out)
-    return flat if len(flat) <= limit else flat[:limit - 1] + "\u2026"
 
 
 def _typed(data: dict[str, Any]) -> None:
