@@ -114,6 +114,16 @@ def test_damaged_entries_are_refused_with_a_reason(change):
     L.holder_stack([ev]), L.passed_production([ev], "2")
 
 
+def test_events_of_the_older_writer_still_read():
+    """The previous writer: one JSON tag, no ``detail``, no ``ledger.state`` (a finished move)."""
+    old = ('{"action":"promote","actor":"bob","data_digests":{},"effective":true,"eval_run_ids":{},"from_version":null,'
+           '"gates":[],"model":"m","policy_digest":null,"policy_path":null,"reason":"r","reverts":null,"seq":1,'
+           '"target":"production","timestamp":1700000000.0,"to_version":"1"}')
+    ev = L.Event.from_tags({"ledger.model": "m", "ledger.seq": "0000000001", "ledger.event": old}, run_id="r")
+    assert (ev.seq, ev.to_version, ev.state, ev.detail, ev.done) == (1, "1", L.DONE, "", True)
+    assert L.holder_stack([ev]) == ["1"]
+
+
 # ---- through the CLI on MLflow's sqlite store ------------------------------------------------------
 
 @pytest.fixture

@@ -122,9 +122,9 @@ class Event:
     data_digests: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     reverts: int | None = None
+    run_id: str | None = None
     #: What the command decided and why, in its own words (the user's ``reason`` is kept verbatim).
     detail: str = ""
-    run_id: str | None = None
     state: str = DONE
 
     @property
