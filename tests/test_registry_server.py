@@ -91,6 +91,26 @@ def test_twenty_concurrent_promotions_and_rollbacks(backend, request, monkeypatc
     print(f"{backend}: 20 concurrent calls in {elapsed:.1f} s, exit codes {sorted(codes)}")
 
 
+@pytest.mark.tried("ledger", "reasons with NUL and other control characters, quotes, non-ASCII and over 8000 "
+                   "characters on a PostgreSQL-backed server (which refuses NUL in text)",
+                   "stored whole and read back exactly by history, promote and rollback")
+def test_odd_reasons_on_postgres(pg_mlflow_server, monkeypatch, unique_name):
+    from lifecycle.registry.promote import promote
+    from lifecycle.registry.rollback import rollback
+    from lifecycle.registry.status import history
+
+    client = _client(monkeypatch, pg_mlflow_server.url)
+    name = unique_name
+    v1, v2 = make_version(client, name), make_version(client, name, {"eval/loss": "2.9"})
+    odd = "nul\x00 bell\x07 esc\x1b 'q' \"dq\" \\ ünï 🚀\n\t" + "z" * 12000
+    promote(name, v1, "production", reason=odd[:50], client=client)
+    promote(name, v2, "production", reason=odd, client=client)
+    rollback(name, reason=odd + "!", client=client)
+    events = history(name, client=client)
+    assert [e.reason for e in events] == [odd[:50], odd, odd + "!"]
+    assert aliases(client, name)["production"] == v1
+
+
 def test_unreachable_server_fails_fast(monkeypatch, capsys):
     port = servers.free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
