@@ -50,7 +50,8 @@ def test_holder_stack_and_rollback_plan():
     # --to a version that never passed the production gates needs --force.
     assert plan_rollback(events, "2", to="5", expect_current=None, force=False)[0] == L.ROLLBACK_REFUSED
     assert plan_rollback(events, "2", to="5", expect_current=None, force=True)[:2] == (L.ROLLBACK, "5")
-    assert plan_rollback([ev(1, L.PROMOTE, "1")], "1", to=None, expect_current=None, force=False)[0] == L.ROLLBACK_REFUSED
+    assert plan_rollback([ev(1, L.PROMOTE, "1")], "1", to=None, expect_current=None,
+                         force=False)[0] == L.ROLLBACK_REFUSED
 
 
 def test_guard_revert_and_ui_promote_in_stack():
@@ -74,7 +75,8 @@ def test_webhook_signature():
     assert verify_signature("s3cret", "d1", str(int(now)), body, sig) is None
     assert verify_signature("other", "d1", str(int(now)), body, sig) == "signature mismatch"
     assert verify_signature("s3cret", "d2", str(int(now)), body, sig) == "signature mismatch"
-    assert "replay" in verify_signature("s3cret", "d1", str(int(now) - 3600), body, sign("s3cret", "d1", str(int(now) - 3600), body.decode()))
+    old = str(int(now) - 3600)
+    assert "replay" in verify_signature("s3cret", "d1", old, body, sign("s3cret", "d1", old, body.decode()))
     assert "missing" in verify_signature("s3cret", "", "", body, "")
 
 
@@ -130,7 +132,8 @@ def test_promote_rollback_history(client, unique_name, capsys):
     assert f"@production -> v{v1}" in out and "WARNING" not in out
     # The ledger is searchable in the UI: one run per event in the ledger experiment.
     exp = client.get_experiment_by_name("lifecycle-ledger")
-    runs = client.search_runs([exp.experiment_id], f"tags.`ledger.model` = '{name}' and tags.`ledger.action` = 'rollback'")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`ledger.model` = '{name}' and tags.`ledger.action` = 'rollback'")
     assert len(runs) == 2
 
 
@@ -198,7 +201,8 @@ def test_default_policy_found_outside_the_checkout(tmp_path, monkeypatch):
     assert Path(packaged.path).parent == ROOT / "lifecycle" / "policies"
     # One file to edit: the package's copy is the project's registry_policies/default.yaml.
     assert packaged.digest == load_policy(ROOT / "registry_policies" / "default.yaml").digest
-    assert (ROOT / "lifecycle" / "policies" / "default.yaml").resolve() == (ROOT / "registry_policies" / "default.yaml").resolve()
+    packaged_file = (ROOT / "lifecycle" / "policies" / "default.yaml").resolve()
+    assert packaged_file == (ROOT / "registry_policies" / "default.yaml").resolve()
 
 
 def test_lock_fencing_reads_the_owner_once_half_the_lease_is_gone(client, unique_name):

@@ -91,6 +91,26 @@ def test_twenty_concurrent_promotions_and_rollbacks(backend, request, monkeypatc
     print(f"{backend}: 20 concurrent calls in {elapsed:.1f} s, exit codes {sorted(codes)}")
 
 
+@pytest.mark.tried("ledger", "reasons with NUL and other control characters, quotes, non-ASCII and over 8000 "
+                   "characters on a PostgreSQL-backed server (which refuses NUL in text)",
+                   "stored whole and read back exactly by history, promote and rollback")
+def test_odd_reasons_on_postgres(pg_mlflow_server, monkeypatch, unique_name):
+    from lifecycle.registry.promote import promote
+    from lifecycle.registry.rollback import rollback
+    from lifecycle.registry.status import history
+
+    client = _client(monkeypatch, pg_mlflow_server.url)
+    name = unique_name
+    v1, v2 = make_version(client, name), make_version(client, name, {"eval/loss": "2.9"})
+    odd = "nul\x00 bell\x07 esc\x1b 'q' \"dq\" \\ ünï 🚀\n\t" + "z" * 12000
+    promote(name, v1, "production", reason=odd[:50], client=client)
+    promote(name, v2, "production", reason=odd, client=client)
+    rollback(name, reason=odd + "!", client=client)
+    events = history(name, client=client)
+    assert [e.reason for e in events] == [odd[:50], odd, odd + "!"]
+    assert aliases(client, name)["production"] == v1
+
+
 def test_unreachable_server_fails_fast(monkeypatch, capsys):
     port = servers.free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
@@ -142,6 +162,49 @@ def test_basic_auth_read_only_user_is_refused(auth_server, monkeypatch, unique_n
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pass-1234")
     assert aliases(client, name) == {"production": v1}
     assert [e.action for e in L.Ledger(client).events(name)] == ["promote"]
+
+
+@pytest.mark.tried("lock", "a dead holder's lock on a basic-auth server, met by a user who may promote but not "
+                   "delete the lock model", "a one-line error (exit 8) naming the lock and the command an admin runs; "
+                   "`lifecycle repair NAME --break-lock` as admin frees it")
+def test_basic_auth_stale_lock_needs_an_admin(auth_server, monkeypatch, unique_name, capsys):
+    import requests
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pass-1234")
+    client = _client(monkeypatch, auth_server.url)
+    name = unique_name
+    v1 = make_version(client, name)
+    assert cli("promote", name, v1, "--to", "staging") == 0
+    writer = f"writer-{name}"
+    resp = requests.post(f"{auth_server.url}/api/2.0/mlflow/users/create", auth=servers.ADMIN,
+                         json={"username": writer, "password": "writer-pass-1234"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    ledger_id = client.get_experiment_by_name(L.experiment_name()).experiment_id
+    for resource_type, resource_id in (("registered_model", name), ("experiment", ledger_id)):
+        resp = requests.post(f"{auth_server.url}/api/3.0/mlflow/users/permissions/grant", auth=servers.ADMIN,
+                             json={"username": writer, "resource_type": resource_type, "resource_id": resource_id,
+                                   "permission": "EDIT"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+    # A crashed holder's lock, made by the admin: its lease ran out an hour ago.
+    client.create_registered_model(lock_name(name), tags={"lock.owner": "crashed", "lock.holder": "elsewhere:1",
+                                                           "lock.expires": f"{time.time() - 3600:.0f}"})
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", writer)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "writer-pass-1234")
+    assert cli("promote", name, v1, "--to", "production") == 8
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and lock_name(name) in err and "lease expired" in err, err
+    assert f"an admin runs: lifecycle repair {name} --break-lock" in err and writer in err, err
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pass-1234")
+    assert cli("repair", name, "--break-lock") == 0
+    assert f"broke the registry lock of {name}" in capsys.readouterr().out
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", writer)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "writer-pass-1234")
+    assert cli("promote", name, v1, "--to", "production") == 0
+    assert aliases(client, name) == {"staging": v1, "production": v1}
 
 
 def test_mlflow_run_entry_points(mlflow_server, monkeypatch, unique_name):

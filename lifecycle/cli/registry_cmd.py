@@ -1,4 +1,4 @@
-"""Registry commands: promote, rollback, status, history, guard (serve / install)."""
+"""Registry commands: promote, rollback, status, history, repair, guard (serve / install)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def _print_gates(outcome: Any) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--to", "target", required=True, help="staging or production.")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
+@click.option("--policy", "policy_path", default=None,
+              help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--dry-run", is_flag=True, help="Evaluate and record the gates; move nothing.")
 @click.option("--reason", default="", help="Why (kept in the ledger).")
 def promote(name: str, version: str, target: str, policy_path: str | None, dry_run: bool, reason: str) -> None:
@@ -44,7 +45,8 @@ def promote(name: str, version: str, target: str, policy_path: str | None, dry_r
 
 @click.command()
 @click.argument("name")
-@click.option("--to", "to", default=None, help="Version to roll back to (default: the one that held production before).")
+@click.option("--to", "to", default=None,
+              help="Version to roll back to (default: the one that held production before).")
 @click.option("--reason", required=True, help="Why (kept in the ledger).")
 @click.option("--expect-current", default=None, help="Act only if production is this version (safe to retry).")
 @click.option("--force", is_flag=True, help="Allow a --to version that never passed the production gates.")
@@ -76,11 +78,10 @@ def status(name: str, as_json: bool, last: int) -> None:
         return
     aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted(info["aliases"].items())) or "none"
     click.echo(f"{name}: aliases {aliases}")
+    for problem in info["problems"]:
+        click.echo(f"  WARNING {problem}")
     for v in info["versions"]:
         click.echo(f"  v{v['version']:<4} stage {v['stage']:<10} {' '.join('@' + a for a in v['aliases'])}")
-    if not info["consistent"]:
-        click.echo(f"  WARNING: @production is {info['aliases'].get('production')} but the ledger says "
-                   f"{info['ledger_production']} (moved outside lifecycle; run the guard)")
     for ev in info["events"]:
         click.echo("  " + format_event(Event(**ev)))
 
@@ -102,6 +103,28 @@ def history(name: str, as_json: bool) -> None:
         click.echo(f"{name}: no ledger events")
     for ev in events:
         click.echo(format_event(ev))
+
+
+@click.command()
+@click.argument("name")
+@click.option("--policy", "policy_path", default=None,
+              help="Policy YAML for aliases moved outside lifecycle (as the guard uses).")
+@click.option("--break-lock", "break_stale_lock", is_flag=True,
+              help="First delete NAME's registry lock if it is stale (expired, ownerless, or its holder is gone).")
+def repair(name: str, policy_path: str | None, break_stale_lock: bool) -> None:
+    """Bring the registry and the ledger of NAME back into agreement after a crash.
+
+    Settles moves that a killed promote/rollback never confirmed (from what the registry shows),
+    mirrors the stages again, and holds an alias that still disagrees with the ledger to the
+    policy, as the guard does. Each change is recorded as its own ledger event.
+    """
+    from lifecycle.registry.repair import repair as do_repair
+
+    lines = do_repair(name, policy_path=policy_path, break_stale_lock=break_stale_lock)
+    for line in lines:
+        click.echo(line)
+    if not any(not line.startswith(f"{name} has no registry lock") for line in lines):
+        click.echo(f"{name}: nothing to repair; the registry and the ledger agree")
 
 
 @click.group()

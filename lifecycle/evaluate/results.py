@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from lifecycle.errors import NotFoundError
 
@@ -115,10 +115,3 @@ def write_version_tags(ref: VersionRef, tags: Mapping[str, str]) -> None:
             client.set_model_version_tag(ref.name, ref.version, key, value)
     except MlflowException as exc:
         raise translate_mlflow_error(exc, f"cannot tag {ref.uri}") from None
-
-
-def read_version_tags(ref: VersionRef) -> dict[str, Any]:
-    """The version's current tags (for reports and tests)."""
-    from mlflow.tracking import MlflowClient
-
-    return dict(MlflowClient().get_model_version(ref.name, ref.version).tags)

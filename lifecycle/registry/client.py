@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import getpass
+import itertools
 import os
+import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-from lifecycle.errors import LifecycleError, NotFoundError, PermissionDeniedError, TrackingUnavailableError
+from lifecycle.errors import (ConfigError, LifecycleError, NotFoundError, PermissionDeniedError,
+                              TrackingUnavailableError)
 
 T = TypeVar("T")
 
@@ -22,6 +25,40 @@ _RETRY_DEFAULTS = {
     # Ledger runs are written and finished by the hundred; their UI links are noise on stdout.
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
+
+
+#: Test hook (inert unless set): ``LIFECYCLE_FAULT_KILL_AT=N`` kills this process with SIGKILL right
+#: before its N-th registry or ledger write, so tests can prove that a kill at any point of a
+#: promote or rollback leaves a state that ``lifecycle status`` names and ``lifecycle repair`` settles.
+FAULT_ENV = "LIFECYCLE_FAULT_KILL_AT"
+_WRITES = itertools.count(1)
+_WRITES_LOCK = threading.Lock()
+
+
+def fault_point(what: str) -> None:
+    """Mark the place right before a write (see :data:`FAULT_ENV`); does nothing unless the hook is set."""
+    target = os.environ.get(FAULT_ENV)
+    if not target:
+        return
+    with _WRITES_LOCK:
+        n = next(_WRITES)
+    if str(n) == target.strip():
+        os.write(2, f"{FAULT_ENV}: killed before write {n} ({what})\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter, matching it exactly.
+
+    MLflow's filter parser has no working escape: ``\\'`` inside single quotes matches nothing.
+    A value without ``'`` goes in single quotes, one with ``'`` but no ``"`` in double quotes,
+    both as they are; a value holding both quote kinds cannot be searched for (ConfigError).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r} holds both kinds of quotes, which MLflow's search filters cannot match")
 
 
 def get_client() -> Any:

@@ -8,7 +8,8 @@ from typing import Any
 
 from lifecycle.errors import ConfigError, NotFoundError
 from lifecycle.registry import TARGETS
-from lifecycle.registry.client import call, error_code, registry, translate
+from lifecycle.registry.client import call, error_code, fault_point, filter_literal, registry, translate
+from lifecycle.registry.text import preview
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,28 @@ def check_target(target: str) -> str:
     return t
 
 
+def check_name(name: str) -> str:
+    """Refuse a model name MLflow could never hold (:class:`ConfigError`, exit 2) before any request."""
+    import posixpath
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("the model name is empty")
+    if "/" in name or ":" in name:
+        raise ConfigError(f"model name {name!r} cannot contain '/' or ':'")
+    norm = posixpath.normpath(name)
+    if norm != name or norm in (".", "..") or norm.startswith(".."):
+        raise ConfigError(f"{name!r} is not a valid model name")
+    if "'" in name and '"' in name:
+        raise ConfigError(f"model name {name!r} holds both ' and \", which MLflow's search cannot match; rename it")
+    if len(name) > 200:
+        raise ConfigError(f"model name is {len(name)} characters; at most 200 are supported")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("the model name is not valid UTF-8 text") from None
+    return name
+
+
 def get_model(client: Any, name: str) -> Any:
     """The registered model, or :class:`NotFoundError` listing what exists."""
     from mlflow.exceptions import MlflowException
@@ -41,7 +64,8 @@ def get_model(client: Any, name: str) -> Any:
             from lifecycle.registry.lock import is_lock_model
 
             try:
-                names = sorted(m.name for m in client.search_registered_models(max_results=50) if not is_lock_model(m.name))
+                found = client.search_registered_models(max_results=50)
+                names = sorted(m.name for m in found if not is_lock_model(m.name))
             except MlflowException:
                 names = []
             listing = f" (registered models: {', '.join(names)})" if names else " (the registry holds no models)"
@@ -66,8 +90,8 @@ def get_version(client: Any, name: str, version: str) -> Any:
 
 def list_versions(client: Any, name: str) -> list[Any]:
     """Every version of ``name`` (tags and stages included) in one request, oldest first."""
-    quoted = name.replace("'", "\\'")
-    versions = call("list versions", registry(client).search_model_versions, f"name='{quoted}'", max_results=1000)
+    versions = call("list versions", registry(client).search_model_versions, f"name={filter_literal(name)}",
+                    max_results=1000)
     return sorted(versions, key=lambda v: int(v.version))
 
 
@@ -97,8 +121,10 @@ def mark(client: Any, name: str, text: str) -> None:
     A write the user may not make fails here, before anything else is written (basic-auth
     needs EDIT on the model): the tag doubles as the permission check of promote/rollback.
     """
+
+    fault_point("mark the model")
     call(f"update registered model {name}", registry(client).set_registered_model_tag, name,
-         "lifecycle.last_action", text[:5000])
+         "lifecycle.last_action", preview(text, 5000))
 
 
 def alias_version(model: Any, alias: str) -> str | None:
@@ -149,6 +175,15 @@ def has_signature(name: str, version: str) -> bool | None:
     return info.signature is not None
 
 
+def transition(client: Any, name: str, version: str, stage: str, *, archive: bool = False) -> None:
+    """Set the legacy stage of a version (deprecated by MLflow, mirrored for the old UI and URIs)."""
+    fault_point(f"mirror stage of v{version}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(f"mirror stage of {name} v{version}", registry(client).transition_model_version_stage, name, version,
+             stage, archive_existing_versions=archive)
+
+
 def mirror_jobs(client: Any, name: str, version: str, target: str, replaced: str | None, *,
                 version_stage: str | None = None, replaced_stage: str | None = None) -> list[Any]:
     """The stage writes that mirror an alias move, as jobs for :func:`client.parallel`.
@@ -164,26 +199,20 @@ def mirror_jobs(client: Any, name: str, version: str, target: str, replaced: str
     def stage_of(v: str) -> str:
         return call(f"read {name} v{v}", reg.get_model_version, name, v).current_stage
 
-    def transition(v: str, stage: str, archive: bool = False) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call(f"mirror stage of {name} v{v}", reg.transition_model_version_stage, name, v, stage,
-                 archive_existing_versions=archive)
-
     if target == "staging":
         def to_staging() -> None:
             # A legacy stage holds one value where aliases hold two: a version that is in
             # production and also gets @staging keeps its Production stage.
             if (version_stage or stage_of(version)) != "Production":
-                transition(version, "Staging")
+                transition(client, name, version, "Staging")
         return [to_staging]
-    jobs = [lambda: transition(version, "Production", archive=True)]
+    jobs = [lambda: transition(client, name, version, "Production", archive=True)]
     if replaced and replaced != version:
         def archive_replaced() -> None:
             # archive_existing_versions only archives versions whose *stage* was Production; the
             # alias may have pointed at one whose stage never was (a UI alias move).
             if (replaced_stage or stage_of(replaced)) not in ("Production", "Archived"):
-                transition(replaced, "Archived")
+                transition(client, name, replaced, "Archived")
         jobs.append(archive_replaced)
     return jobs
 

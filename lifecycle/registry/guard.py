@@ -30,6 +30,7 @@ from lifecycle.registry import TARGETS, facts, ledger as L
 from lifecycle.registry.client import actor, call, get_client, parallel
 from lifecycle.registry.lock import RegistryLock, is_lock_model
 from lifecycle.registry.promote import Outcome, lineage, move_alias, read_snapshot
+from lifecycle.registry.settle import settle
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +62,36 @@ def verify_signature(secret: str, delivery_id: str, timestamp: str, body: bytes,
     return None
 
 
-def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | None:
+def reconcile(client: Any, policy: Policy, name: str, alias: str, *, by: str = "guard") -> Outcome | None:
     """Bring alias ``alias`` of ``name`` back in line with the ledger and the policy.
 
-    Returns the recorded outcome, or None when the alias already agrees with the ledger.
+    Under the model's lock, half-done moves (a promote or rollback killed before it confirmed its
+    move) are first settled from what the registry shows (:func:`lifecycle.registry.settle.settle`);
+    then an alias that still disagrees with the ledger is held to the policy. ``by`` names who
+    acts in the events' actor (``guard`` or ``repair``). Returns the recorded outcome, or None
+    when the alias already agreed with the ledger and nothing was pending.
     """
     if alias not in TARGETS or is_lock_model(name):
         return None
     led = L.Ledger(client)
-    with RegistryLock(client, name, purpose=f"guard {alias}") as lock:
+    with RegistryLock(client, name, purpose=f"{by} {alias}") as lock:
         events, model = parallel(client, lambda: led.events(name), lambda: facts.get_model(client, name))
+        settled = settle(client, led, lock, name, model, events, alias, by=by)
         stack = L.holder_stack(events, alias)
         truth = stack[-1] if stack else None
         current = facts.alias_version(model, alias)
         if current == truth:
-            return None
-        seq = (events[-1].seq + 1) if events else 1
-        base = dict(model=name, target=alias, seq=seq, actor=f"guard:{actor()}", policy_path=policy.path,
+            return Outcome(event=settled, moved=False, message=settled.reason) if settled else None
+        notes = f"{settled.reason}\n" if settled else ""
+        seq = L.next_seq_of(events, led.damaged.get(name, []))
+        base = dict(model=name, target=alias, seq=seq, actor=f"{by}:{actor()}", policy_path=policy.path,
                     policy_digest=policy.digest)
         if current is None:
             event = L.Event(action=L.GUARD_REVERT, from_version=None, to_version=truth, effective=True,
-                            reason=f"@{alias} was deleted outside lifecycle; restored to v{truth} (use rollback)", **base)
+                            reason=f"@{alias} was deleted outside lifecycle; restored to v{truth} (use rollback)",
+                            **base)
             move_alias(client, led, lock, event)
-            return Outcome(event=event, moved=True, message=event.reason)
+            return Outcome(event=event, moved=True, message=notes + event.reason)
         candidate = read_snapshot(client, led, name, current, policy, alias).candidate
         results = check_gates(policy.target(alias), candidate)
         failures = blocking_failures(results)
@@ -96,7 +104,7 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | N
                             reason=f"@{alias} moved to v{current} outside lifecycle and refused by the policy "
                                    f"({why}); reverted to {'v' + truth if truth else 'no alias'}", **base)
             move_alias(client, led, lock, event)
-            return Outcome(event=event, gates=results, moved=True, message=event.reason)
+            return Outcome(event=event, gates=results, moved=True, message=notes + event.reason)
         event = L.Event(action=L.UI_PROMOTE, from_version=truth, to_version=current, effective=True, gates=gates,
                         eval_run_ids=runs, data_digests=digests,
                         reason=f"@{alias} moved to v{current} outside lifecycle; the policy passed: recorded", **base)
@@ -105,7 +113,7 @@ def reconcile(client: Any, policy: Policy, name: str, alias: str) -> Outcome | N
         # report) then also sees `models:/NAME/Production` agree with the alias.
         facts.mirror_stage(client, name, current, alias, truth)
         led.append(event)
-        return Outcome(event=event, gates=results, moved=False, message=event.reason)
+        return Outcome(event=event, gates=results, moved=False, message=notes + event.reason)
 
 
 class Guard:

@@ -17,6 +17,13 @@ model ``<model>.lifecycle-lock`` succeeds for exactly one caller; deleting it re
   holder. The ledger's sequence number is assigned under the lock.
 * Ambiguous failures (a timeout whose request did succeed) are resolved by reading the owner
   token back: if it is ours, we hold the lock.
+* Stale locks: a lock counts as stale once its lease has expired, at once when its holder was a
+  process on this machine that no longer exists (a killed ``lifecycle promote``), and, for a lock
+  model without an owner tag (made by hand or by something else), once it is older than
+  :data:`OWNERLESS_GRACE_S`. Breaking a stale lock deletes a registered model the caller may not
+  own: on a basic-auth server that needs MANAGE on it, and a caller without it gets
+  :class:`~lifecycle.errors.PermissionDeniedError` naming the lock and what an admin runs
+  (``lifecycle repair NAME --break-lock``, :func:`break_lock`).
 """
 
 from __future__ import annotations
@@ -26,13 +33,61 @@ import random
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from lifecycle.errors import ConcurrencyError, LifecycleError
-from lifecycle.registry.client import error_code, registry, translate
+from lifecycle.errors import ConcurrencyError, LifecycleError, PermissionDeniedError
+from lifecycle.registry.client import actor, error_code, fault_point, registry, translate
 
 LOCK_SUFFIX = ".lifecycle-lock"
 _BREAK_SUFFIX = ".break"
+#: An ownerless lock model older than this (by its creation time) is stale. Our own locks get
+#: their owner tag in the request that creates them; the margin covers clock skew between hosts.
+OWNERLESS_GRACE_S = 120.0
+
+
+@dataclass
+class LockState:
+    """What a lock model says about its holder (``exists`` False: the lock is free)."""
+
+    exists: bool
+    owner: str | None = None
+    expires: float = 0.0
+    created_ms: int = 0
+    holder: str = ""
+
+    def stale_because(self, now: float | None = None) -> str | None:
+        """Why the lock may be broken (its lease expired, its holder is gone, it has no owner), or None."""
+        now = time.time() if now is None else now
+        if not self.exists:
+            return None
+        if self.owner is None:
+            age = now - self.created_ms / 1000
+            return f"it has no owner tag and is {age:.0f} s old" if age > OWNERLESS_GRACE_S else None
+        if now > self.expires:
+            return f"its lease expired {now - self.expires:.0f} s ago"
+        host, _, pid = self.holder.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return f"its holder (process {pid} on this machine) is gone"
+        return None
+
+    def describe(self) -> str:
+        """Who holds the lock, for messages."""
+        who = f"held by {self.holder}" if self.holder else "no holder recorded"
+        if self.owner is None:
+            return f"{who}, no owner tag"
+        return f"{who}, lease until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self.expires))}Z"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_name(model: str) -> str:
@@ -67,22 +122,23 @@ class RegistryLock:
         self._sent = (0.0, 0.0)  # (monotonic, wall) clock when our last create request left
 
     # -- the primitive ---------------------------------------------------------------------------
-    def _owner(self, name: str) -> tuple[str | None, float, int]:
-        """(owner token, lease expiry, creation ms) of lock ``name``; (None, 0, 0) if free."""
+    def _state(self, name: str) -> LockState:
+        """What lock model ``name`` says (``exists`` False when the lock is free)."""
         from mlflow.exceptions import MlflowException
 
         try:
             rm = registry(self.client).get_registered_model(name)
         except MlflowException as exc:
             if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-                return None, 0.0, 0
+                return LockState(exists=False)
             raise translate(exc, f"read lock {name}") from None
         tags = rm.tags or {}
         try:
             expires = float(tags.get("lock.expires", "0"))
         except ValueError:
             expires = 0.0
-        return tags.get("lock.owner"), expires, int(rm.creation_timestamp or 0)
+        return LockState(exists=True, owner=tags.get("lock.owner") or None, expires=expires,
+                         created_ms=int(rm.creation_timestamp or 0), holder=tags.get("lock.holder", ""))
 
     def _try_create(self, name: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -91,8 +147,10 @@ class RegistryLock:
         tags = {"lock.owner": self.token, "lock.expires": f"{self._sent[1] + self.lease_s:.3f}",
                 "lock.holder": f"{socket.gethostname()}:{os.getpid()}", "lock.purpose": self.purpose}
         try:
+            fault_point(f"create lock {name}")
             registry(self.client).create_registered_model(
-                name, tags=tags, description=f"lifecycle lock of {self.model}; safe to delete if lock.expires has passed")
+                name, tags=tags,
+                description=f"lifecycle lock of {self.model}; safe to delete if lock.expires has passed")
             return True
         except MlflowException as exc:
             code = error_code(exc)
@@ -104,52 +162,66 @@ class RegistryLock:
             # happened; reading the owner back below decides.
             return False
 
-    def _break_if_stale(self, owner: str, expires: float) -> None:
-        if time.time() <= expires:
+    def _break_if_stale(self, seen: LockState) -> None:
+        """Delete the lock ``seen`` if it is stale (serialised by a breaker lock); no-op otherwise."""
+        why = seen.stale_because()
+        if why is None:
             return
         breaker = self.name + _BREAK_SUFFIX
-        b_owner, b_expires, b_created = self._owner(breaker)
-        if b_owner is not None and time.time() > b_expires:
-            self._delete(breaker)  # a breaker that crashed mid-break
-        if not self._try_create(breaker):
-            return
+        b_seen = self._state(breaker)
         try:
-            cur_owner, cur_expires, _ = self._owner(self.name)
-            # Only delete the very lock we judged stale, not one a faster contender made since.
-            if cur_owner == owner and time.time() > cur_expires:
-                self._delete(self.name)
-        finally:
-            self._delete(breaker)
+            if b_seen.stale_because() is not None:
+                self._delete(breaker)  # a breaker that crashed mid-break
+            if not self._try_create(breaker):
+                return
+            try:
+                cur = self._state(self.name)
+                # Only delete the very lock we judged stale, not one a faster contender made since.
+                if cur.owner == seen.owner and cur.created_ms == seen.created_ms and cur.stale_because() is not None:
+                    self._delete(self.name)
+            finally:
+                self._delete(breaker)
+        except PermissionDeniedError:
+            raise PermissionDeniedError(
+                f"the registry lock of {self.model} (registered model {self.name!r}, {seen.describe()}) is stale "
+                f"because {why}, but user {actor()!r} may not delete it; an admin runs: "
+                f"lifecycle repair {self.model} --break-lock") from None
 
     def _delete(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
+            fault_point(f"delete lock {name}")
             registry(self.client).delete_registered_model(name)
         except MlflowException as exc:
             if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise translate(exc, f"release lock {name}") from None
 
     # -- public ----------------------------------------------------------------------------------
+    def state(self) -> LockState:
+        """What the lock model says now (one read)."""
+        return self._state(self.name)
+
     def acquire(self) -> "RegistryLock":
         """Wait (bounded by ``wait_s``) until this process holds the lock."""
         deadline = time.monotonic() + self.wait_s
         delay = 0.02
         while True:
             created = self._try_create(self.name)
-            owner, expires, _ = (self.token, 0.0, 0) if created else self._owner(self.name)
-            if owner == self.token:
+            seen = LockState(exists=True, owner=self.token) if created else self._state(self.name)
+            if seen.owner == self.token:
                 self.held = True
                 # Our own clock wrote lock.expires, so our own clock can count it down.
                 self._deadline = (self._sent[0] + self.lease_s if created
-                                  else time.monotonic() + (expires - time.time()))
+                                  else time.monotonic() + (seen.expires - time.time()))
                 return self
-            if owner is not None:
-                self._break_if_stale(owner, expires)
+            if seen.exists:
+                self._break_if_stale(seen)
             if time.monotonic() > deadline:
                 raise ConcurrencyError(
                     f"could not take the registry lock of {self.model} within {self.wait_s:.0f} s "
-                    f"(held by another promote/rollback; a crashed holder's lock expires after {self.lease_s:.0f} s)")
+                    f"({seen.describe()}; a crashed holder's lock expires after {self.lease_s:.0f} s, "
+                    f"then `lifecycle repair {self.model} --break-lock` removes it)")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 1.6, 0.5)
 
@@ -164,10 +236,10 @@ class RegistryLock:
         """
         if self._surely_held():
             return
-        owner, _, _ = self._owner(self.name)
-        if owner != self.token:
+        if self._state(self.name).owner != self.token:
             self.held = False
-            raise ConcurrencyError(f"lost the registry lock of {self.model} (lease expired and was broken); nothing more was written")
+            raise ConcurrencyError(f"lost the registry lock of {self.model} (lease expired and was broken); "
+                                   "nothing more was written")
 
     def release(self) -> None:
         """Release the lock if we still hold it (never deletes another holder's lock)."""
@@ -180,8 +252,7 @@ class RegistryLock:
             if surely:
                 self._delete(self.name)
                 return
-            owner, _, _ = self._owner(self.name)
-            if owner == self.token:
+            if self._state(self.name).owner == self.token:
                 self._delete(self.name)
         except LifecycleError:
             # The lease expires on its own; a failed release must not hide the real outcome.
@@ -192,3 +263,23 @@ class RegistryLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def break_lock(client: Any, model: str) -> str:
+    """Delete ``model``'s lock if it is stale (``lifecycle repair NAME --break-lock``); say what was done.
+
+    Raises :class:`ConcurrencyError` when a live holder has it (breaking it would let two writers
+    in) and :class:`PermissionDeniedError` when the caller may not delete the lock model.
+    """
+    lock = RegistryLock(client, model, wait_s=0)
+    seen = lock._state(lock.name)
+    if not seen.exists:
+        return f"{model} has no registry lock"
+    why = seen.stale_because()
+    if why is None:
+        raise ConcurrencyError(f"the registry lock of {model} ({seen.describe()}) is not stale; "
+                               f"wait for its holder or for the lease to run out")
+    lock._break_if_stale(seen)
+    if lock._state(lock.name).exists:
+        raise ConcurrencyError(f"the registry lock of {model} changed hands while breaking it; nothing was deleted")
+    return f"broke the registry lock of {model} ({seen.describe()}): {why}"

@@ -1,13 +1,18 @@
 """``lifecycle promote``: move the staging/production alias to a version that passes the policy.
 
 Speed is round trips: against a tracking server each REST call costs ~50 ms here, so a promotion
-is five rounds of calls, each round's calls made at once (:func:`client.parallel`):
+is six rounds of calls, each round's calls made at once (:func:`client.parallel`):
 
-1. take the lock, and look up the ledger experiment;
+1. check that the version exists, take the lock, and look up the ledger experiment (a refused
+   input changes nothing, not even the lock's model: it is released at once);
 2. read everything the gates need, under the lock, and mark the model (the permission check);
-3. write the ledger event;
-4. move the alias, mirror the stage, finish the ledger run;
-5. release the lock.
+3. write the ledger event, ``pending``;
+4. move the alias and mirror the stage;
+5. mark the event ``done`` (the move is confirmed) and finish its run;
+6. release the lock.
+
+A promotion killed between 3 and 5 leaves a pending event: readers do not count it, ``lifecycle
+status`` shows it, and ``lifecycle repair`` settles it from what the registry says.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from lifecycle.errors import ConfigError, GateRejected, LifecycleError
 from lifecycle.policies import Candidate, GateResult, Policy, blocking_failures, check_gates, load_policy
 from lifecycle.registry import facts, ledger as L
-from lifecycle.registry.client import actor, call, get_client, parallel, registry
+from lifecycle.registry.client import actor, call, fault_point, get_client, parallel, registry
 from lifecycle.registry.lock import RegistryLock
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ class Snapshot:
 
     version: Any                  # the candidate ModelVersion (tags, stage)
     model: Any                    # the RegisteredModel (aliases)
-    last: L.Event | None          # the model's newest ledger event (next sequence number)
+    seq: int                      # the sequence number of the next ledger event
     candidate: Candidate          # what the gates are checked against
     production: Any = None        # the version @production names, when a gate needed it
 
@@ -60,7 +65,7 @@ class Snapshot:
 
     def next_seq(self) -> int:
         """The sequence number of the next ledger event."""
-        return self.last.seq + 1 if self.last else 1
+        return self.seq
 
 
 def lineage(tags: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -90,7 +95,7 @@ def read_snapshot(client: Any, led: L.Ledger, name: str, version: str, policy: P
         # Order decides which failure is reported: a missing model or version first.
         "version": lambda: facts.get_version(client, name, version),
         "model": lambda: facts.get_model(client, name),
-        "last": lambda: led.last(name),
+        "seq": lambda: led.next_seq(name),
     }
     if needs(tp.baseline):
         jobs["baseline"] = lambda: facts.version_by_alias(client, name, "production")
@@ -115,7 +120,7 @@ def read_snapshot(client: Any, led: L.Ledger, name: str, version: str, policy: P
         baseline_version=base_version,
         baseline_tags=dict(base.tags or {}) if base is not None and base_version != str(mv.version) else None,
         last_production_change=last_change.timestamp if last_change else None, now=time.time())
-    return Snapshot(version=mv, model=got["model"], last=got["last"], candidate=candidate, production=base)
+    return Snapshot(version=mv, model=got["model"], seq=got["seq"], candidate=candidate, production=base)
 
 
 def record_only(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event) -> None:
@@ -128,40 +133,70 @@ def record_only(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event) 
 
 def move_alias(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event, *,
                version_stage: str | None = None, replaced_stage: str | None = None) -> None:
-    """Record ``event`` in the ledger, then move the alias and mirror the stage (one round).
+    """Record ``event`` as a pending move, move the alias and mirror the stage, then confirm it.
 
     The ledger goes first so that the guard, woken by the alias webhook, finds the move already
-    recorded as ours. If the move fails after that, an ``abort`` event restores the ledger's truth
-    and the alias is put back (best effort), so ledger and registry never disagree silently.
-    ``version_stage`` / ``replaced_stage`` (the stages of the versions the alias gets and leaves,
-    read under the lock) spare the stage mirror its own reads.
+    recorded as ours (it waits for our lock, so it sees the move confirmed). If the move fails,
+    the alias is put back, the event marked ``failed`` and an ``abort`` event says why; if even
+    that fails, the event stays pending for ``lifecycle repair``. ``version_stage`` /
+    ``replaced_stage`` (the stages of the versions the alias gets and leaves, read under the
+    lock) spare the stage mirror its own reads.
     """
     lock.verify()
+    event.state = L.PENDING
     led.write(event)
     reg = registry(client)
     try:
         if event.to_version is None:
-            parallel(client, lambda: call("delete alias", reg.delete_registered_model_alias, event.model, event.target),
-                     lambda: led.finish(event))
+            fault_point(f"delete alias {event.target}")
+            call("delete alias", reg.delete_registered_model_alias, event.model, event.target)
         else:
             mirror = facts.mirror_jobs(client, event.model, event.to_version, event.target, event.from_version,
                                        version_stage=version_stage, replaced_stage=replaced_stage)
+
+            def set_alias() -> None:
+                fault_point(f"set alias {event.target}")
+                call(f"set alias {event.target}", reg.set_registered_model_alias, event.model, event.target,
+                     event.to_version)
+
             # The alias first: its failure is the one reported (and undone below).
-            parallel(client, lambda: call(f"set alias {event.target}", reg.set_registered_model_alias, event.model,
-                                          event.target, event.to_version),
-                     lambda: led.finish(event), *mirror)
+            parallel(client, set_alias, *mirror)
     except LifecycleError as exc:
-        abort = L.Event(model=event.model, action=L.ABORT, target=event.target, seq=event.seq + 1,
-                        from_version=event.to_version, to_version=event.from_version, effective=True,
-                        actor=event.actor, reason=f"event #{event.seq} failed: {exc}", reverts=event.seq)
-        try:
-            led.append(abort)
-            if event.from_version:
-                reg.set_registered_model_alias(event.model, event.target, event.from_version)
-                facts.mirror_stage(client, event.model, event.from_version, event.target, event.to_version)
-        except Exception as inner:  # noqa: BLE001 - report the original failure
-            log.error("could not undo event #%d: %s", event.seq, inner)
+        _undo(client, led, event, exc, version_stage)
         raise
+    # Confirmed: the alias names what the event says. Until this lands the event stays pending.
+    parallel(client, lambda: led.set_state(event, L.DONE), lambda: led.finish(event))
+
+
+def _undo(client: Any, led: L.Ledger, event: L.Event, exc: Exception, version_stage: str | None) -> None:
+    """Put the alias back after a failed move; mark the event failed and record an ``abort``."""
+    reg = registry(client)
+    try:
+        if event.from_version:
+            fault_point(f"restore alias {event.target}")
+            reg.set_registered_model_alias(event.model, event.target, event.from_version)
+            facts.mirror_stage(client, event.model, event.from_version, event.target, event.to_version)
+        elif event.to_version is not None:
+            # A first-ever promotion: no earlier holder, so the alias must not exist at all.
+            from mlflow.exceptions import MlflowException
+
+            try:
+                fault_point(f"delete alias {event.target}")
+                reg.delete_registered_model_alias(event.model, event.target)
+            except MlflowException:
+                if facts.alias_version(reg.get_registered_model(event.model), event.target) is not None:
+                    raise
+            if version_stage and version_stage != facts.STAGE_OF.get(event.target):
+                fault_point("restore stage")
+                reg.transition_model_version_stage(event.model, event.to_version, version_stage)
+        led.set_state(event, L.FAILED)
+        led.append(L.Event(model=event.model, action=L.ABORT, target=event.target, seq=event.seq + 1,
+                           from_version=event.to_version, to_version=event.from_version, effective=False,
+                           actor=event.actor, reason=f"event #{event.seq} failed and was undone: {exc}",
+                           reverts=event.seq))
+    except Exception as inner:  # noqa: BLE001 - report the original failure
+        log.error("could not undo ledger event #%d of %s (%s); it stays pending: run `lifecycle repair %s`",
+                  event.seq, event.model, inner, event.model)
 
 
 def promote(name: str, version: str, target: str, *, policy_path: str | None = None, dry_run: bool = False,
@@ -173,6 +208,8 @@ def promote(name: str, version: str, target: str, *, policy_path: str | None = N
     without moving anything.
     """
     target = facts.check_target(target)
+    facts.check_name(name)
+    L.check_text(reason)
     if not str(version).strip().isdigit():
         raise ConfigError(f"version must be a number, got {version!r}")
     version = str(int(version))
@@ -181,7 +218,8 @@ def promote(name: str, version: str, target: str, *, policy_path: str | None = N
     led = L.Ledger(client)
     lock = RegistryLock(client, name, purpose=f"promote v{version} to {target}")
     try:
-        parallel(client, lock.acquire, led.experiment_id)
+        # A missing model or version is refused before anything is written (its error wins).
+        parallel(client, lambda: facts.get_version(client, name, version), lock.acquire, led.experiment_id)
         snap = read_snapshot(client, led, name, version, policy, target,
                              mark=None if dry_run else mark_text(f"promote v{version} to {target}"))
         current = snap.current(target)
@@ -190,12 +228,14 @@ def promote(name: str, version: str, target: str, *, policy_path: str | None = N
         runs, digests = lineage(snap.candidate.tags)
         action = L.DRY_RUN if dry_run else (L.REJECT if failures else L.PROMOTE)
         soft = [r for r in results if r.status == "fail" and not r.blocking]
-        why = reason or ("; ".join(f"{r.gate}: {r.reason}" for r in failures) if failures else
-                         "all enabled gates passed" + (f" (dry-run gates failing: {', '.join(r.gate for r in soft)})" if soft else ""))
+        soft_note = f" (dry-run gates failing: {', '.join(r.gate for r in soft)})" if soft else ""
+        verdict = ("; ".join(f"{r.gate}: {r.reason}" for r in failures) if failures
+                   else "all enabled gates passed" + soft_note)
+        why = reason or verdict  # the user's words verbatim; the gates' verdict when none were given
         event = L.Event(model=name, action=action, target=target, seq=snap.next_seq(), from_version=current,
                         to_version=version, effective=action == L.PROMOTE, actor=actor(),
                         policy_path=policy.path, policy_digest=policy.digest, gates=[r.to_dict() for r in results],
-                        eval_run_ids=runs, data_digests=digests, reason=why)
+                        eval_run_ids=runs, data_digests=digests, reason=why, detail=verdict if reason else "")
         if action == L.PROMOTE:
             move_alias(client, led, lock, event, version_stage=snap.version.current_stage,
                        replaced_stage=snap.stage_of(current))

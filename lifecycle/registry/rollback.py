@@ -9,11 +9,14 @@ Double-rollback protection (a retried CI job must not skip back two versions):
   refused: going back further must be asked for explicitly with ``--expect-current``.
 * "Before" comes from the ledger's stack of production holders, never "version minus one".
 
-Every call, refused or not, writes exactly one ledger event.
+Every call, refused or not, writes exactly one ledger event; refused input (a bad name, reason or
+version) is refused before anything is written. The plan counts confirmed moves only: a promotion
+killed before its move was confirmed never makes production go *forward* to its version.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lifecycle.errors import ConcurrencyError, ConfigError, GateRejected, LifecycleError, NotFoundError
@@ -23,6 +26,7 @@ from lifecycle.registry.lock import RegistryLock
 from lifecycle.registry.promote import Outcome, lineage, mark_text, move_alias, record_only
 
 TARGET = "production"
+log = logging.getLogger(__name__)
 
 
 def plan_rollback(events: list[L.Event], current: str | None, *, to: str | None, expect_current: str | None,
@@ -32,7 +36,7 @@ def plan_rollback(events: list[L.Event], current: str | None, *, to: str | None,
     ``action`` is ``rollback``, ``rollback_noop`` or ``rollback_refused``; a pure function so the
     fencing rules are tested without a server.
     """
-    prod_events = [e for e in events if e.target == TARGET and e.effective]
+    prod_events = [e for e in events if e.target == TARGET and e.effective and e.done]
     last = prod_events[-1] if prod_events else None
     if expect_current is not None and current != expect_current:
         if last is not None and last.action == L.ROLLBACK and last.from_version == expect_current:
@@ -56,7 +60,8 @@ def plan_rollback(events: list[L.Event], current: str | None, *, to: str | None,
     for version in reversed(below):
         if version is not None and version != current:
             return L.ROLLBACK, version, f"back to v{version}, which held production before v{current}"
-    return L.ROLLBACK_REFUSED, None, f"no earlier production version in the ledger (production is {'v' + current if current else 'unset'})"
+    return L.ROLLBACK_REFUSED, None, (f"no earlier production version in the ledger "
+                                      f"(production is {'v' + current if current else 'unset'})")
 
 
 def rollback(name: str, *, reason: str, to: str | None = None, expect_current: str | None = None,
@@ -67,8 +72,10 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
     version that never passed the production gates (without ``force``), and
     :class:`ConcurrencyError` when fencing refuses. Each of those is recorded in the ledger.
     """
+    facts.check_name(name)
     if not (reason or "").strip():
         raise ConfigError("rollback needs --reason TEXT (it goes into the ledger)")
+    L.check_text(reason)
     if to is not None:
         if not str(to).strip().isdigit():
             raise ConfigError(f"version must be a number, got {to!r}")
@@ -79,22 +86,29 @@ def rollback(name: str, *, reason: str, to: str | None = None, expect_current: s
     led = L.Ledger(client)
     lock = RegistryLock(client, name, purpose="rollback")
     try:
-        parallel(client, lock.acquire, led.experiment_id)
+        # A missing model or --to version is refused before anything is written (its error wins).
+        exists = ((lambda: facts.get_version(client, name, to)) if to is not None
+                  else (lambda: facts.get_model(client, name)))
+        parallel(client, exists, lock.acquire, led.experiment_id)
         # One round under the lock: the model (aliases), its whole ledger, every version (tags and
         # stages of whichever the plan picks), and the mark that checks our write permission.
         model, events, versions, _ = parallel(
             client, lambda: facts.get_model(client, name), lambda: led.events(name),
             lambda: facts.list_versions(client, name),
-            lambda: facts.mark(client, name, mark_text(f"rollback ({reason.strip()})")))
+            lambda: facts.mark(client, name, mark_text(f"rollback ({reason.strip()[:200]})")))
         by_number = {str(v.version): v for v in versions}
         if to is not None and to not in by_number and len(versions) < 1000:
             raise facts.missing_version(name, to, versions)
         current = facts.alias_version(model, TARGET)
         action, target, why = plan_rollback(events, current, to=to, expect_current=expect_current, force=force)
-        prod_events = [e for e in events if e.target == TARGET and e.effective]
-        event = L.Event(model=name, action=action, target=TARGET, seq=(events[-1].seq + 1) if events else 1,
+        for half in L.unsettled(events):
+            log.warning("%s: ledger event #%d (%s %s -> %s) was never confirmed; it does not count "
+                        "(run `lifecycle repair %s`)", name, half.seq, half.action, half.target, half.to_version, name)
+        prod_events = [e for e in events if e.target == TARGET and e.effective and e.done]
+        seq = L.next_seq_of(events, led.damaged.get(name, []))
+        event = L.Event(model=name, action=action, target=TARGET, seq=seq,
                         from_version=current, to_version=target, effective=action == L.ROLLBACK,
-                        actor=actor(), reason=f"{reason.strip()} ({why})",
+                        actor=actor(), reason=reason, detail=why,
                         reverts=prod_events[-1].seq if prod_events and action == L.ROLLBACK else None)
         if action == L.ROLLBACK:
             # A deleted version cannot take production (a version list past 1000 is read directly).
