@@ -44,7 +44,9 @@ async def _read_body(request: Request, cap: int, timeout: float) -> bytes | JSON
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     if length is None and not chunked:
         return _reply(411, {"error": "Content-Length required"}, close=True)
-    # h11 has already refused a Content-Length that is not plain digits (400).
+    # h11 has already refused a Content-Length that is not plain digits (400); this is belt and braces.
+    if length is not None and not length.isdigit():
+        return _reply(400, {"error": "bad Content-Length"}, close=True)
     if length is not None and int(length) > cap:
         return _reply(413, {"error": f"payload too large (limit {cap} bytes)"}, close=True)
     chunks: list[bytes] = []

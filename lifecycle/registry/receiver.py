@@ -93,7 +93,7 @@ class Jobs:
     def __init__(self, size: int) -> None:
         self.size = size
         self._heap: list[tuple[float, int, Job]] = []
-        self._waiting: set[tuple[str, str]] = set()
+        self._waiting: collections.Counter[tuple[str, str]] = collections.Counter()
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -101,7 +101,7 @@ class Jobs:
     def offer(self, name: str, alias: str) -> str:
         """Queue a fresh reconcile: ``"queued"``, ``"pending"`` (one is waiting) or ``"full"``."""
         with self._cond:
-            if (name, alias) in self._waiting:
+            if self._waiting[(name, alias)] > 0:
                 return "pending"
             if len(self._heap) >= self.size:
                 return "full"
@@ -116,7 +116,7 @@ class Jobs:
     def _push(self, job: Job, delay: float) -> None:
         heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), job))
         if not job.give_up:
-            self._waiting.add((job.name, job.alias))
+            self._waiting[(job.name, job.alias)] += 1
         self._cond.notify()
 
     def take(self, timeout: float | None = None) -> Job | None:
@@ -128,7 +128,7 @@ class Jobs:
                 if self._heap and self._heap[0][0] <= now:
                     job = heapq.heappop(self._heap)[2]
                     if not job.give_up:
-                        self._waiting.discard((job.name, job.alias))
+                        self._waiting[(job.name, job.alias)] -= 1
                     return job
                 wait = (self._heap[0][0] - now) if self._heap else None
                 if deadline is not None:

@@ -26,9 +26,9 @@ def _mac(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def sign(secret: str, delivery_id: str, timestamp: str, body: str) -> str:
-    """MLflow's webhook signature: ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``."""
-    return _mac(secret, delivery_id, timestamp, body.encode())
+def sign(secret: str, delivery_id: str, timestamp: str, body: str | bytes) -> str:
+    """MLflow's webhook signature: ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` (a str body as UTF-8)."""
+    return _mac(secret, delivery_id, timestamp, body if isinstance(body, bytes) else body.encode())
 
 
 def verify_signature(secret: str, delivery_id: str, timestamp: str, body: bytes, header: str,
