@@ -19,12 +19,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from lifecycle.errors import ConfigError, LifecycleError
 from lifecycle.policies import Policy
-from lifecycle.registry import TARGETS, ledger as L
+from lifecycle.registry import TARGETS
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor, call, get_client
 from lifecycle.registry.guard import reconcile
 from lifecycle.registry.lock import RegistryLock, is_lock_model
@@ -170,6 +172,8 @@ class Guard:
         self.seen = SeenDeliveries(self.settings.replay_capacity)
         self.outcomes: collections.deque[Outcome] = collections.deque(maxlen=100)
         self._accept = threading.Lock()
+        #: (model, alias) whose guard_failed record is waiting to be written: one record, not one per job.
+        self._failing: set[tuple[str, str]] = set()
         self.worker = threading.Thread(target=self._work, name="lifecycle-guard", daemon=True)
 
     # -- deliveries --------------------------------------------------------------------------
@@ -242,8 +246,10 @@ class Guard:
             if job.attempt >= self.settings.max_attempts:
                 log.error("guard: reconciling %s@%s failed %d times (%s); recording guard_failed",
                           job.name, job.alias, job.attempt, job.error)
-                job.give_up = True
-                self._record_failure(job)
+                if (job.name, job.alias) not in self._failing:
+                    job.give_up = True
+                    self._failing.add((job.name, job.alias))
+                    self._record_failure(job)
                 return
             delay = self.settings.delay(job.attempt)
             log.warning("guard: reconciling %s@%s failed (attempt %d of %d: %s); retrying in %.1f s",
@@ -259,7 +265,7 @@ class Guard:
         """Write the ``guard_failed`` event; if the server is still unreachable, try again later."""
         waited = time.time() - job.first_try
         reason = (f"@{job.alias} may have been moved outside lifecycle, but the guard could not check it: "
-                  f"{job.attempt} attempts over {waited:.0f} s failed (last: {job.error}). The move stands "
+                  f"{job.attempt} attempts over {waited:.0f} s failed (last: {job.error[:300]}). The move stands "
                   f"unchecked: see `lifecycle status {job.name}`, then promote or roll back")
         led = L.Ledger(self.client)
         try:
@@ -276,6 +282,7 @@ class Guard:
                       job.name, job.alias, redact(_one_line(exc), self.secret), delay)
             self.jobs.later(job, delay)
             return
+        self._failing.discard((job.name, job.alias))
         log.error("guard: gave up on %s@%s: recorded guard_failed (ledger event #%d)", job.name, job.alias, seq)
 
 
