@@ -28,6 +28,7 @@ from lifecycle.registry.guard_http import _Redact, make_server
 from lifecycle.registry.receiver import Guard, GuardSettings, Jobs, install
 from lifecycle.registry.signature import MAX_SKEW_S, SeenDeliveries, sign
 from tests import servers
+from tests.cli import cli
 
 SECRET = "http-test-secret-5f0c"
 CAP = 2048
@@ -317,3 +318,24 @@ def test_secret_never_reaches_errors_or_logs(running, caplog):
             assert status == 401 and SECRET.encode() not in reply
     assert SECRET not in caplog.text
     running.queued()
+
+
+@pytest.mark.tried("guard", "`lifecycle guard serve` with no secret, a port in use, a port out of range, a retry "
+                   "ceiling below the first delay, a zero queue", "exit 2 with a one-line error (no traceback, "
+                   "no secret in it); nothing starts listening")
+def test_serve_refuses_bad_flags_with_exit_2(monkeypatch, capsys):
+    monkeypatch.delenv("LIFECYCLE_GUARD_SECRET", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        cases = [([], "needs a webhook secret"),
+                 (["--secret", SECRET, "--port", port], "cannot listen on 127.0.0.1:" + port),
+                 (["--secret", SECRET, "--port", "70000"], "70000"),
+                 (["--secret", SECRET, "--retry-delay", "5", "--retry-max-delay", "1"], "retry_max_delay_s"),
+                 (["--secret", SECRET, "--queue-size", "0"], "queue-size")]
+        for args, message in cases:
+            capsys.readouterr()
+            assert cli("guard", "serve", *args) == 2, args
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err and SECRET not in err, (args, err)

@@ -68,8 +68,9 @@ def make_app(guard: Guard) -> Starlette:
     settings = guard.settings
 
     async def health(request: Request) -> JSONResponse:
-        return _reply(200, {"status": "ok", "policy": guard.policy.path, "digest": guard.policy.digest,
-                            "queued": len(guard.jobs)})
+        alive = guard.alive()
+        return _reply(200 if alive else 503, {"status": "ok" if alive else "worker stopped", "policy": guard.policy.path,
+                                              "digest": guard.policy.digest, "queued": len(guard.jobs)})
 
     async def deliver(request: Request) -> JSONResponse:
         try:

@@ -105,7 +105,7 @@ class Jobs:
         with self._cond:
             if self._waiting[(name, alias)] > 0:
                 return "pending"
-            if len(self._heap) >= self.size:
+            if self._closed or len(self._heap) >= self.size:
                 return "full"
             self._push(Job(name, alias, first_try=time.time()), 0.0)
             return "queued"
@@ -209,6 +209,8 @@ class Guard:
             return 200, {"status": "ignored"}
         if alias not in TARGETS or is_lock_model(name):
             return 200, {"status": "ignored", "alias": alias}
+        if not self.alive():
+            return 503, {"error": "the guard's worker has stopped; restart the guard"}
         if self.seen.full():
             return 503, {"error": "too many deliveries within the signature window; try again later"}
         state = self.jobs.offer(name, alias)
@@ -231,12 +233,19 @@ class Guard:
                       "moved in the last minutes", left)
         return left
 
+    def alive(self) -> bool:
+        """False once a started worker has died (the guard then acknowledges nothing it would act on)."""
+        return self.worker.ident is None or self.worker.is_alive()
+
     def _work(self) -> None:
         while (job := self.jobs.take()) is not None:
-            if job.give_up:
-                self._record_failure(job)
-            else:
-                self._reconcile(job)
+            try:
+                if job.give_up:
+                    self._record_failure(job)
+                else:
+                    self._reconcile(job)
+            except Exception:  # noqa: BLE001 - a bug in one job must not stop the guard
+                log.exception("guard: unexpected error on %s@%s", job.name, job.alias)
 
     def _reconcile(self, job: Job) -> None:
         try:
