@@ -260,6 +260,21 @@ def test_body_over_the_cap_is_refused_before_it_is_read(running):
         assert resp.status == 413
 
 
+@pytest.mark.tried("guard", "signed deliveries whose body is not a webhook payload (JSON nested 2000 deep, "
+                   "invalid UTF-8, lists, null, data of the wrong type, other entities)",
+                   "400 (or 200 'ignored' for another entity); nothing queued, the receiver keeps answering")
+@pytest.mark.parametrize("body,expected", [(b"[" * 2000, 400), (b"not json", 400), (b"\xff\xfe{", 400),
+                                           (b"[]", 400), (b"null", 400), (b'{"data": 5}', 400),
+                                           (b'{"entity": "model_version", "data": {"name": "m"}}', 200),
+                                           (b'{"entity": "model_version_alias", "data": {"name": 5, "alias": []}}',
+                                            200)])
+def test_signed_but_malformed_payloads(running, body, expected):
+    status, reply = request(running.rx.port, post(signed(body), body))
+    assert status == expected, reply
+    assert running.queued() == []
+    assert request(running.rx.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+
+
 @pytest.mark.tried("guard", "signed delivery ids of any text, remembered up to the capacity, timestamps across the "
                    "signature window (hypothesis)", "an id is refused while its timestamp can still pass and "
                    "forgotten after; memory never exceeds the capacity")

@@ -202,7 +202,7 @@ class Guard:
             payload = json.loads(body)
             data = payload.get("data") or {}
             entity, name, alias = payload.get("entity"), data.get("name"), data.get("alias")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
             return 400, {"error": "body is not a webhook JSON payload"}
         if entity != "model_version_alias" or not isinstance(name, str) or not isinstance(alias, str) \
                 or not name or not alias:
@@ -316,4 +316,6 @@ def install(url: str, *, secret: str | None, name: str = "lifecycle-guard", clie
                     secret=secret, description="lifecycle guard: holds registry-UI alias moves to the promotion policy")
     except LifecycleError as exc:
         # A server may echo the request it refused; the secret must not reach the terminal.
-        raise type(exc)(redact(str(exc), secret)) from None
+        if secret in str(exc):
+            raise type(exc)(redact(str(exc), secret)) from None
+        raise
