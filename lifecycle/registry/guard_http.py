@@ -49,18 +49,21 @@ async def _read_body(request: Request, cap: int, timeout: float) -> bytes | JSON
         return _reply(400, {"error": "bad Content-Length"}, close=True)
     if length is not None and int(length) > cap:
         return _reply(413, {"error": f"payload too large (limit {cap} bytes)"}, close=True)
-    chunks: list[bytes] = []
-    size = 0
+
+    async def collect() -> bytes | JSONResponse:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:  # a chunked body may say nothing up front
+                return _reply(413, {"error": f"payload too large (limit {cap} bytes)"}, close=True)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > cap:  # a chunked body may say nothing up front
-                    return _reply(413, {"error": f"payload too large (limit {cap} bytes)"}, close=True)
-                chunks.append(chunk)
-    except TimeoutError:
+        return await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         return _reply(408, {"error": f"request body not received within {timeout:g} s"}, close=True)
-    return b"".join(chunks)
 
 
 def make_app(guard: Guard) -> Starlette:
@@ -69,8 +72,9 @@ def make_app(guard: Guard) -> Starlette:
 
     async def health(request: Request) -> JSONResponse:
         alive = guard.alive()
-        return _reply(200 if alive else 503, {"status": "ok" if alive else "worker stopped", "policy": guard.policy.path,
-                                              "digest": guard.policy.digest, "queued": len(guard.jobs)})
+        return _reply(200 if alive else 503, {"status": "ok" if alive else "worker stopped",
+                                              "policy": guard.policy.path, "digest": guard.policy.digest,
+                                              "queued": len(guard.jobs)})
 
     async def deliver(request: Request) -> JSONResponse:
         try:
