@@ -53,7 +53,7 @@ class GuardSettings:
     keep_alive_s: float = 5.0        # idle keep-alive connections are closed after this
     max_connections: int = 64        # open connections; more get 503
     max_header_bytes: int = 16_384   # request line + headers; more get 400
-    replay_capacity: int = 100_000   # delivery ids remembered within the signature window
+    replay_capacity: int = 20_000    # delivery ids remembered within the signature window (~4 MiB)
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_attempts", "max_body_bytes", "max_connections", "max_header_bytes",

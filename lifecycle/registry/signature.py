@@ -59,7 +59,7 @@ class SeenDeliveries:
     :meth:`remember` says no rather than forget an id that could still be replayed.
     """
 
-    def __init__(self, capacity: int = 100_000, window_s: float = MAX_SKEW_S) -> None:
+    def __init__(self, capacity: int = 20_000, window_s: float = MAX_SKEW_S) -> None:
         self.capacity = capacity
         self.window_s = window_s
         self._expiry: dict[str, float] = {}
