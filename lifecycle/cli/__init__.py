@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("lifecycle.cli.registry_cmd", "status", "Show aliases, stages and the last ledger events of a model."),
     "history": ("lifecycle.cli.registry_cmd", "history", "Show the promotion ledger of a model."),
     "repair": ("lifecycle.cli.registry_cmd", "repair", "Settle half-done moves and align registry and ledger."),
-    "guard": ("lifecycle.cli.registry_cmd", "guard", "The webhook guard that holds UI promotions to the policy."),
+    "guard": ("lifecycle.cli.guard_cmd", "guard", "The webhook guard that holds UI promotions to the policy."),
     "serve": ("lifecycle.cli.serve_cmd", "serve", "Serve a registered model with `mlflow models serve`."),
     "monitor": ("lifecycle.cli.monitor_cmd", "monitor", "Drift and service metrics from inference records."),
     "report": ("lifecycle.cli.report_cmd", "report", "Write the self-contained HTML report of a model."),

@@ -1,9 +1,8 @@
-"""Registry commands: promote, rollback, status, history, repair, guard (serve / install)."""
+"""Registry commands: promote, rollback, status, history, repair (the guard is in guard_cmd)."""
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
@@ -21,12 +20,12 @@ def _print_gates(outcome: Any) -> None:
 @click.command()
 @click.argument("name")
 @click.argument("version")
-@click.option("--to", "target", required=True, help="staging or production.")
-@click.option("--policy", "policy_path", default=None,
+@click.option("--to", "to", required=True, help="staging or production.")
+@click.option("--policy", "policy", default=None,
               help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--dry-run", is_flag=True, help="Evaluate and record the gates; move nothing.")
 @click.option("--reason", default="", help="Why (kept in the ledger).")
-def promote(name: str, version: str, target: str, policy_path: str | None, dry_run: bool, reason: str) -> None:
+def promote(name: str, version: str, to: str, policy: str | None, dry_run: bool, reason: str) -> None:
     """Promote VERSION of model NAME to staging or production if the policy's gates pass.
 
     Exit 3 when a gate refuses (the rejection is recorded in the ledger; nothing moves).
@@ -34,7 +33,7 @@ def promote(name: str, version: str, target: str, policy_path: str | None, dry_r
     from lifecycle.registry.promote import promote as do_promote
 
     try:
-        outcome = do_promote(name, version, target, policy_path=policy_path, dry_run=dry_run, reason=reason)
+        outcome = do_promote(name, version, to, policy_path=policy, dry_run=dry_run, reason=reason)
     except LifecycleError as exc:
         if getattr(exc, "outcome", None) is not None:
             _print_gates(exc.outcome)  # type: ignore[attr-defined]
@@ -107,11 +106,11 @@ def history(name: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@click.option("--policy", "policy_path", default=None,
+@click.option("--policy", "policy", default=None,
               help="Policy YAML for aliases moved outside lifecycle (as the guard uses).")
 @click.option("--break-lock", "break_stale_lock", is_flag=True,
               help="First delete NAME's registry lock if it is stale (expired, ownerless, or its holder is gone).")
-def repair(name: str, policy_path: str | None, break_stale_lock: bool) -> None:
+def repair(name: str, policy: str | None, break_stale_lock: bool) -> None:
     """Bring the registry and the ledger of NAME back into agreement after a crash.
 
     Settles moves that a killed promote/rollback never confirmed (from what the registry shows),
@@ -120,37 +119,9 @@ def repair(name: str, policy_path: str | None, break_stale_lock: bool) -> None:
     """
     from lifecycle.registry.repair import repair as do_repair
 
-    lines = do_repair(name, policy_path=policy_path, break_stale_lock=break_stale_lock)
+    lines = do_repair(name, policy_path=policy, break_stale_lock=break_stale_lock)
     for line in lines:
         click.echo(line)
     if not any(not line.startswith(f"{name} has no registry lock") for line in lines):
         click.echo(f"{name}: nothing to repair; the registry and the ledger agree")
 
-
-@click.group()
-def guard() -> None:
-    """The webhook guard that holds registry-UI alias moves to the policy."""
-
-
-@guard.command("serve")
-@click.option("--policy", "policy_path", default=None, help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8787, show_default=True, type=int)
-@click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")
-def guard_serve(policy_path: str | None, host: str, port: int, secret: str | None) -> None:
-    """Receive registry webhooks and revert alias moves that fail the policy."""
-    from lifecycle.registry.guard import serve
-
-    serve(policy_path=policy_path, host=host, port=port, secret=secret or os.environ.get("LIFECYCLE_GUARD_SECRET"))
-
-
-@guard.command("install")
-@click.option("--url", required=True, help="Where the guard listens, e.g. http://127.0.0.1:8787/webhook.")
-@click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")
-@click.option("--name", "hook_name", default="lifecycle-guard", show_default=True)
-def guard_install(url: str, secret: str | None, hook_name: str) -> None:
-    """Register (or update) the guard's webhook with the tracking server."""
-    from lifecycle.registry.guard import install
-
-    hook = install(url, secret=secret or os.environ.get("LIFECYCLE_GUARD_SECRET"), name=hook_name)
-    click.echo(f"webhook {hook.webhook_id} -> {hook.url} ({', '.join(f'{e.entity.value}.{e.action.value}' for e in hook.events)})")
