@@ -33,8 +33,6 @@ from lifecycle.train.data import PreparedData  # noqa: E402
 from lifecycle.train.distributed import DistContext, pick_device  # noqa: E402
 from lifecycle.train.model import get_preset  # noqa: E402
 
-
-
 #: Sizes per mode: --quick, and the full mode on a GPU and on a CPU.
 SHAPES = {
     "quick": dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096),
@@ -266,11 +264,13 @@ def main() -> None:
         print(f"project/hf   = {results['project'] / results['hf']:.3f}")
     from benchmarks._report import write_json
 
-    ratios = {f"{n}_vs_bare": round(results[n] / results["bare"], 3) for n in results if "bare" in results and n != "bare"}
+    ratios = {f"{n}_vs_bare": round(results[n] / results["bare"], 3)
+              for n in results if "bare" in results and n != "bare"}
     if "project" in results and "hf" in results:
         ratios["project_vs_hf"] = round(results["project"] / results["hf"], 3)
     write_json("train", {"tokens_per_s": {k: round(v, 1) for k, v in results.items()}, "preset": args.preset,
-                         "batch_size": args.batch_size, "seq_len": args.seq_len, "vocab": args.vocab, "steps": args.steps,
+                         "batch_size": args.batch_size, "seq_len": args.seq_len, "vocab": args.vocab,
+                         "steps": args.steps,
                          "warmup": args.warmup, "device": str(device), "threads": threads, "compile": args.compile,
                          "compile_backend": args.compile_backend if args.compile else None,
                          "tracking": "mlflow" if tracking else "off", "flops_per_token": fpt,

@@ -113,7 +113,8 @@ def facts(cpu: bool, fig: Figures) -> None:
     device = torch.device("cuda" if use_cuda else "cpu")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        fig.add(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        fig.add(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                gpu_memory_gib=round(props.total_memory / 2**30, 1),
                 compute_capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
                 bf16_supported=torch.cuda.is_bf16_supported(), nvidia_smi=nvidia_smi())
     # Measured ceilings, the yardsticks of the later steps' figures.
@@ -249,7 +250,8 @@ def train_smoke(cpu: bool, fig: Figures) -> None:
         first, last = s.timed_from, s.checkpoint_at  # the checkpoint is written after `last` was reported
         tps = (last - first) * s.batch * s.seq / (rec_a.at[last] - rec_a.at[first])
         fpt = flops_per_token(res_a.model, s.seq) if cuda else None
-        fig.add(tokens_per_s=round(tps, 1), mfu_pct=round(100 * tps * fpt / (PEAK_BF16_TFLOPS * 1e12), 2) if fpt else None,
+        fig.add(tokens_per_s=round(tps, 1),
+                mfu_pct=round(100 * tps * fpt / (PEAK_BF16_TFLOPS * 1e12), 2) if fpt else None,
                 step_ms=round(1000 * s.batch * s.seq / tps, 2), loop_reported_tokens_per_s=round(res_a.tokens_per_s, 1),
                 peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 checkpoint_save_s=[round(x, 2) for x in saves_a], run_s=round(time.perf_counter() - start, 1),
@@ -323,7 +325,8 @@ def eval_precisions(cpu: bool, fig: Figures) -> None:
     dev = str(device)
 
     def score(label: str, autocast: bool = False) -> float:
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast
+               else torch.autocast(device.type, enabled=False))
         with ctx:
             r = block_losses(model, held_out, batch_size=s.batch, device=dev, progress=False, desc=label)
         fig.add(**{f"loss_{label}": r.loss, f"tokens_per_s_{label}": round(r.tokens_per_s, 1)})

@@ -93,7 +93,8 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{head['steps_ok']} of {head['steps']} steps ok.", "",
              "| step | status | seconds | timeout |", "|---|---|---|---|"]
     for name, step in summary.get("steps", {}).items():
-        lines.append(f"| {name} | {step.get('status')} | {_shown(step.get('seconds'))} | {_shown(step.get('timeout_s'))} |")
+        lines.append(f"| {name} | {step.get('status')} | {_shown(step.get('seconds'))} "
+                     f"| {_shown(step.get('timeout_s'))} |")
     lines += ["", "| group | figure | value |", "|---|---|---|"]
     for group, figures in head.items():
         if isinstance(figures, dict):
