@@ -3,7 +3,7 @@
 Same model shape, micro-batch, sequence length and number of steps, run in turn in one process;
 prints tokens/s of each and the ratios. On a GPU it also prints MFU (bf16 autocast) and peak
 memory. The full mode sizes itself for the device: the GPT-2 shape at 16 x 1024 on a GPU, the
-``small`` preset at 8 x 256 on a CPU (GPT-2 at 16 x 1024 in fp32 needs more than 24 GB of RAM).
+``small`` preset at 8 x 256 (20 steps) on a CPU (GPT-2 at 16 x 1024 in fp32 needs more than 24 GB of RAM).
 Where ``mlflow`` is not installed the project's loop runs with its metrics kept in memory (the
 output says ``tracking=off``); HF Trainer is fed a plain torch dataset (no ``datasets`` needed).
 
@@ -37,7 +37,7 @@ from lifecycle.train.model import get_preset  # noqa: E402
 SHAPES = {
     "quick": dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096),
     "gpu": dict(preset="gpt2", steps=100, warmup=10, batch_size=16, seq_len=1024, vocab=GPT2_VOCAB),
-    "cpu": dict(preset="small", steps=30, warmup=5, batch_size=8, seq_len=256, vocab=8192),
+    "cpu": dict(preset="small", steps=20, warmup=4, batch_size=8, seq_len=256, vocab=4096),
 }
 
 

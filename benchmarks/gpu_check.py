@@ -196,7 +196,9 @@ def main() -> None:
         if res["status"] != "ok":
             exit_code = 1
             print("    " + "\n    ".join(res.get("log_tail", [])[-6:]), flush=True)
-        if step.name == "facts" and not args.cpu and not res.get("figures", {}).get("cuda_available"):
+        # Facts that ran and saw no GPU end a GPU-mode run (GPU-sized steps on a CPU would only
+        # exhaust its memory); facts that failed say nothing about the GPU, so the steps still run.
+        if step.name == "facts" and not args.cpu and res.get("figures", {}).get("cuda_available") is False:
             for rest in selected[i:]:
                 summary["steps"][rest.name] = {"status": "skipped: no CUDA device visible (use --cpu for a CPU run)"}
             write_summary(out, summary)

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,31 +189,39 @@ class Recorder:
 
 
 def run_loop(s: TrainShape, data: Any, device: Any, work: Path, name: str, *, save: bool,
-             resume_from: Path | None = None) -> tuple[Recorder, Any, list[float], Path]:
+             resume_from: Path | None = None) -> tuple[Recorder, Any, Any]:
     """One run of the project's loop, checkpointing at ``s.checkpoint_at`` and the end when
-    ``save``; (recorder, result, checkpoint save seconds, checkpoint folder)."""
+    ``save``; (recorder, result, checkpoint manager or None)."""
     from benchmarks._models import Vocab, build_on
     from lifecycle.train.checkpoint import CheckpointManager
     from lifecycle.train.distributed import DistContext
     from lifecycle.train.loop import Trainer
     from lifecycle.train.model import get_preset
 
-    saves: list[float] = []
-
-    class TimedCheckpoints(CheckpointManager):
-        def save(self, step: int, **states: Any) -> Path:  # type: ignore[override]
-            start = time.perf_counter()
-            path = super().save(step, **states)
-            saves.append(time.perf_counter() - start)
-            return path
-
-    out = work / name
     rec = Recorder()
+    checkpoints = CheckpointManager(work / name, keep=4) if save else None
     model = build_on(device, s.preset, Vocab(s.vocab), n_positions=max(s.seq, get_preset(s.preset).n_positions), seed=0)
-    trainer = Trainer(train_config(s, out), model, data, ctx=DistContext(device=device), log=rec,
-                      checkpoints=TimedCheckpoints(out, keep=4) if save else None, resume_from=resume_from)
-    result = trainer.fit()
-    return rec, result, saves, out
+    trainer = Trainer(train_config(s, work / name), model, data, ctx=DistContext(device=device), log=rec,
+                      checkpoints=checkpoints, resume_from=resume_from)
+    return rec, trainer.fit(), checkpoints
+
+
+def complete_checkpoint(checkpoints: Any, step: int, wait_s: float = 60.0) -> Path:
+    """The complete checkpoint of ``step`` (waiting a while, should it still be written in the background)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [p for p in checkpoints.checkpoints() if p.name == f"step-{step:08d}"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not found:
+        raise RuntimeError(f"no complete checkpoint of step {step} in {checkpoints.root}")
+    return found[0]
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def weights_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -246,23 +255,26 @@ def train_smoke(cpu: bool, fig: Figures) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        rec_a, res_a, saves_a, out_a = run_loop(s, data, device, work, "a", save=True)
+        rec_a, res_a, ck_a = run_loop(s, data, device, work, "a", save=True)
         first, last = s.timed_from, s.checkpoint_at  # the checkpoint is written after `last` was reported
         tps = (last - first) * s.batch * s.seq / (rec_a.at[last] - rec_a.at[first])
+        step_s = statistics.median(rec_a.at[i + 1] - rec_a.at[i] for i in range(first, last))
+        ckpt = complete_checkpoint(ck_a, s.checkpoint_at)
         fpt = flops_per_token(res_a.model, s.seq) if cuda else None
         fig.add(tokens_per_s=round(tps, 1),
                 mfu_pct=round(100 * tps * fpt / (PEAK_BF16_TFLOPS * 1e12), 2) if fpt else None,
                 step_ms=round(1000 * s.batch * s.seq / tps, 2), loop_reported_tokens_per_s=round(res_a.tokens_per_s, 1),
                 peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-                checkpoint_save_s=[round(x, 2) for x in saves_a], run_s=round(time.perf_counter() - start, 1),
+                # What the loop waited for the checkpoint: the step after it, less a normal step.
+                checkpoint_stall_s=round(rec_a.at[last + 1] - rec_a.at[last] - step_s, 3),
+                checkpoint_gib=round(folder_bytes(ckpt) / 2**30, 3), run_s=round(time.perf_counter() - start, 1),
                 final_train_loss=rec_a.loss[s.steps], val_loss=rec_a.val,
                 tf32_matmul_after_fit=torch.backends.cuda.matmul.allow_tf32)
         final_a = {k: v.detach().to("cpu", copy=True) for k, v in res_a.model.state_dict().items()}
         del res_a
-        ckpt = out_a / f"step-{s.checkpoint_at:08d}"
         after = range(s.checkpoint_at + 1, s.steps + 1)
         try:
-            rec_b, res_b, _, _ = run_loop(s, data, device, work, "b", save=False, resume_from=ckpt)
+            rec_b, res_b, _ = run_loop(s, data, device, work, "b", save=False, resume_from=ckpt)
             diff_w = weights_diff(final_a, res_b.model.state_dict())
             diff_l = losses_diff(rec_a, rec_b, after)
             fig.add(resume_steps=sorted(rec_b.loss), resume_max_loss_diff=diff_l, resume_max_weight_diff=diff_w,
@@ -274,7 +286,7 @@ def train_smoke(cpu: bool, fig: Figures) -> None:
         if cuda:
             torch.cuda.empty_cache()
         try:
-            rec_c, res_c, _, _ = run_loop(s, data, device, work, "c", save=False)
+            rec_c, res_c, _ = run_loop(s, data, device, work, "c", save=False)
             fig.add(rerun_max_loss_diff=losses_diff(rec_a, rec_c, range(1, s.steps + 1)),
                     rerun_max_loss_diff_after_checkpoint=losses_diff(rec_a, rec_c, after),
                     rerun_max_weight_diff=weights_diff(final_a, res_c.model.state_dict()))

@@ -54,7 +54,7 @@ def test_cpu_mode_runs_every_step_without_mlflow_or_datasets(tmp_path):
     assert fig["facts"]["mlflow_importable"] is False and fig["facts"]["datasets_importable"] is False
     assert fig["facts"]["torch"] and fig["facts"]["matmul_tflops"] > 0 and fig["facts"]["copy_bandwidth_tbps"] > 0
     train = fig["train"]
-    assert train["tokens_per_s"] > 0 and train["checkpoint_save_s"] and "resume_error" not in train
+    assert train["tokens_per_s"] > 0 and train["checkpoint_gib"] > 0 and "checkpoint_stall_s" in train and "resume_error" not in train
     # fp32 on a CPU: the resumed run is the uninterrupted run, bit for bit.
     assert train["resume_identical"] is True and train["resume_steps"] == [5, 6, 7, 8]
     assert train["rerun_max_weight_diff"] == 0.0
@@ -140,3 +140,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: the check would run")
+def test_gpu_mode_without_a_gpu_stops_after_the_facts(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300, check=False)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "no CUDA device visible" in res.stdout
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert steps["facts"]["status"] == "ok" and steps["facts"]["figures"]["cuda_available"] is False
+    assert all(s["status"].startswith("skipped: no CUDA device") for n, s in steps.items() if n != "facts")
