@@ -239,9 +239,9 @@ def load_tests(urls: dict[bool, str], clients: int, total: int, new_tokens: int,
     for r in range(rounds):
         chunk = [texts[(r * per_round + i) % len(texts)] for i in range(per_round)]
         for coalesce, url in urls.items():
-            w, l = load_round(url, clients, chunk, new_tokens)
-            wall[coalesce] += w
-            lat[coalesce].extend(l)
+            seconds, latencies = load_round(url, clients, chunk, new_tokens)
+            wall[coalesce] += seconds
+            lat[coalesce].extend(latencies)
     return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3}
             for c in urls}
 
@@ -330,8 +330,8 @@ def main() -> None:
                                                        for (c, n), r in results.items()}},
                ratios={"pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
                        "records_on_vs_off": round(ip["record_x"], 3),
-                       **{f"coalescing_on_vs_off_{n}_clients": round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2)
-                          for n in (1, 16)}})
+                       **{f"coalescing_on_vs_off_{n}_clients":
+                          round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2) for n in (1, 16)}})
 
 
 if __name__ == "__main__":

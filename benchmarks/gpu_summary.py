@@ -38,7 +38,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "machine": {k: _get(fig, "facts", k) for k in ("gpu", "gpu_memory_gib", "torch", "cuda_runtime",
                                                         "bf16_supported", "copy_bandwidth_tbps", "matmul_tflops")},
-        "train": {k: _get(fig, "train", k) for k in ("tokens_per_s", "mfu_pct", "peak_memory_gib", "checkpoint_stall_s", "checkpoint_gib",
+        "train": {k: _get(fig, "train", k) for k in ("tokens_per_s", "mfu_pct", "peak_memory_gib", "checkpoint_stall_s",
+                                                      "checkpoint_gib",
                                                       "resume_identical", "resume_max_loss_diff",
                                                       "rerun_max_loss_diff_after_checkpoint", "resume_error")},
         "evaluate": {k: _get(fig, "evaluate", k) for k in ("loss_fp32", "loss_bf16_weights", "bf16_weights_minus_fp32",
