@@ -27,7 +27,8 @@ def test_gpu_timeouts_fit_the_budget_and_compiled_variants_come_last():
     names = [s.name for s in gpu_check.STEPS]
     assert names[0] == "facts" and names[-2:] == ["bench_train_compiled", "serve_compiled"]
     assert len(set(names)) == len(names)
-    assert sum(s.gpu_timeout for s in gpu_check.STEPS) <= gpu_check.GPU_BUDGET_S == 480
+    worst = sum(s.gpu_timeout + gpu_check.STOP_GRACE_S for s in gpu_check.STEPS)
+    assert worst <= gpu_check.GPU_BUDGET_S == 480
     # Every step writes its figures where the driver reads them, and runs with this interpreter.
     cmd = gpu_check.STEPS[1].command(False, Path("/x/train.json"))
     assert cmd[0] == sys.executable and cmd[-2:] == ["--json", "/x/train.json"]
