@@ -54,8 +54,8 @@ GPU_BUDGET_S = 480
 STOP_GRACE_S = 2
 
 _TRAIN_GPU = ("--preset", "gpt2", "--batch-size", "16", "--seq-len", "1024", "--device", "cuda")
-_TRAIN_CPU = ("--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--device", "cpu", "--steps", "4",
-              "--warmup", "2")
+_TRAIN_CPU = ("--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--device", "cpu", "--steps", "20",
+              "--warmup", "5")
 
 
 @dataclass(frozen=True)
