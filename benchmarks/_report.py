@@ -101,3 +101,21 @@ def write_json(benchmark: str, figures: dict[str, Any], *, ratios: dict[str, Any
     tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
     tmp.replace(out)
     return str(out)
+
+
+class Figures:
+    """A benchmark's figures, written to ``path`` (as :func:`write_json` does) every time some
+    are added: a benchmark stopped by a timeout or an error still hands over what it measured."""
+
+    def __init__(self, benchmark: str, path: str | None):
+        self.benchmark = benchmark
+        self.path = path
+        self.figures: dict[str, Any] = {}
+        self.ratios: dict[str, Any] = {}
+
+    def add(self, ratios: dict[str, Any] | None = None, **figures: Any) -> None:
+        """Keep ``figures`` (and headline ``ratios``) and rewrite the file."""
+        self.figures.update(figures)
+        self.ratios.update(ratios or {})
+        if self.path:
+            write_json(self.benchmark, self.figures, ratios=self.ratios, path=self.path)

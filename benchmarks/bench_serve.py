@@ -31,34 +31,18 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._models import corpus_tokenizer, model_dir, prompts  # noqa: E402
+from lifecycle.serving.launch import serve_env  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_model_dir(out: Path, preset: str) -> Path:
     """A preset-shaped GPT-2 with a byte-level BPE trained on CPython's doc topics (no downloads)."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lifecycle.train.model import build_model, save_model_dir
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(list(topics.values()), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                 pad_token="<|endoftext|>")
-    return save_model_dir(build_model(preset, hf, seed=0), hf, out)
-
-
-def prompts(n: int) -> list[str]:
-    """``n`` prompts of varied length from the built-in corpus."""
-    from pydoc_data.topics import topics
-
-    words = " ".join(topics.values()).split()
-    return [" ".join(words[i * 37:i * 37 + 4 + (i * 7) % 24]) for i in range(n)]
+    return model_dir(out, preset, corpus_tokenizer(1024))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -190,8 +174,10 @@ def free_port() -> int:
 def start_server(model_uri: str, coalesce: bool, tmp: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     # Both servers record (the same small cost on each side): the records show the batch sizes.
-    env = {**os.environ, "LIFECYCLE_COALESCE": str(coalesce).lower(),
-           "LIFECYCLE_INFERENCE_LOG": str(records_path(tmp, coalesce)), **extra_env}
+    # serve_env puts this interpreter's bin first on PATH: `mlflow models serve` starts uvicorn by
+    # name, which fails (exit 127) from a virtualenv that was not activated.
+    env = serve_env({**os.environ, "LIFECYCLE_COALESCE": str(coalesce).lower(),
+                     "LIFECYCLE_INFERENCE_LOG": str(records_path(tmp, coalesce)), **extra_env})
     log = open(tmp / f"serve-{'on' if coalesce else 'off'}.log", "wb")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=tmp, env=env, stdout=log,
@@ -253,9 +239,9 @@ def load_tests(urls: dict[bool, str], clients: int, total: int, new_tokens: int,
     for r in range(rounds):
         chunk = [texts[(r * per_round + i) % len(texts)] for i in range(per_round)]
         for coalesce, url in urls.items():
-            w, l = load_round(url, clients, chunk, new_tokens)
-            wall[coalesce] += w
-            lat[coalesce].extend(l)
+            seconds, latencies = load_round(url, clients, chunk, new_tokens)
+            wall[coalesce] += seconds
+            lat[coalesce].extend(latencies)
     return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3}
             for c in urls}
 
@@ -263,19 +249,21 @@ def load_tests(urls: dict[bool, str], clients: int, total: int, new_tokens: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny preset, few requests (< 2 min idle)")
-    parser.add_argument("--preset", default=None, help="model preset (default: tiny with --quick, else small)")
+    parser.add_argument("--preset", default=None,
+                        help="model preset (default: tiny with --quick, else gpt2 on a GPU and small on a CPU)")
     parser.add_argument("--requests", type=int, default=None, help="requests per load test with 16 clients")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="batch of the pyfunc vs bare comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per server / in-process")
     args = parser.parse_args()
-    preset = args.preset or ("tiny" if args.quick else "small")
+    import torch
+
+    preset = args.preset or ("tiny" if args.quick else "gpt2" if torch.cuda.is_available() else "small")
     total16 = args.requests or (48 if args.quick else 192)
     total1 = max(8, total16 // 4)
     repeats = 30 if args.quick else 60
 
     import mlflow
-    import torch
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -286,10 +274,10 @@ def main() -> None:
     from lifecycle.serving import log_model
 
     print(f"preset={preset} new_tokens={args.new_tokens} threads={args.threads} workdir={tmp}", flush=True)
-    model_dir = build_model_dir(tmp / "model-src", preset)
+    folder = build_model_dir(tmp / "model-src", preset)
     exp = mlflow.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
-        log_model(model_dir)
+        log_model(folder)
     model_uri = f"runs:/{run.info.run_id}/model"
 
     # In-process first, on a machine not also busy starting two servers (that skewed it by ~5%).
@@ -336,15 +324,14 @@ def main() -> None:
         target = " (target >= 2.0)" if clients == 16 else ""
         print(f"throughput coalescing on/off with {clients} client(s): {ratio:.2f}x{target}")
     # Machine-readable figures for benchmarks/run_all.py (written when $LIFECYCLE_BENCH_JSON is set).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks._report import write_json
 
     write_json("serve", {"in_process": ip, "servers": {f"coalesce_{'on' if c else 'off'}_clients_{n}": r
                                                        for (c, n), r in results.items()}},
                ratios={"pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
                        "records_on_vs_off": round(ip["record_x"], 3),
-                       **{f"coalescing_on_vs_off_{n}_clients": round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2)
-                          for n in (1, 16)}})
+                       **{f"coalescing_on_vs_off_{n}_clients":
+                          round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2) for n in (1, 16)}})
 
 
 if __name__ == "__main__":

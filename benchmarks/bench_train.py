@@ -1,7 +1,11 @@
 """Training throughput side by side: the project's loop (tracking on) vs a bare loop vs HF Trainer.
 
 Same model shape, micro-batch, sequence length and number of steps, run in turn in one process;
-prints tokens/s of each and the ratios. On a GPU it also prints MFU (bf16 autocast).
+prints tokens/s of each and the ratios. On a GPU it also prints MFU (bf16 autocast) and peak
+memory. The full mode sizes itself for the device: the GPT-2 shape at 16 x 1024 on a GPU, the
+``small`` preset at 8 x 256 (20 steps) on a CPU (GPT-2 at 16 x 1024 in fp32 needs more than 24 GB of RAM).
+Where ``mlflow`` is not installed the project's loop runs with its metrics kept in memory (the
+output says ``tracking=off``); HF Trainer is fed a plain torch dataset (no ``datasets`` needed).
 
     python benchmarks/bench_train.py --quick            # CPU, about a minute
     python benchmarks/bench_train.py --preset gpt2 --steps 300 --batch-size 16 --seq-len 1024
@@ -10,6 +14,7 @@ prints tokens/s of each and the ratios. On a GPU it also prints MFU (bf16 autoca
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -22,31 +27,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._models import GPT2_VOCAB, PEAK_BF16_TFLOPS, Vocab, build_on, flops_per_token  # noqa: E402
 from lifecycle.train.config import TrainConfig  # noqa: E402
 from lifecycle.train.data import PreparedData  # noqa: E402
 from lifecycle.train.distributed import DistContext, pick_device  # noqa: E402
-from lifecycle.train.model import build_model, get_preset  # noqa: E402
+from lifecycle.train.model import get_preset  # noqa: E402
 
-#: Dense bf16 peak of the accelerator, for MFU (H100/H200 SXM: 989 TFLOP/s).
-DEFAULT_PEAK_TFLOPS = 989.0
-
-
-class Vocab:
-    """What build_model needs of a tokenizer: a size and special ids (no text is tokenized here)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.eos_token_id = self.bos_token_id = self.pad_token_id = size - 1
-
-    def __len__(self) -> int:
-        return self.size
+#: Sizes per mode: --quick, and the full mode on a GPU and on a CPU.
+SHAPES = {
+    "quick": dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096),
+    "gpu": dict(preset="gpt2", steps=100, warmup=10, batch_size=16, seq_len=1024, vocab=GPT2_VOCAB),
+    "cpu": dict(preset="small", steps=20, warmup=4, batch_size=8, seq_len=256, vocab=4096),
+}
 
 
-def flops_per_token(model: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B)."""
-    cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+def shape_for(quick: bool, device_type: str) -> dict[str, Any]:
+    """The default sizes: ``--quick``'s, else the full ones for this kind of device."""
+    return SHAPES["quick" if quick else ("gpu" if device_type == "cuda" else "cpu")]
+
+
+def tracking_available() -> bool:
+    """Whether the project's loop can log to MLflow here (the GPU machine has no mlflow)."""
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def compiled(module: Any, args: Any) -> Any:
+    """``torch.compile`` with the chosen backend (``eager`` checks graph capture in seconds on a
+    CPU, where inductor's C++ build takes most of a minute)."""
+    return torch.compile(module, backend=args.compile_backend)
 
 
 class Timer:
@@ -79,30 +87,41 @@ class Timer:
 
 
 def run_project(args: Any, model: Any, data: PreparedData, device: torch.device) -> float:
-    """The project's Trainer with an MLflow run and the asynchronous metric sink."""
-    import mlflow
-
-    from lifecycle.tracking import AsyncMetricLogger
-    from lifecycle.train.callbacks import MetricSink
+    """The project's Trainer with an MLflow run and the asynchronous metric sink (metrics kept in
+    memory instead where mlflow is not installed)."""
     from lifecycle.train.loop import Trainer
 
     timer = Timer(device, args.warmup)
     total = args.warmup + args.steps
+    inductor = args.compile and args.compile_backend == "inductor"
     cfg = TrainConfig(max_steps=total, batch_size=args.batch_size, eval_every=10**9, eval_batches=1,
-                      checkpoint_every=10**9, progress=True, compile=args.compile, warmup_steps=2,
+                      checkpoint_every=10**9, progress=True, compile=inductor, warmup_steps=2,
                       precision="auto", output=tempfile.mkdtemp(prefix="bench-ckpt-"))
-    with mlflow.start_run(run_name="bench_train") as run:
-        logger = AsyncMetricLogger(run.info.run_id)
-        sink = MetricSink(logger)
 
+    def fit(sink: Callable[[Any, int], None]) -> None:
         def log(metrics: Any, step: int) -> None:
             sink(metrics, step)
             if "train/loss" in metrics:
                 timer.step(step)
 
         trainer = Trainer(cfg, model, data, ctx=DistContext(device=device), log=log, checkpoints=None)
+        if args.compile and not inductor:
+            trainer.forward_model = compiled(trainer.forward_model, args)  # TrainConfig.compile means inductor
         trainer.fit()
-        logger.close()
+
+    if tracking_available():
+        import mlflow
+
+        from lifecycle.tracking import AsyncMetricLogger
+        from lifecycle.train.callbacks import MetricSink
+
+        with mlflow.start_run(run_name="bench_train") as run:
+            logger = AsyncMetricLogger(run.info.run_id)
+            fit(MetricSink(logger))
+            logger.close()
+    else:
+        kept: list[tuple[Any, int]] = []
+        fit(lambda metrics, step: kept.append((dict(metrics), step)))
     if timer.t1 is None:
         raise RuntimeError("no steps timed")
     return timer.tokens_per_s(args.batch_size * args.seq_len)
@@ -112,7 +131,7 @@ def run_bare(args: Any, model: Any, data: PreparedData, device: torch.device) ->
     """Forward, backward, clip, AdamW step: nothing else."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = compiled(model, args) if args.compile else model
     amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast(device_type="cpu", enabled=False))
     timer = Timer(device, args.warmup)
@@ -131,9 +150,21 @@ def run_bare(args: Any, model: Any, data: PreparedData, device: torch.device) ->
     return timer.tokens_per_s(args.batch_size * args.seq_len)
 
 
+class Blocks(torch.utils.data.Dataset):
+    """Token blocks as HF Trainer's examples (``input_ids`` = ``labels``), without ``datasets``."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
 def run_hf(args: Any, model: Any, data: PreparedData, device: torch.device) -> float:
     """transformers' Trainer with its defaults for logging and saving turned off."""
-    from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     timer = Timer(device, args.warmup)
@@ -142,21 +173,20 @@ def run_hf(args: Any, model: Any, data: PreparedData, device: torch.device) -> f
         def on_step_end(self, targs: Any, state: Any, control: Any, **kw: Any) -> None:
             timer.step(state.global_step)
 
-    ids = data.train[: max(len(data.train), args.batch_size)].tolist()
-    ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
             learning_rate=1e-4, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
             bf16=device.type == "cuda", use_cpu=device.type != "cuda", dataloader_num_workers=0,
-            torch_compile=args.compile, disable_tqdm=True, seed=0)
-        Trainer(model=model, args=targs, train_dataset=ds, callbacks=[Clock()]).train()
+            torch_compile=args.compile, torch_compile_backend=args.compile_backend if args.compile else None,
+            disable_tqdm=True, seed=0)
+        Trainer(model=model, args=targs, train_dataset=Blocks(data.train), callbacks=[Clock()]).train()
     timer.finish()
     return timer.tokens_per_s(args.batch_size * args.seq_len)
 
 
 def main() -> None:
-    """Run the three loops in turn and print tokens/s, ratios and (GPU) MFU."""
+    """Run the loops in turn and print tokens/s, ratios and (GPU) MFU and peak memory."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, few steps (CPU smoke run)")
     ap.add_argument("--preset", default=None)
@@ -164,25 +194,28 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (GPT-2: 50257; padded to 64: 50304)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     ap.add_argument("--only", default="project,bare,hf", help="comma list of project,bare,hf")
-    ap.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
+    ap.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/run_all.py)")
     args = ap.parse_args()
-    quick = dict(preset="small", steps=12, warmup=3, batch_size=8, seq_len=128, vocab=4096)
-    full = dict(preset="gpt2", steps=100, warmup=10, batch_size=16, seq_len=1024, vocab=50257)
-    for key, value in (quick if args.quick else full).items():
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"project", "bare", "hf"})
+    if unknown:
+        ap.error(f"unknown loop(s) {', '.join(unknown)} in --only; choose from project, bare, hf")
+    device = pick_device(args.device)
+    for key, value in shape_for(args.quick, device.type).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp_tracking = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    tracking = tracking_available() and "project" in names
+    if tracking and not os.environ.get("MLFLOW_TRACKING_URI"):
         tmp_tracking = tempfile.mkdtemp(prefix="bench-mlflow-")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_tracking}/mlflow.db"
-    device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -195,25 +228,34 @@ def main() -> None:
 
     loops: dict[str, Callable[..., float]] = {"project": run_project, "bare": run_bare, "hf": run_hf}
     results: dict[str, float] = {}
+    peak_gib: dict[str, float] = {}
     fpt = None
-    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-        model = build_model(args.preset, vocab, n_positions=max(args.seq_len, get_preset(args.preset).n_positions), seed=0)
+    for name in names:
+        model = build_on(device, args.preset, vocab, n_positions=max(args.seq_len, get_preset(args.preset).n_positions),
+                         seed=0)
         fpt = fpt or flops_per_token(model, args.seq_len)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         results[name] = loops[name](args, model, data, device)
+        if device.type == "cuda":
+            peak_gib[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         print(f"{name:8s} {results[name]:12,.0f} tokens/s", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     threads = torch.get_num_threads()
-    print(f"\npreset={args.preset} batch={args.batch_size} seq={args.seq_len} steps={args.steps} "
-          f"device={device} threads={threads} compile={args.compile}")
+    mfu = ({k: round(100 * v * fpt / (args.peak_tflops * 1e12), 2) for k, v in results.items()}
+           if device.type == "cuda" and fpt else None)
+    print(f"\npreset={args.preset} batch={args.batch_size} seq={args.seq_len} vocab={args.vocab} steps={args.steps} "
+          f"device={device} threads={threads} compile={args.compile and args.compile_backend} "
+          f"tracking={'mlflow' if tracking else 'off'}")
     for name, tps in results.items():
         line = f"  {name:8s} {tps:12,.0f} tokens/s"
         if "bare" in results:
             line += f"   {tps / results['bare']:.3f}x bare"
-        if device.type == "cuda" and fpt:
-            line += f"   MFU {100 * tps * fpt / (args.peak_tflops * 1e12):.1f}%"
+        if mfu:
+            line += f"   MFU {mfu[name]:.1f}%   peak {peak_gib[name]:.1f} GiB"
         print(line)
     if "project" in results and "bare" in results:
         ratio = results["project"] / results["bare"]
@@ -222,14 +264,17 @@ def main() -> None:
         print(f"project/hf   = {results['project'] / results['hf']:.3f}")
     from benchmarks._report import write_json
 
-    ratios = {f"{n}_vs_bare": round(results[n] / results["bare"], 3) for n in results if "bare" in results and n != "bare"}
+    ratios = {f"{n}_vs_bare": round(results[n] / results["bare"], 3)
+              for n in results if "bare" in results and n != "bare"}
     if "project" in results and "hf" in results:
         ratios["project_vs_hf"] = round(results["project"] / results["hf"], 3)
     write_json("train", {"tokens_per_s": {k: round(v, 1) for k, v in results.items()}, "preset": args.preset,
-                         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-                         "device": str(device), "threads": threads, "compile": args.compile,
-                         "mfu_pct": {k: round(100 * v * fpt / (args.peak_tflops * 1e12), 2) for k, v in results.items()}
-                         if device.type == "cuda" and fpt else None},
+                         "batch_size": args.batch_size, "seq_len": args.seq_len, "vocab": args.vocab,
+                         "steps": args.steps,
+                         "warmup": args.warmup, "device": str(device), "threads": threads, "compile": args.compile,
+                         "compile_backend": args.compile_backend if args.compile else None,
+                         "tracking": "mlflow" if tracking else "off", "flops_per_token": fpt,
+                         "peak_tflops": args.peak_tflops, "mfu_pct": mfu, "peak_memory_gib": peak_gib or None},
                ratios={**ratios, "target": "project_vs_bare >= 0.95"}, path=args.json)
     if math.isnan(sum(results.values())):
         sys.exit(1)

@@ -42,3 +42,16 @@ def test_run_all_quick_writes_json_and_markdown(mlflow_server, tmp_path):
     assert "| monitor | PSI, numpy vs pure Python |" in table
     assert machine["cpu"] in table and f"mlflow {machine['mlflow']}" in table
     assert (out / "registry.log").is_file() and (out / "monitor.log").is_file()
+
+
+def test_bench_train_full_mode_sizes_itself_for_the_device():
+    """Issue #19: the full mode ran GPT-2 at 16 x 1024 in fp32 on a CPU and was killed for memory
+    (24 GB) after 80 s; on a CPU it now takes CPU-sized shapes, on a GPU the GPT-2 shape."""
+    from benchmarks.bench_train import SHAPES, shape_for
+
+    gpu, cpu = shape_for(False, "cuda"), shape_for(False, "cpu")
+    assert (gpu["preset"], gpu["batch_size"], gpu["seq_len"], gpu["vocab"]) == ("gpt2", 16, 1024, 50257)
+    assert shape_for(True, "cuda") == shape_for(True, "cpu") == SHAPES["quick"]
+    assert cpu["preset"] != "gpt2"
+    # The fp32 logits and their gradient alone were 2 x 16 x 1024 x 50257 x 4 bytes = 6.6 GB; keep them small.
+    assert 2 * cpu["batch_size"] * cpu["seq_len"] * cpu["vocab"] * 4 < 2**30
