@@ -113,15 +113,13 @@ def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Made through the CLI, exactly as a user would, so every stage's tests consume the real
     prepare output contract.
     """
-    from lifecycle.cli import main
+    from tests.cli import cli
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    try:
-        main(["prepare", "--source", "builtin:pydoc", "--output", str(out), "--vocab-size", "512",
-              "--block-size", "64", "--max-documents", "400"])
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+    code = cli("prepare", "--source", "builtin:pydoc", "--output", str(out), "--vocab-size", "512",
+               "--block-size", "64", "--max-documents", "400")
+    if code != 0:
+        raise SystemExit(code)
     return out
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from click.testing import CliRunner
-
-from lifecycle.cli import cli
+from tests.cli import cli_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,9 +21,9 @@ FAST = ["--set", "prepare.source.max_documents=120", "--set", "prepare.tokenizer
 
 
 def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+    code, output = cli_output(*args)
+    assert code == 0, output
+    return output
 
 
 @pytest.mark.e2e
