@@ -80,7 +80,7 @@ def main() -> None:
 
     from benchmarks._report import write_json
     from tests import servers
-    from tests.test_registry_support import make_source, make_version, run_at_once
+    from tests.registry_support import make_source, make_version, run_at_once
 
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     t0 = time.monotonic()

@@ -6,6 +6,7 @@ Fixtures that start processes are session-scoped; tests isolate themselves by na
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -13,6 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests import servers
+
+# docs/trust.md is generated from the `tried` markers and the outcome of each marked test: with this
+# variable set to a file, every marked test appends one JSON line per marker (see tests/trust_page.py).
+TRIED_OUT = "LIFECYCLE_TRIED_OUT"
+_TRIED_PHASES = pytest.StashKey[dict]()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,15 +113,13 @@ def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Made through the CLI, exactly as a user would, so every stage's tests consume the real
     prepare output contract.
     """
-    from lifecycle.cli import main
+    from tests.cli import cli
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    try:
-        main(["prepare", "--source", "builtin:pydoc", "--output", str(out), "--vocab-size", "512",
-              "--block-size", "64", "--max-documents", "400"])
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+    code = cli("prepare", "--source", "builtin:pydoc", "--output", str(out), "--vocab-size", "512",
+               "--block-size", "64", "--max-documents", "400")
+    if code != 0:
+        raise SystemExit(code)
     return out
 
 
@@ -145,3 +149,26 @@ def lifecycle_history(prepared_tiny: Path, tmp_path_factory: pytest.TempPathFact
         return history.build(prepared_tiny, tmp_path_factory.mktemp("history"))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Record a `tried` test's outcome (passed / failed / skipped) once its teardown is reported."""
+    outcome = yield
+    path = os.environ.get(TRIED_OUT)
+    markers = list(item.iter_markers("tried"))
+    if not path or not markers:
+        return
+    report = outcome.get_result()
+    phases = item.stash.setdefault(_TRIED_PHASES, {})
+    phases[report.when] = "skipped" if report.skipped else report.outcome
+    if report.when != "teardown":
+        return
+    states = [phases.get(when) for when in ("setup", "call", "teardown")]
+    final = "failed" if "failed" in states else "skipped" if "skipped" in states else "passed"
+    with open(path, "a", encoding="utf-8") as out:
+        for marker in markers:
+            area, tried, result = (list(marker.args) + [None, None, None])[:3]
+            # One write per line: several pytest processes may append to the same file.
+            out.write(json.dumps({"nodeid": item.nodeid, "area": area, "tried": tried, "result": result,
+                                  "outcome": final}, ensure_ascii=False) + "\n")

@@ -30,6 +30,11 @@ from lifecycle.data.sources import pydoc_documents
          "private_key", "MIIEpAIBAAKCAQEA7"),
     ],
 )
+@pytest.mark.tried(
+    "data: personal data",
+    "e-mail, phone numbers (US, UK, Chinese), IPv4, Luhn-valid card numbers, AWS keys, API keys, PEM "
+    "private keys inside running text",
+    "replaced by the placeholder of its type and counted; the secret is gone from the text")
 def test_each_type_is_scrubbed(text: str, kind: str, secret: str) -> None:
     out, counts = pii.scrub(text)
     assert secret not in out
@@ -53,6 +58,10 @@ def test_counts_add_up_and_types_can_be_limited() -> None:
     assert counts == {"ipv4": 1} and "a@b.io" in out
 
 
+@pytest.mark.tried(
+    "data: personal data",
+    "every document of the built-in corpus (the CPython docs: versions, numbers, format examples)",
+    "nothing is scrubbed: no false positive")
 def test_builtin_corpus_has_no_false_positives() -> None:
     # CPython's docs are full of numbers, versions and format examples, and hold no PII.
     found = {}
@@ -63,6 +72,11 @@ def test_builtin_corpus_has_no_false_positives() -> None:
     assert found == {}
 
 
+@pytest.mark.tried(
+    "data: personal data",
+    "four-part version numbers after a version word, and addresses after words that merely end like "
+    "one",
+    "versions kept as written; addresses scrubbed as <IPV4>")
 def test_version_numbers_after_a_version_word_are_not_addresses() -> None:
     kept = ["Python 3.11.7.1 is out", "version 1.2.3.4", "upgrade to v2.0.0.1", "build: 4.8.1.0", "ver. 10.0.19041.1",
             "release 1.0.0.0 notes"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.cli import main
 from lifecycle.data.config import SourceConfig
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.synthetic import generate_documents
 from lifecycle.errors import DataError
+from tests.cli import cli
 
 DOCS = list(generate_documents(40, seed=21, chinese_share=0.2))
 
@@ -74,11 +74,7 @@ def test_replace_mode_counts_bad_bytes(tmp_path: Path) -> None:
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     capsys.readouterr()
-    try:
-        main(["prepare", *args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = cli("prepare", *args)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
     return code, "\n".join(err)
 

@@ -17,7 +17,7 @@ from lifecycle.registry import ledger as L
 from lifecycle.registry.guard import sign
 from tests import servers
 from tests.test_registry import aliases, cli
-from tests.test_registry_support import make_version
+from tests.registry_support import make_version
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from click.testing import CliRunner
-
-from lifecycle.cli import cli
+from tests.cli import cli_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,9 +21,9 @@ FAST = ["--set", "prepare.source.max_documents=120", "--set", "prepare.tokenizer
 
 
 def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+    code, output = cli_output(*args)
+    assert code == 0, output
+    return output
 
 
 @pytest.mark.e2e
@@ -65,6 +63,15 @@ def test_pipeline_runs_every_step_then_reuses_them(tracking_uri, tmp_path, uniqu
 
 @pytest.mark.e2e
 def test_main_entry_point_through_mlflow_run(tmp_path, unique_name):
+    def tracking_files(folder: Path) -> set[tuple[str, int, int]]:
+        """What MLflow's local defaults hold in a folder: files under ./mlruns and ./mlartifacts, and
+        ./mlflow.db, with size and modification time (a user's earlier `mlflow run` may have left them)."""
+        found = {(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                 for name in ("mlruns", "mlartifacts") for p in (folder / name).rglob("*") if p.is_file()}
+        db = folder / "mlflow.db"
+        return found | ({("mlflow.db", db.stat().st_size, db.stat().st_mtime_ns)} if db.exists() else set())
+
+    checkout_before = tracking_files(REPO)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     sets = ";".join(a for a in FAST if a != "--set")
     proc = subprocess.run(
@@ -75,4 +82,7 @@ def test_main_entry_point_through_mlflow_run(tmp_path, unique_name):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Registered: models:/{unique_name}/1" in proc.stdout
-    assert not (tmp_path / "mlruns").exists() and not (REPO / "mlruns").exists()
+    # The run's artifacts went where the tracking configuration says, not into ./mlruns of either folder;
+    # what the checkout held before (a newcomer's `mlflow run .`) is left exactly as it was.
+    assert not (tmp_path / "mlruns").exists()
+    assert tracking_files(REPO) == checkout_before

@@ -28,6 +28,11 @@ def test_default_policy_used_when_none_named(monkeypatch):
     assert load_policy(None).path.endswith("default.yaml")
 
 
+@pytest.mark.tried(
+    "policies",
+    "policy files with an unknown key, a bad comparator, an unknown metric name, a wrong type, a bad "
+    "mode, a missing required key, contradictory baseline bounds",
+    "refused on load as `file:line: field: message`, naming the line and the field")
 @pytest.mark.parametrize("text, line, needle", [
     ("staging:\n  thresholds:\n    - {metric: eval/loss, op: '<=', value: 2}\n  colldown: {min_seconds: 1}\n",
      4, "staging.colldown: unknown key 'colldown'"),
@@ -53,6 +58,10 @@ def test_bad_policy_names_file_line_and_field(tmp_path, text, line, needle):
     assert needle in message
 
 
+@pytest.mark.tried(
+    "policies",
+    "a policy file that does not exist, and one with broken YAML",
+    "refused with the file (and the line of the YAML error) named")
 def test_missing_and_malformed_policy(tmp_path):
     with pytest.raises(ConfigError, match="policy file not found"):
         load_policy(tmp_path / "nope.yaml")
@@ -108,6 +117,12 @@ def test_all_gates_pass_and_modes():
     assert blocking_failures(list(res.values())) == []
 
 
+@pytest.mark.tried(
+    "policies",
+    "a version that fails one gate at a time: threshold violated or its tag missing, baseline "
+    "regression, other evaluation data, an interval that includes zero, latency, size (also unknown),"
+    " no signature, no approval, a failed check, too few checks, cooldown",
+    "that gate alone blocks, with a reason naming what failed")
 @pytest.mark.parametrize("overrides, gate, needle", [
     (dict(tags={**TAGS, "eval/bits_per_byte": "2.5"}), "eval/bits_per_byte <= 2", "violates"),
     (dict(tags={k: v for k, v in TAGS.items() if k != "eval/bits_per_byte"}), "eval/bits_per_byte <= 2", "no numeric tag"),

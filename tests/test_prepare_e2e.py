@@ -19,13 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(args: list[str]) -> dict:
-    from click.testing import CliRunner
+    from tests.cli import cli_output
 
-    from lifecycle.cli import cli
-
-    result = CliRunner().invoke(cli, ["prepare", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    line = result.output[result.output.rindex('{"output"'):]
+    code, output = cli_output("prepare", *args)
+    assert code == 0, output
+    line = output[output.rindex('{"output"'):]
     return json.loads(line.splitlines()[0])
 
 

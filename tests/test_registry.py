@@ -14,7 +14,7 @@ import pytest
 from lifecycle.registry import ledger as L
 from lifecycle.registry.guard import sign, verify_signature
 from lifecycle.registry.rollback import plan_rollback
-from tests.test_registry_support import make_version
+from tests.registry_support import make_version
 from tests.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -526,11 +526,19 @@ def test_pyfunc_predict_matches_engine(logged, engine):
 @pytest.mark.e2e
 def test_logged_model_loads_from_another_directory_without_the_checkout(logged, tmp_path):
     info, _ = logged
+    checkout = Path(__file__).resolve().parents[1]
+    # Hide the checkout (its editable install and every path inside it) but keep the virtualenv's own
+    # site-packages, which often lives inside the checkout (.venv/) or beside it (<checkout>-venv):
+    # paths are compared as resolved paths, never as string prefixes.
     script = f"""
 import sys, json
-# Hide the editable install of the checkout: the model must bring its own code.
+from pathlib import Path
+checkout, venv = Path({str(checkout)!r}), Path(sys.prefix).resolve()
+def in_checkout(entry):
+    path = Path(entry or ".").resolve()
+    return path.is_relative_to(checkout) and not path.is_relative_to(venv)
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-sys.path = [p for p in sys.path if not p.startswith({str(Path(__file__).resolve().parents[1])!r})]
+sys.path = [p for p in sys.path if not in_checkout(p)]
 import mlflow
 m = mlflow.pyfunc.load_model({info.model_uri!r})
 import lifecycle
@@ -541,7 +549,8 @@ print(json.dumps({{"file": lifecycle.__file__, "tokens": int(out.completion_toke
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == 3
-    assert "/code/lifecycle/" in result["file"] and "/work/main/" not in result["file"]
+    loaded_from = Path(result["file"]).resolve()
+    assert "/code/lifecycle/" in result["file"] and not loaded_from.is_relative_to(checkout), result["file"]
 
 
 # ---------------------------------------------------------------- lifecycle serve (refusals before exec)

@@ -36,13 +36,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _prepare(args: list[str]) -> int:
-    from lifecycle.cli import main
+    from tests.cli import cli
 
-    try:
-        main(["prepare", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    return cli("prepare", *args)
 
 
 # -- rendering ----------------------------------------------------------------------------------

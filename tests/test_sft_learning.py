@@ -33,12 +33,10 @@ def _task(n: int, seed: int = 0) -> list[dict]:
 
 
 def _cli(args: list[str]) -> None:
-    from lifecycle.cli import main
+    from tests.cli import cli
 
-    try:
-        main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), f"lifecycle {args[0]} exited {exc.code}"
+    code = cli(*args)
+    assert code == 0, f"lifecycle {args[0]} exited {code}"
 
 
 def test_tiny_model_learns_the_task_and_serves_chat_with_the_same_template(tmp_path: Path, artifacts_in_tmp,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lifecycle.config import load_config
 from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError, DataError, OutputExistsError, TrainingDivergedError
@@ -208,10 +207,9 @@ def test_finetuning_refuses_data_from_another_tokenizer(data, tmp_path):
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from lifecycle.cli import cli
+    from tests.cli import cli_output
 
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    return result.exit_code, result.output
+    return cli_output(*args)
 
 
 def test_train_logs_and_registers_then_finetunes_with_lora(prepared_tiny, tmp_path, unique_name):

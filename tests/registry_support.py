@@ -62,13 +62,10 @@ def _child(argv: list[str], barrier: Any, log_path: str, queue: Any) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     barrier.wait(timeout=60)
-    from lifecycle.cli import main
+    from tests.cli import cli
 
-    code = 0
     try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+        code = cli(*argv)
     except BaseException:  # noqa: BLE001 - report a crash as exit 1
         import traceback
 
