@@ -23,7 +23,7 @@ from tests import servers
 from tests.cli import cli
 from tests.test_guard import ROOT, ui_set_alias, wait_for
 from tests.test_registry import aliases
-from tests.test_registry_support import make_version
+from tests.registry_support import make_version
 
 pytestmark = pytest.mark.e2e
 SECRET = "retry-test-secret-91c2"

@@ -20,7 +20,7 @@ from lifecycle.registry import client as registry_client, ledger as L
 from lifecycle.registry.status import status
 from tests.cli import cli
 from tests.test_registry import aliases
-from tests.test_registry_support import make_source
+from tests.registry_support import make_source
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,7 @@ def run_killed(argv: list[str], kill_at: int, workdir: Path) -> tuple[int, str]:
 
 
 def make_model(client, name: str, source: tuple[str, str], n: int) -> list[str]:
-    from tests.test_registry_support import make_version
+    from tests.registry_support import make_version
 
     return [make_version(client, name, {"eval/loss": f"{3.0 - i * 0.01:.2f}"}, source=source) for i in range(n)]
 

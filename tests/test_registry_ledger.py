@@ -16,7 +16,7 @@ from lifecycle.errors import ConfigError
 from lifecycle.registry import ledger as L
 from tests.cli import cli
 from tests.test_registry import aliases
-from tests.test_registry_support import make_version
+from tests.registry_support import make_version
 
 #: Any text: every code point but lone surrogates (which are not text), control characters included.
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
@@ -265,7 +265,7 @@ NAME_CHARS = st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characte
                    "'/', ':', '..', empty, over-long (hypothesis)", "a name MLflow can hold gets its events back "
                    "exactly; any other is refused with exit 2 (or 5 when no such model) and nothing changes")
 def test_model_names_of_any_text(client, unique_name, capsys):
-    from tests.test_registry_support import make_source
+    from tests.registry_support import make_source
 
     source = make_source(client, f"{unique_name}-runs")
     known = make_version(client, unique_name, source=source)

@@ -20,7 +20,7 @@ from lifecycle.registry.rollback import plan_rollback
 from lifecycle.registry.settle import happened
 from tests.cli import cli
 from tests.test_registry import aliases, ev
-from tests.test_registry_support import make_version
+from tests.registry_support import make_version
 
 
 def pending(event: L.Event) -> L.Event:
