@@ -120,7 +120,7 @@ def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout=120, proc=proc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
         _stop_group(proc)
         raise RuntimeError(f"mlflow server did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
     return MlflowServer(url=url, backend_uri=backend_uri, proc=proc, log_path=log_path, env=env)
@@ -207,7 +207,7 @@ def start_guard(tracking_url: str, workdir: Path, secret: str, *, env: dict[str,
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout=90, proc=proc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
         _stop_group(proc)
         raise RuntimeError(f"the guard did not start; log:\n{(workdir / 'guard.log').read_text(errors='replace')[-3000:]}")
     return proc, url
@@ -243,7 +243,7 @@ def start_lifecycle_serve(name: str, workdir: Path, args: list[str] | None = Non
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/ping", timeout=timeout, proc=proc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
         _stop_group(proc)
         raise RuntimeError(f"lifecycle serve did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
     return proc, url

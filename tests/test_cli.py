@@ -39,7 +39,8 @@ def test_cli_help_and_python_m():
 def test_every_listed_command_has_help():
     from click.testing import CliRunner
 
-    from lifecycle.cli import COMMANDS, cli as group
+    from lifecycle.cli import COMMANDS
+    from lifecycle.cli import cli as group
 
     runner = CliRunner()
     assert group.list_commands(None) == list(COMMANDS)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lifecycle.cli import main
 from lifecycle.data.config import SourceConfig
 from lifecycle.data.sources import SourceStats, iter_documents
 from lifecycle.data.synthetic import generate_documents

@@ -17,7 +17,6 @@ from lifecycle.evaluate import compare, generation, latency, loss
 from lifecycle.evaluate.checks import Check, load_suite, run_check, run_suite
 from lifecycle.evaluate.config import EvalConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -16,8 +16,8 @@ import pytest
 from lifecycle.registry import ledger as L
 from lifecycle.registry.guard import sign
 from tests import servers
-from tests.test_registry import aliases, cli
 from tests.registry_support import make_version
+from tests.test_registry import aliases, cli
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

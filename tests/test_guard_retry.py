@@ -21,9 +21,9 @@ import pytest
 from lifecycle.registry import ledger as L
 from tests import servers
 from tests.cli import cli
+from tests.registry_support import make_version
 from tests.test_guard import ROOT, ui_set_alias, wait_for
 from tests.test_registry import aliases
-from tests.registry_support import make_version
 
 pytestmark = pytest.mark.e2e
 SECRET = "retry-test-secret-91c2"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
 from tests.cli import cli_output
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 from lifecycle.registry import ledger as L
 from lifecycle.registry.guard import sign, verify_signature
 from lifecycle.registry.rollback import plan_rollback
-from tests.registry_support import make_version
 from tests.cli import cli
+from tests.registry_support import make_version
 
 ROOT = Path(__file__).resolve().parents[1]
 STRICT = str(ROOT / "registry_policies" / "strict.yaml")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.registry import client as registry_client, ledger as L
+from lifecycle.registry import client as registry_client
+from lifecycle.registry import ledger as L
 from lifecycle.registry.status import status
 from tests.cli import cli
-from tests.test_registry import aliases
 from tests.registry_support import make_source
+from tests.test_registry import aliases
 
 pytestmark = pytest.mark.e2e
 

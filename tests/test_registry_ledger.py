@@ -10,13 +10,14 @@ import json
 import logging
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lifecycle.errors import ConfigError
 from lifecycle.registry import ledger as L
 from tests.cli import cli
-from tests.test_registry import aliases
 from tests.registry_support import make_version
+from tests.test_registry import aliases
 
 #: Any text: every code point but lone surrogates (which are not text), control characters included.
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)

@@ -14,13 +14,14 @@ import time
 
 import pytest
 
-from lifecycle.registry import ledger as L, lock as lock_mod
+from lifecycle.registry import ledger as L
+from lifecycle.registry import lock as lock_mod
 from lifecycle.registry.lock import lock_name
 from lifecycle.registry.rollback import plan_rollback
 from lifecycle.registry.settle import happened
 from tests.cli import cli
-from tests.test_registry import aliases, ev
 from tests.registry_support import make_version
+from tests.test_registry import aliases, ev
 
 
 def pending(event: L.Event) -> L.Event:

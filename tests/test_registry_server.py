@@ -11,8 +11,8 @@ import pytest
 from lifecycle.registry import ledger as L
 from lifecycle.registry.lock import lock_name
 from tests import servers
-from tests.test_registry import aliases, cli
 from tests.registry_support import make_source, make_version, run_at_once
+from tests.test_registry import aliases, cli
 
 pytestmark = pytest.mark.e2e
 

@@ -4,14 +4,15 @@ what it recorded, ``lifecycle monitor --retrain-with`` on a retrain verdict, and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from lifecycle.registry.ledger import Ledger
-from tests.history import RETRAIN_SETS, write_jsonl
 from tests.cli import cli
+from tests.history import RETRAIN_SETS, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,8 +105,8 @@ def test_retrain_entry_point_fine_tunes_production_with_lineage(lifecycle_histor
     assert v2.tags["retrain_run_id"] == parent.info.run_id
     assert by_name["prepare"].info.run_id == new_run  # the prepare step is the new data run
 
-    card = json.loads(open(mlflow.artifacts.download_artifacts(f"runs:/{new_run}/data_card.json")).read())
-    old_card = json.loads(open(mlflow.artifacts.download_artifacts(f"runs:/{old_run}/data_card.json")).read())
+    card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{new_run}/data_card.json")).read_text())
+    old_card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{old_run}/data_card.json")).read_text())
     # Deduplicated against production's data, with production's tokenizer and split settings.
     assert card["dedup"]["exact_against"] >= 3 and card["dedup"]["reference_documents"] > 0
     assert card["tokenizer"]["trained"] is False and card["tokenizer"]["from"] == f"models:/{name}/1"
@@ -114,7 +115,7 @@ def test_retrain_entry_point_fine_tunes_production_with_lineage(lifecycle_histor
     # Served prompts were added, and the e-mail address one of them carried never reached the data.
     assert parent.data.metrics["retrain/served_prompts"] == 6
     assert parent.data.metrics["retrain/served_version/1"] == 6 and "6 from version 1" in out
-    raw = "".join(open(mlflow.artifacts.download_artifacts(f"runs:/{new_run}/prepared/raw/{s}.jsonl")).read()
+    raw = "".join(Path(mlflow.artifacts.download_artifacts(f"runs:/{new_run}/prepared/raw/{s}.jsonl")).read_text()
                   for s in ("train", "validation", "test"))
     assert "copper engine" in raw and "jane.doe@example.com" not in raw
     # Evaluated against production on the data production was evaluated on.

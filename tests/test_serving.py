@@ -25,8 +25,9 @@ CAPS = {"max_new_tokens_cap": 64, "default_max_new_tokens": 16}
 def make_tiny_model(out: Path) -> Path:
     """A tiny GPT-2 with a byte-level BPE trained on CPython's doc topics; weights spread out
     (random init at std 0.02 makes near-uniform logits and degenerate, tie-prone outputs)."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from lifecycle.config import load_config
-from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError, DataError, OutputExistsError, TrainingDivergedError
+from lifecycle.errors import (
+    AcceleratorOutOfMemoryError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    TrainingDivergedError,
+)
 from lifecycle.train.checkpoint import CheckpointManager
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import SampleOrder, load_prepared
@@ -248,8 +254,9 @@ def test_train_logs_and_registers_then_finetunes_with_lora(prepared_tiny, tmp_pa
     assert f"models:/{unique_name}/2" in out.splitlines()
     v2 = client.get_model_version(unique_name, "2")
     assert v2.tags["base_model"] == f"models:/{unique_name}@production"
-    from lifecycle.tracking import resolve_model_dir
     from transformers import AutoModelForCausalLM
+
+    from lifecycle.tracking import resolve_model_dir
 
     merged = AutoModelForCausalLM.from_pretrained(resolve_model_dir(f"models:/{unique_name}/2"))
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -5,7 +5,6 @@ tests are in tests/test_train_faults.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lifecycle.errors import ConcurrencyError, ConfigError, NotFoundError
 from lifecycle.precision import tf32
@@ -206,7 +206,7 @@ def test_background_save_writes_what_a_synchronous_save_writes(tmp_path):
 def test_a_trainer_saving_in_the_background_writes_the_same_checkpoints(data, tmp_path):
     sync_cfg = TrainConfig(**FAST, output=str(tmp_path / "sync"), checkpoint_background=False)
     bg_cfg = TrainConfig(**FAST, output=str(tmp_path / "bg"), checkpoint_background=True)
-    sync, bg = _trainer(sync_cfg, data).fit(), _trainer(bg_cfg, data).fit()
+    _sync, bg = _trainer(sync_cfg, data).fit(), _trainer(bg_cfg, data).fit()
     assert bg.checkpoint == Path(bg_cfg.output) / "step-00000008"  # joined before fit returned
     names = [p.name for p in CheckpointManager(sync_cfg.output).checkpoints()]
     assert names == [p.name for p in CheckpointManager(bg_cfg.output).checkpoints()] == ["step-00000004",

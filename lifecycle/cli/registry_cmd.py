@@ -69,7 +69,8 @@ def rollback(name: str, to: str | None, reason: str, expect_current: str | None,
 def status(name: str, as_json: bool, last: int) -> None:
     """Show aliases, legacy stages and the last ledger events of NAME."""
     from lifecycle.registry.ledger import Event
-    from lifecycle.registry.status import format_event, status as do_status
+    from lifecycle.registry.status import format_event
+    from lifecycle.registry.status import status as do_status
 
     info = do_status(name, last=last)
     if as_json:
@@ -92,7 +93,8 @@ def history(name: str, as_json: bool) -> None:
     """Show every ledger event of NAME in order (* marks events that moved an alias)."""
     from dataclasses import asdict
 
-    from lifecycle.registry.status import format_event, history as do_history
+    from lifecycle.registry.status import format_event
+    from lifecycle.registry.status import history as do_history
 
     events = do_history(name)
     if as_json:

@@ -44,7 +44,8 @@ def retrain(name: str, new_data: str, served: bool, records: str | None, since: 
     """
     from lifecycle.cli import check_writable
     from lifecycle.config import load_config
-    from lifecycle.retrain import RetrainConfig, retrain as run_retrain
+    from lifecycle.retrain import RetrainConfig
+    from lifecycle.retrain import retrain as run_retrain
 
     prepare_overrides = [o for o in overrides if o.startswith("prepare.")]
     flags = {"served_prompts": True if served else None, "records": records, "records_since": since,

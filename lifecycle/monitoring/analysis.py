@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lifecycle.monitoring import drift, reference as ref_mod, service
+from lifecycle.monitoring import drift, service
+from lifecycle.monitoring import reference as ref_mod
 from lifecycle.monitoring.records import Window
 
 NAN = float("nan")

@@ -238,6 +238,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [[r["model"], f"{r['size_mb']:.2f}", f"{r['size_ratio']:.2f}x", f"{r['tokens_per_s']:.1f}",
               f"{r['latency_p50_ms']:.1f}", f"{r['bits_per_byte']:.4f}", f"{r['bits_per_byte_delta']:+.4f}"]
              for r in rows]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(header)] + [fmt(l) for l in lines])
+    return "\n".join([fmt(header)] + [fmt(row) for row in lines])

@@ -10,8 +10,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-from lifecycle.errors import (ConfigError, LifecycleError, NotFoundError, PermissionDeniedError,
-                              TrackingUnavailableError)
+from lifecycle.errors import ConfigError, LifecycleError, NotFoundError, PermissionDeniedError, TrackingUnavailableError
 
 T = TypeVar("T")
 

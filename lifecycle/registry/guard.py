@@ -21,7 +21,8 @@ import logging
 from typing import Any
 
 from lifecycle.policies import Policy, blocking_failures, check_gates
-from lifecycle.registry import TARGETS, facts, ledger as L
+from lifecycle.registry import TARGETS, facts
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor, parallel
 from lifecycle.registry.lock import RegistryLock, is_lock_model
 from lifecycle.registry.promote import Outcome, lineage, move_alias, read_snapshot

@@ -25,7 +25,8 @@ from typing import Any
 
 from lifecycle.errors import ConfigError, GateRejected, LifecycleError
 from lifecycle.policies import Candidate, GateResult, Policy, blocking_failures, check_gates, load_policy
-from lifecycle.registry import facts, ledger as L
+from lifecycle.registry import facts
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor, call, fault_point, get_client, parallel, registry
 from lifecycle.registry.lock import RegistryLock
 

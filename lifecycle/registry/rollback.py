@@ -20,7 +20,8 @@ import logging
 from typing import Any
 
 from lifecycle.errors import ConcurrencyError, ConfigError, GateRejected, LifecycleError, NotFoundError
-from lifecycle.registry import facts, ledger as L
+from lifecycle.registry import facts
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor, get_client, parallel
 from lifecycle.registry.lock import RegistryLock
 from lifecycle.registry.promote import Outcome, lineage, mark_text, move_alias, record_only

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lifecycle.registry import TARGETS, facts, ledger as L
+from lifecycle.registry import TARGETS, facts
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor
 from lifecycle.registry.lock import RegistryLock
 

@@ -11,7 +11,8 @@ import datetime as dt
 from dataclasses import asdict
 from typing import Any
 
-from lifecycle.registry import TARGETS, facts, ledger as L
+from lifecycle.registry import TARGETS, facts
+from lifecycle.registry import ledger as L
 from lifecycle.registry.client import get_client, parallel
 from lifecycle.registry.lock import RegistryLock
 

@@ -24,8 +24,8 @@ from lifecycle.config import flatten, to_dict
 from lifecycle.errors import ConfigError, DataError, NotFoundError, OutputExistsError
 from lifecycle.train.checkpoint import CheckpointManager
 from lifecycle.train.config import DEFAULT_CHECKPOINT_ROOT, RESUME_MUTABLE_KEYS, TrainConfig
-from lifecycle.train.lock import OutputLock
 from lifecycle.train.data import PreparedData, load_prepared
+from lifecycle.train.lock import OutputLock
 
 log = logging.getLogger(__name__)
 
