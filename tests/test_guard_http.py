@@ -336,7 +336,7 @@ def test_secret_never_reaches_errors_or_logs(running, caplog):
 
 
 @pytest.mark.tried("guard", "`lifecycle guard serve` with no secret, a port in use, a port out of range, a retry "
-                   "ceiling below the first delay, a zero queue", "exit 2 with a one-line error (no traceback, "
+                   "ceiling below the first delay, a zero queue", "exit 2 (15 for the port in use) with a one-line error (no traceback, "
                    "no secret in it); nothing starts listening")
 def test_serve_refuses_bad_flags_with_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("LIFECYCLE_GUARD_SECRET", raising=False)
@@ -351,6 +351,6 @@ def test_serve_refuses_bad_flags_with_exit_2(monkeypatch, capsys):
                  (["--secret", SECRET, "--queue-size", "0"], "queue-size")]
         for args, message in cases:
             capsys.readouterr()
-            assert cli("guard", "serve", *args) == 2, args
+            assert cli("guard", "serve", *args) == (15 if message.startswith("cannot listen") else 2), args
             err = capsys.readouterr().err
             assert message in err and "Traceback" not in err and SECRET not in err, (args, err)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError
+from lifecycle.errors import AcceleratorOutOfMemoryError, AddressUnavailableError, ConfigError
 from lifecycle.serving.batching import Coalescer
 from lifecycle.serving.body_limit import BodyLimit
 from lifecycle.serving.launch import check_port, serve_env
@@ -383,17 +383,17 @@ def test_serve_env_puts_this_interpreters_bin_first_and_keeps_the_rest():
 
 
 @pytest.mark.tried("serving", "lifecycle serve on a port in use, port 0, a port above 65535, a negative port",
-                   "one-line error, exit 2, nothing started")
+                   "one-line error, exit 15 (in use) or 2 (out of range), nothing started")
 def test_serve_refuses_busy_and_out_of_range_ports_before_starting(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+        with pytest.raises(AddressUnavailableError, match=f"port {port} on 127.0.0.1 is already in use"):
             check_port("127.0.0.1", port)
         proc = subprocess.run([sys.executable, "-m", "lifecycle", "serve", "some-model", "--port", str(port)],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 15, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"Error: port {port} on 127.0.0.1 is already in use: stop what "
                                                 "listens there or pick another --port"]
     for bad in (0, 65536, -5):

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lifecycle.errors import ConfigError
+from lifecycle.errors import AddressUnavailableError, ConfigError
 from lifecycle.policies import load_policy
 from lifecycle.registry.receiver import Guard, GuardSettings
 
@@ -207,7 +207,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(addr)
         sock.listen(2048)
     except OSError as exc:
-        raise ConfigError(f"the guard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise AddressUnavailableError(f"the guard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 

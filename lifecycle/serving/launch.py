@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from typing import Mapping
 
-from lifecycle.errors import ConfigError
+from lifecycle.errors import AddressUnavailableError, ConfigError
 
 
 def _script_dirs() -> list[str]:
@@ -49,7 +49,8 @@ def serve_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def check_port(host: str, port: int) -> None:
-    """Refuse (ConfigError) a port outside 1..65535, a host that does not resolve, or a port in use."""
+    """Refuse a port outside 1..65535 or a host that does not resolve (ConfigError, exit 2), and a port in use
+    or one this user may not bind (AddressUnavailableError, exit 15)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range: give a TCP port between 1 and 65535")
     try:
@@ -65,9 +66,9 @@ def check_port(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {port} on {host} is already in use: stop what listens there or pick "
+                raise AddressUnavailableError(f"port {port} on {host} is already in use: stop what listens there or pick "
                                   "another --port") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
-                raise ConfigError(f"port {port} on {host} needs privileges this user lacks: pick a port "
+                raise AddressUnavailableError(f"port {port} on {host} needs privileges this user lacks: pick a port "
                                   "above 1023") from None
-            raise ConfigError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+            raise AddressUnavailableError(f"cannot bind {host}:{port}: {exc.strerror}") from None
