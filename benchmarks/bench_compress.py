@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, 120 steps (a smoke run)")
-    parser.add_argument("--preset", default=None, choices=["tiny", "small", "gpt2"], help="default: small (tiny with --quick)")
+    parser.add_argument("--preset", default=None, choices=["tiny", "small", "gpt2"],
+                        help="default: small (tiny with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: tiny 120, otherwise 200)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved speed rounds (default: 10, --quick 4)")
@@ -137,14 +138,16 @@ def run(args: argparse.Namespace, work: Path, steps: int, small: bool) -> None:
                                    new_tokens=32) for b in (1, 8)]
         for sp in speed:
             print(f"interleaved, batch {sp['batch']}: parent {sp['parent_tokens_per_s']:.1f} tokens/s, variant "
-                  f"{sp['variant_tokens_per_s']:.1f} tokens/s, median ratio {sp['ratio']:.2f}x over {sp['rounds']} rounds")
+                  f"{sp['variant_tokens_per_s']:.1f} tokens/s, "
+                  f"median ratio {sp['ratio']:.2f}x over {sp['rounds']} rounds")
         print()
         summary.append((method, out.device, variant["size_ratio"], speed[0]["ratio"], speed[1]["ratio"],
                         variant["bits_per_byte_delta"], loss))
         figures[method] = {"rows": out.rows, "version": out.version, "bits_per_byte_rel_loss": loss,
                            "within_default_policy": verdict == "within", "interleaved_speed": speed}
     print(f"Summary ({args.preset} preset, ratios variant / parent measured side by side in one process):")
-    print(f"{'method':<14}{'device':>7}{'size':>8}{'tokens/s bs1':>14}{'tokens/s bs8':>14}{'Δ bits/byte':>13}{'rel.':>9}")
+    print(f"{'method':<14}{'device':>7}{'size':>8}{'tokens/s bs1':>14}{'tokens/s bs8':>14}"
+          f"{'Δ bits/byte':>13}{'rel.':>9}")
     for method, device, size, tps1, tps8, dbpb, rel in summary:
         print(f"{method:<14}{device:>7}{size:>7.2f}x{tps1:>13.2f}x{tps8:>13.2f}x{dbpb:>+13.4f}{rel:>+9.2%}")
     print("(tokens/s: median per-round ratio of interleaved requests through the serving engine)")

@@ -106,7 +106,8 @@ def main() -> None:
               f"latency bs {cfg.latency.batch_sizes} x {cfg.latency.requests} requests): {total:.1f} s "
               f"(prepare of the data, not counted: {prep_s:.1f} s)")
         print(f"  eval/loss_tokens_per_s={m['loss_tokens_per_s']:.0f}  eval/latency_p50_ms={m['latency_p50_ms']:.1f}  "
-              f"eval/latency_p95_ms_bs8={m['latency_p95_ms_bs8']:.1f}  eval/tokens_per_s_bs8={m['tokens_per_s_bs8']:.0f}")
+              f"eval/latency_p95_ms_bs8={m['latency_p95_ms_bs8']:.1f}  "
+              f"eval/tokens_per_s_bs8={m['tokens_per_s_bs8']:.0f}")
     from benchmarks._report import write_json
 
     naive_tps = n_tokens / naive

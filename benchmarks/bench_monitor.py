@@ -117,7 +117,8 @@ def main() -> None:
 
     write_json("monitor", {"records": n, "megabytes": round(mb, 2), "read_parse_s": round(t_read, 4),
                            "records_per_s": round(n / t_read), "window_s": round(t_win, 4),
-                           "service_metrics_s": round(t_svc, 4), "psi_ms": {"numpy": t_psi * 1e3, "python": t_ppsi * 1e3},
+                           "service_metrics_s": round(t_svc, 4),
+                           "psi_ms": {"numpy": t_psi * 1e3, "python": t_ppsi * 1e3},
                            "ks_ms": {"numpy": t_ks * 1e3, "python": t_pks * 1e3}},
                ratios={"psi_numpy_vs_python": round(t_ppsi / t_psi, 1), "ks_numpy_vs_python": round(t_pks / t_ks, 1),
                        "records_per_s": round(n / t_read)}, path=args.json)

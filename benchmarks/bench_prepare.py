@@ -189,8 +189,8 @@ def main() -> None:
             out = root / f"prepared-{label}"
             prep = _best(["--worker", "prepare", "--corpus", str(corpus), *common], args.repeat, out)
             # The bare pass uses the tokenizer the (first) prepare run trained.
-            bare = _best(["--worker", "bare", "--corpus", str(corpus), "--out", str(root / f"prepared-{label}-0" / "tokenizer")],
-                         args.repeat)
+            tokenizer = root / f"prepared-{label}-0" / "tokenizer"
+            bare = _best(["--worker", "bare", "--corpus", str(corpus), "--out", str(tokenizer)], args.repeat)
             rows[label] = {"corpus": info, "prepare": prep, "bare": bare}
         corpus10 = str(root / "corpus-10x.jsonl")
         # Variant: the tokenizer trained on the whole train split (no sample cap).

@@ -68,7 +68,8 @@ def summary(values: list[float]) -> dict[str, float]:
 def main() -> None:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Few repetitions, 8 concurrent calls (well under a minute).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Few repetitions, 8 concurrent calls (well under a minute).")
     parser.add_argument("--json", metavar="PATH", help="Also write the figures as JSON.")
     parser.add_argument("--server", default=os.environ.get("LIFECYCLE_BENCH_MLFLOW_SERVER"),
                         help="Use this running `mlflow server` (a throwaway one: the benchmark registers models "
@@ -181,7 +182,8 @@ def main() -> None:
         }
         med_bare = statistics.median(bare)
         print(f"\nregistry benchmark ({reps} repetitions, {figures['server']})")
-        print(f"  {'bare MlflowClient alias set':<36} median {med_bare * 1000:7.1f} ms  p95 {pct(bare, .95) * 1000:7.1f} ms"
+        print(f"  {'bare MlflowClient alias set':<36} median {med_bare * 1000:7.1f} ms  "
+              f"p95 {pct(bare, .95) * 1000:7.1f} ms"
               "  (2 requests: MLflow reads the model first)")
         print(f"  {'bare REST round trip (alias set)':<36} median {statistics.median(bare_rest) * 1000:7.1f} ms  "
               f"p95 {pct(bare_rest, .95) * 1000:7.1f} ms")
@@ -200,7 +202,8 @@ def main() -> None:
             med = statistics.median(values)
             print(f"  {label:<36} median {med * 1000:7.1f} ms  p95 {pct(values, .95) * 1000:7.1f} ms  "
                   f"(= import {statistics.median(import_s) * 1000:.0f} ms + work)")
-        print(f"  {n_concurrent} concurrent CLI processes{'':<10} wall {conc_wall:7.1f} s  ({conc_wall / n_concurrent * 1000:.0f} ms "
+        print(f"  {n_concurrent} concurrent CLI processes{'':<10} wall {conc_wall:7.1f} s  "
+              f"({conc_wall / n_concurrent * 1000:.0f} ms "
               f"per call serialised by the lock), exit codes {codes}, ledger and aliases consistent: {consistent}")
         ratios.update({"promote_api_median_ms": figures["promote_api"]["median_ms"],
                        "rollback_api_median_ms": figures["rollback_api"]["median_ms"],

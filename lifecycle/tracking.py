@@ -418,4 +418,5 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
         return find_hf_model_dir(path)
     if text.count("/") <= 1 and not text.startswith((".", "/", "~")):
         return Path(text)  # hub id: resolved by transformers
-    raise NotFoundError(f"model not found: {text} (give a local folder, runs:/<run_id>/<path> or models:/<name>@<alias>)")
+    raise NotFoundError(f"model not found: {text} "
+                        "(give a local folder, runs:/<run_id>/<path> or models:/<name>@<alias>)")

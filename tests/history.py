@@ -154,7 +154,8 @@ def build(prepared: Path, root: Path) -> dict[str, Any]:
     env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads: one, as in the test process
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "retrain", "--env-manager", "local",
-         "-P", f"name={name}", "-P", f"new_data={new_data}", "-P", "with_served_prompts=true", "-P", f"records={records}",
+         "-P", f"name={name}", "-P", f"new_data={new_data}", "-P", "with_served_prompts=true",
+         "-P", f"records={records}",
          "-P", f"policy={policy}", "-P", "max_steps=10", "-P", f"workdir={root / 'retrain'}",
          "-P", f"set={';'.join(RETRAIN_SETS)}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -209,7 +209,8 @@ def start_guard(tracking_url: str, workdir: Path, secret: str, *, env: dict[str,
         wait_http(f"{url}/health", timeout=90, proc=proc)
     except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
         _stop_group(proc)
-        raise RuntimeError(f"the guard did not start; log:\n{(workdir / 'guard.log').read_text(errors='replace')[-3000:]}")
+        log = (workdir / "guard.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the guard did not start; log:\n{log}")
     return proc, url
 
 

@@ -18,7 +18,8 @@ def test_run_all_quick_writes_json_and_markdown(mlflow_server, tmp_path):
     out = tmp_path / "bench"
     env = {**__import__("os").environ, "LIFECYCLE_BENCH_MLFLOW_SERVER": mlflow_server.url}
     env.pop("MLFLOW_TRACKING_URI", None)  # the benchmarks pick their own tracking stores
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "registry,monitor",
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"),
+                          "--quick", "--only", "registry,monitor",
                           "--out", str(out), "--timeout", "300"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

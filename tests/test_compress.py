@@ -69,7 +69,8 @@ def _candidate(**tags: str) -> Candidate:
 @pytest.mark.parametrize("gate, tags, ok, fragment", [
     (CompressionGate(max_regression=0.02), {}, True, "not a compressed variant"),
     (CompressionGate(max_regression=0.02),
-     {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"}, True, "+1.00% loss"),
+     {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"},
+     True, "+1.00% loss"),
     (CompressionGate(max_regression=0.005),
      {"compressed_from": "1", "eval/bits_per_byte": "2.02", "compress/parent_bits_per_byte": "2.0"}, False,
      "more than the allowed 0.50%"),
@@ -102,7 +103,8 @@ def test_policy_refuses_a_bad_compression_gate(text, message):
 def test_shipped_policies_bound_compressed_variants():
     for name in ("default.yaml", "strict.yaml"):
         policy = load_policy(ROOT / "registry_policies" / name)
-        assert policy.production.compression is not None and policy.production.compression.metric == "eval/bits_per_byte"
+        compression = policy.production.compression
+        assert compression is not None and compression.metric == "eval/bits_per_byte"
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -170,8 +172,8 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_t
     assert float(tags["compress/size_ratio"]) < 0.7
     assert tags["compare_baseline"] == f"models:/{name}/{parent['version']}"
     assert tags["eval_data_digest"] == tags["compress/eval_data_digest"]
-    for key in ("eval/bits_per_byte", "eval/tokens_per_s", "compress/bits_per_byte_delta", "compress/tokens_per_s_delta",
-                "compress/latency_p50_ms_delta"):
+    for key in ("eval/bits_per_byte", "eval/tokens_per_s", "compress/bits_per_byte_delta",
+                "compress/tokens_per_s_delta", "compress/latency_p50_ms_delta"):
         float(tags[key])
     # The compress run holds the trade-off table, the chart and a nested evaluation run.
     run = client.get_run(tags["compress_run_id"])
@@ -196,7 +198,8 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_t
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lifecycle", "serve", name, "--alias", "staging",
                                  "--port", str(port), "--device", "cpu"],
-                                cwd=parent["work"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=parent["work"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         servers.wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
         body = json.dumps({"inputs": ["def main(", "The class"], "params": {"max_new_tokens": 4}}).encode()

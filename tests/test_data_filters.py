@@ -29,7 +29,8 @@ def test_clean_normalises_unicode_controls_and_whitespace() -> None:
 def test_chinese_and_japanese_text_is_kept() -> None:
     rng = random.Random(3)
     zh = chinese_document(rng)
-    ja = "今日はとても良い天気ですね。私たちは公園で散歩をしました。桜の花がきれいに咲いていて、多くの人が写真を撮っていました。" * 2
+    ja = ("今日はとても良い天気ですね。私たちは公園で散歩をしました。"
+          "桜の花がきれいに咲いていて、多くの人が写真を撮っていました。") * 2
     assert " " not in zh
     assert first_failure(zh, Q) is None
     assert first_failure(ja, Q) is None

@@ -91,7 +91,8 @@ def test_guard_reverts_unchecked_ui_promotion(mlflow_server, guard, unique_name)
 
     # A UI promotion that passes is recorded as such and kept; the stage is mirrored.
     ui_set_alias(mlflow_server.url, name, "production", good)
-    wait_for(lambda: [e for e in L.Ledger(client).events(name) if e.action == L.UI_PROMOTE], 30, "the UI promotion record")
+    wait_for(lambda: [e for e in L.Ledger(client).events(name) if e.action == L.UI_PROMOTE], 30,
+             "the UI promotion record")
     assert aliases(client, name)["production"] == good
     assert client.get_model_version(name, good).current_stage == "Production"
 

@@ -336,7 +336,8 @@ def test_secret_never_reaches_errors_or_logs(running, caplog):
 
 
 @pytest.mark.tried("guard", "`lifecycle guard serve` with no secret, a port in use, a port out of range, a retry "
-                   "ceiling below the first delay, a zero queue", "exit 2 (15 for the port in use) with a one-line error (no traceback, "
+                   "ceiling below the first delay, a zero queue",
+                   "exit 2 (15 for the port in use) with a one-line error (no traceback, "
                    "no secret in it); nothing starts listening")
 def test_serve_refuses_bad_flags_with_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("LIFECYCLE_GUARD_SECRET", raising=False)

@@ -125,7 +125,8 @@ def test_all_gates_pass_and_modes():
     "that gate alone blocks, with a reason naming what failed")
 @pytest.mark.parametrize("overrides, gate, needle", [
     (dict(tags={**TAGS, "eval/bits_per_byte": "2.5"}), "eval/bits_per_byte <= 2", "violates"),
-    (dict(tags={k: v for k, v in TAGS.items() if k != "eval/bits_per_byte"}), "eval/bits_per_byte <= 2", "no numeric tag"),
+    (dict(tags={k: v for k, v in TAGS.items() if k != "eval/bits_per_byte"}), "eval/bits_per_byte <= 2",
+     "no numeric tag"),
     (dict(tags={**TAGS, "eval/loss": "2.2"}), "baseline", "regression beyond 2.00%"),
     (dict(tags={**TAGS, "eval_data_digest": "xyz"}), "baseline", "different data"),
     (dict(tags={**TAGS, "compare/loss_delta_ci_high": "0.003"}), "baseline", "does not exclude zero"),

@@ -91,7 +91,8 @@ def test_mlflow_run_entry_point(tmp_path: Path) -> None:
         "prepare-e2e", artifact_location=(tmp_path / "artifacts").as_uri())
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", ".", "-e", "prepare", "--env-manager", "local",
-         "--experiment-name", "prepare-e2e", "-P", f"source={src}", "-P", f"output={out}", "-P", "vocab_size=300", "-P", "block_size=16",
+         "--experiment-name", "prepare-e2e", "-P", f"source={src}", "-P", f"output={out}",
+         "-P", "vocab_size=300", "-P", "block_size=16",
          "-P", "set=split.validation=0.2;split.test=0.2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -49,7 +49,8 @@ def test_a_partial_train_section_keeps_the_fine_tuning_defaults():
 
     cfg = load_config(RetrainConfig, None, ["train.eval_every=5"], **{"train.max_steps": 7})
     # Retrain's own defaults (a gentle learning rate), not TrainConfig's pre-training ones.
-    assert (cfg.train.eval_every, cfg.train.max_steps, cfg.train.learning_rate, cfg.train.warmup_steps) == (5, 7, 3e-4, 10)
+    t = cfg.train
+    assert (t.eval_every, t.max_steps, t.learning_rate, t.warmup_steps) == (5, 7, 3e-4, 10)
 
 
 def test_served_prompts_are_this_models_successful_requests_scrubbed(tmp_path):
@@ -111,7 +112,8 @@ def test_retrain_entry_point_fine_tunes_production_with_lineage(lifecycle_histor
     assert card["dedup"]["exact_against"] >= 3 and card["dedup"]["reference_documents"] > 0
     assert card["tokenizer"]["trained"] is False and card["tokenizer"]["from"] == f"models:/{name}/1"
     assert card["vocab_size"] == old_card["vocab_size"] and card["block_size"] == old_card["block_size"]
-    assert card["config"]["split"] == old_card["config"]["split"] and card["config"]["seed"] == old_card["config"]["seed"]
+    assert card["config"]["split"] == old_card["config"]["split"]
+    assert card["config"]["seed"] == old_card["config"]["seed"]
     # Served prompts were added, and the e-mail address one of them carried never reached the data.
     assert parent.data.metrics["retrain/served_prompts"] == 6
     assert parent.data.metrics["retrain/served_version/1"] == 6 and "6 from version 1" in out

@@ -224,8 +224,9 @@ def test_chat_records_from_csv_and_custom_columns(tmp_path, artifacts_in_tmp):
     assert row["messages"][-1]["content"] == row["response"]
     # Worker processes make the same data (same order, same digest).
     out2 = tmp_path / "prepared-2proc"
-    assert _prepare(["--source", str(src), "--output", str(out2), "--format", "sft", "--messages-column", "conversation",
-                     "--vocab-size", "300", "--block-size", "32", "--set", "dedup.near=false", "--num-proc", "2",
+    assert _prepare(["--source", str(src), "--output", str(out2), "--format", "sft",
+                     "--messages-column", "conversation", "--vocab-size", "300", "--block-size", "32",
+                     "--set", "dedup.near=false", "--num-proc", "2",
                      "--set", "batch_size=4"]) == 0
     assert json.loads((out2 / "data_card.json").read_text())["digest"] == card["digest"]
 

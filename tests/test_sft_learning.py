@@ -67,13 +67,15 @@ def test_tiny_model_learns_the_task_and_serves_chat_with_the_same_template(tmp_p
           "--learning-rate", "3e-3", "--output", str(tmp_path / "ckpt"), "--set", "eval_every=100",
           "--set", "warmup_steps=10", "--set", "system_metrics=false", "--set", "progress=false"])
 
-    cfg = EvalConfig(latency=LatencyConfig(enabled=False), generation=GenerationConfig(num_prompts=40, max_new_tokens=12),
+    cfg = EvalConfig(latency=LatencyConfig(enabled=False),
+                     generation=GenerationConfig(num_prompts=40, max_new_tokens=12),
                      compare=CompareConfig(bootstrap_samples=200, default_to_production=False))
     out = evaluate_model(f"models:/{unique_name}/1", str(data), cfg=cfg, baseline=str(untrained), progress=False)
     run = MlflowClient().get_run(out.run_id)
     trained_em, untrained_em = out.metrics["exact_match"], run.data.metrics["baseline/exact_match"]
     print(f"exact match on {int(out.metrics['num_prompts'])} held-out prompts: untrained {untrained_em:.3f}, "
-          f"trained {trained_em:.3f}; response loss {run.data.metrics['baseline/loss']:.3f} -> {out.metrics['loss']:.3f}")
+          f"trained {trained_em:.3f}; "
+          f"response loss {run.data.metrics['baseline/loss']:.3f} -> {out.metrics['loss']:.3f}")
     assert untrained_em <= 0.05
     assert trained_em >= 0.6 and trained_em - untrained_em >= 0.5
     assert out.metrics["loss"] < run.data.metrics["baseline/loss"] / 4

@@ -59,7 +59,8 @@ def _api(url: str, path: str, body: dict, user: tuple[str, str], method: str = "
 def _lifecycle(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "lifecycle", *args], env=env, cwd=cwd, capture_output=True,
                          text=True, timeout=timeout)
-    assert res.returncode == 0, f"lifecycle {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (f"lifecycle {' '.join(args)} exited {res.returncode}:\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
 
 
@@ -102,7 +103,8 @@ def test_team_setup_pipeline_guard_and_ui_move(team_server, tmp_path, unique_nam
         history = json.loads(_lifecycle(["history", unique_name, "--json"], env, home).stdout)
         assert [(e["action"], e["target"]) for e in history] == [("promote", "staging"), ("reject", "production")]
         assert all(e["actor"] == servers.ADMIN[0] for e in history)
-        assert {g["gate"] for g in history[1]["gates"] if g["status"] == "fail" and g["mode"] == "enabled"} == {"required_tags"}
+        failed = {g["gate"] for g in history[1]["gates"] if g["status"] == "fail" and g["mode"] == "enabled"}
+        assert failed == {"required_tags"}
 
         # A colleague with edit rights on the model moves @production in the registry UI
         # (the UI's own endpoint) to the version the policy refused; the guard moves it back.

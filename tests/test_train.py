@@ -97,7 +97,8 @@ def test_sample_order_two_ranks_see_one_global_batch():
     accum = [SampleOrder(37, seed=5, micro_batch=2, grad_accum=2, world_size=2, rank=r) for r in (0, 1)]
     for step in range(12):  # crosses several epochs of 37 rows
         full = one.micro_batch_rows(step, 0).tolist()
-        assert sorted(full) == sorted(ranks[0].micro_batch_rows(step, 0).tolist() + ranks[1].micro_batch_rows(step, 0).tolist())
+        shards = ranks[0].micro_batch_rows(step, 0).tolist() + ranks[1].micro_batch_rows(step, 0).tolist()
+        assert sorted(full) == sorted(shards)
         split = [o.micro_batch_rows(step, a).tolist() for a in (0, 1) for o in accum]
         assert sorted(full) == sorted(sum(split, []))
 
@@ -163,7 +164,8 @@ def test_early_stopping_keeps_the_best_weights(data, tmp_path):
 
 def test_divergence_stops_with_the_last_good_checkpoint(data, tmp_path):
     cfg = _cfg(tmp_path, learning_rate=1e30, warmup_steps=0, max_grad_norm=0.0, checkpoint_every=1)
-    with pytest.raises(TrainingDivergedError, match=r"diverged at step 2: loss is nan; last good checkpoint: .*step-00000001"):
+    with pytest.raises(TrainingDivergedError,
+                       match=r"diverged at step 2: loss is nan; last good checkpoint: .*step-00000001"):
         _trainer(cfg, data).fit()
     assert [p.name for p in CheckpointManager(cfg.output).checkpoints()] == ["step-00000001"]
 

@@ -35,7 +35,8 @@ def _cli_args(data: Path, output: Path, settings: dict, experiment: str) -> list
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"training exited ({proc.returncode}) before {path.name}: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, (f"training exited ({proc.returncode}) before {path.name}: "
+                                     f"{proc.stderr.read()[-2000:]}")
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
         time.sleep(0.02)
 
@@ -66,7 +67,8 @@ def test_sigterm_then_sigkill_at_a_random_step_resume_to_the_uninterrupted_resul
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    straight = train(TrainConfig(**SETTINGS, output=str(tmp_path / "straight"), experiment=unique_name), str(prepared_tiny))
+    straight = train(TrainConfig(**SETTINGS, output=str(tmp_path / "straight"), experiment=unique_name),
+                     str(prepared_tiny))
 
     out = tmp_path / "interrupted"
     args = _cli_args(prepared_tiny, out, SETTINGS, unique_name)

@@ -42,7 +42,8 @@ def test_bad_space_is_refused_with_the_parameter_named(params, message):
 
 def test_values_training_would_refuse_fail_before_the_study():
     space = parse_space({"params": {"learning_rate": {"type": "categorical", "choices": [0.001, -1.0]}}}, "s.yaml")
-    with pytest.raises(ConfigError, match=r"params\.learning_rate: -1\.0 is not a valid value: learning_rate must be positive"):
+    with pytest.raises(ConfigError,
+                       match=r"params\.learning_rate: -1\.0 is not a valid value: learning_rate must be positive"):
         check_extremes(space, base_mapping(space))
 
 

@@ -28,7 +28,8 @@ from lifecycle.errors import (
 
 # command name -> (module, attribute, one-line help shown by `lifecycle --help`).
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("lifecycle.cli.prepare_cmd", "prepare", "Clean, filter, deduplicate, scrub, split, tokenize and pack a corpus."),
+    "prepare": ("lifecycle.cli.prepare_cmd", "prepare",
+                "Clean, filter, deduplicate, scrub, split, tokenize and pack a corpus."),
     "train": ("lifecycle.cli.train_cmd", "train", "Train or fine-tune a causal LM and register it."),
     "evaluate": ("lifecycle.cli.evaluate_cmd", "evaluate", "Evaluate a model, optionally against a baseline."),
     "promote": ("lifecycle.cli.registry_cmd", "promote", "Promote a version to staging or production under a policy."),

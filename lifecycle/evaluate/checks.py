@@ -74,7 +74,8 @@ def load_suite(path: str | Path | None = None) -> list[Check]:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(s, str) and s for s in prompts):
             raise ConfigError(f"{where} ({name}): 'prompts' must be a non-empty list of strings")
         pii = item.get("pii", [])
-        if kind == "no_pii_echo" and (not isinstance(pii, list) or not pii or not all(isinstance(s, str) and s for s in pii)):
+        pii_ok = isinstance(pii, list) and bool(pii) and all(isinstance(s, str) and s for s in pii)
+        if kind == "no_pii_echo" and not pii_ok:
             raise ConfigError(f"{where} ({name}): no_pii_echo needs a non-empty 'pii' list of strings")
         try:
             max_new = int(item.get("max_new_tokens", 16))

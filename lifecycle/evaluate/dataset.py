@@ -79,8 +79,8 @@ def load_prepared_split(folder: Path, split: str, *, source: str) -> EvalData:
     card = read_card(folder)
     split_dir = folder / split
     if not split_dir.is_dir():
-        raise DataError(f"{source}: no split {split!r} (found: "
-                        f"{', '.join(sorted(p.name for p in folder.iterdir() if (p / 'dataset_info.json').exists())) or 'none'})")
+        found = sorted(p.name for p in folder.iterdir() if (p / "dataset_info.json").exists())
+        raise DataError(f"{source}: no split {split!r} (found: {', '.join(found) or 'none'})")
     state = split_dir / "state.json"
     try:
         files = json.loads(state.read_text(encoding="utf-8")).get("_data_files") if state.is_file() else None

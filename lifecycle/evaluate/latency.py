@@ -1,7 +1,8 @@
 """Generation latency and throughput through the pyfunc ``predict``, per request batch size.
 
 A request of batch size ``b`` carries ``b`` prompts (taken round-robin from the prompt set) and
-asks for ``max_new_tokens`` with greedy decoding (long prompts keep their last tokens); its latency is the wall time of ``predict``.
+asks for ``max_new_tokens`` with greedy decoding (long prompts keep their last tokens); its latency
+is the wall time of ``predict``.
 Throughput counts the completion tokens the model reports (a completion that stops at EOS counts
 what it produced, not the budget).
 """

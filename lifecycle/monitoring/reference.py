@@ -77,7 +77,8 @@ def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 def _byte_level_high_chars() -> set[str]:
     # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     mapping: dict[int, str] = {}
     extra = 0
     for b in range(256):

@@ -94,7 +94,8 @@ def reference_folder(mv: Any, reference: str | None) -> tuple[Path, str]:
         raise NotFoundError(f"reference data not found ({exc}); pass --reference DATA (a prepared data folder "
                             "or runs:/<run_id>/prepared)") from None
     except DataError as exc:  # a missing local path is a missing reference too
-        raise NotFoundError(f"{exc}; pass --reference DATA (a prepared data folder or runs:/<run_id>/prepared)") from None
+        raise NotFoundError(f"{exc}; pass --reference DATA "
+                            "(a prepared data folder or runs:/<run_id>/prepared)") from None
 
 
 def _bpb_scorer(model_dir: Path, device: str):

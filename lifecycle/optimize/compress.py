@@ -197,7 +197,8 @@ def _results(ev: Any, method: str, parent_version: str, sizes: tuple[int, int],
         metrics[f"compress/parent_{key}"] = value
         metrics[f"compress/{key}_delta"] = mine[key] - value
     rows = []
-    for label, values, size in ((f"v{parent_version} (parent)", parent, parent_bytes), ("variant", mine, variant_bytes)):
+    pairs = ((f"v{parent_version} (parent)", parent, parent_bytes), ("variant", mine, variant_bytes))
+    for label, values, size in pairs:
         rows.append({"model": label, "size_mb": size / 1e6, "size_ratio": size / parent_bytes if parent_bytes else 1.0,
                      "tokens_per_s": float(values.get("tokens_per_s", float("nan"))),
                      "latency_p50_ms": float(values.get("latency_p50_ms", float("nan"))),

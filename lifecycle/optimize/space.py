@@ -249,7 +249,8 @@ def parse_space(data: Any, path: str = "<space>") -> Space:
     for i, point in enumerate(enqueue_raw):
         for key in point:
             if key not in names:
-                raise _fail(path, f"enqueue[{i}].{key}", f"not a searched parameter; searched: {', '.join(sorted(names))}")
+                raise _fail(path, f"enqueue[{i}].{key}",
+                            f"not a searched parameter; searched: {', '.join(sorted(names))}")
     description = data.get("description") or ""
     return Space(path=path, params=params, fixed=flat_fixed,
                  pruner=_int_section(path, "pruner", data.get("pruner"), _PRUNER_KEYS),
@@ -262,7 +263,8 @@ def load_space(path: str | Path) -> Space:
     return parse_space(load_yaml(path), str(path))
 
 
-def base_mapping(space: Space, config_path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def base_mapping(space: Space, config_path: str | Path | None = None,
+                 overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The training config every trial starts from: defaults < --config < fixed: < --set."""
     data: dict[str, Any] = load_yaml(config_path) if config_path else {}
     data = deep_merge(data, nest(space.fixed))

@@ -146,7 +146,8 @@ class _Study:
         # Worker threads have no active run: parent_run_id nests the child explicitly.
         child = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=self.parent_run_id,
                                  experiment_id=self.experiment_id,
-                                 tags={"optuna.trial_number": str(trial.number), "optuna.study": trial.study.study_name})
+                                 tags={"optuna.trial_number": str(trial.number),
+                                       "optuna.study": trial.study.study_name})
         run_id = child.info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
@@ -280,7 +281,8 @@ def _finished(study: Any) -> list[Any]:
     (diverged, out of memory). Interrupted and stale trials are run again instead."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states)
             if t.state != TrialState.FAIL or "failure" in t.user_attrs]
 
 

@@ -46,11 +46,13 @@ class _Ctx:
 
 def _scalar(ctx: _Ctx, node: yaml.Node, field: str) -> Any:
     if not isinstance(node, yaml.ScalarNode):
-        raise ctx.fail(node, field, "expected a single value, got a " + ("list" if isinstance(node, yaml.SequenceNode) else "mapping"))
+        got = "list" if isinstance(node, yaml.SequenceNode) else "mapping"
+        raise ctx.fail(node, field, "expected a single value, got a " + got)
     return yaml.safe_load(yaml.serialize(node))
 
 
-def _mapping(ctx: _Ctx, node: yaml.Node, field: str, allowed: typing.Iterable[str] | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+def _mapping(ctx: _Ctx, node: yaml.Node, field: str,
+             allowed: typing.Iterable[str] | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     if not isinstance(node, yaml.MappingNode):
         raise ctx.fail(node, field, "expected a mapping")
     out: dict[str, tuple[yaml.Node, yaml.Node]] = {}

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lifecycle.errors import AddressUnavailableError, ConfigError
+from lifecycle.errors import AddressUnavailableError
 from lifecycle.policies import load_policy
 from lifecycle.registry.receiver import Guard, GuardSettings
 

@@ -30,13 +30,16 @@ nav a{margin-right:16px;color:#243447;text-decoration:none;font-size:14px}
 main{padding:8px 28px 40px 28px;max-width:1200px}
 section{background:#fff;border:1px solid #e3e3e3;border-radius:8px;padding:14px 18px;margin:16px 0}
 h2{font-size:18px;margin:0 0 10px 0} h3{font-size:15px;margin:14px 0 6px 0}
-table{border-collapse:collapse;font-size:13px;margin:6px 0} th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f5f7} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#1b7f3b;font-weight:600} .fail{color:#b3261e;font-weight:600} .skipped,.muted{color:#888}
 .warn{color:#b26a00;font-weight:600} .ok{color:#1b7f3b;font-weight:600} .retrain{color:#b3261e;font-weight:600}
-.champion{background:#eaf7ea} .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;background:#e6ebf1;margin-right:4px}
+.champion{background:#eaf7ea}
+.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;background:#e6ebf1;margin-right:4px}
 img{max-width:100%;border:1px solid #eee} svg.lineage{max-width:100%;height:auto}
-svg .coltitle{font-size:12px;font-weight:600;fill:#555} svg .b1{font-size:12px;font-weight:600;fill:#222} svg .b2{font-size:11px;fill:#555}
+svg .coltitle{font-size:12px;font-weight:600;fill:#555} svg .b1{font-size:12px;font-weight:600;fill:#222}
+svg .b2{font-size:11px;fill:#555}
 code{font-size:12px;background:#f3f3f3;padding:1px 4px;border-radius:3px}
 label{font-size:13px}
 """
@@ -103,7 +106,8 @@ def _status(text: str) -> str:
 
 
 def _summary(d: ReportData) -> str:
-    aliases = " ".join(f'<span class="badge">@{escape(a)} &rarr; v{escape(v)}</span>' for a, v in sorted(d.aliases.items()))
+    aliases = " ".join(f'<span class="badge">@{escape(a)} &rarr; v{escape(v)}</span>'
+                       for a, v in sorted(d.aliases.items()))
     last = d.events[-1] if d.events else None
     rows = [("Registered versions", str(len(d.versions))),
             ("Aliases", aliases or '<span class="muted">none</span>'),
@@ -127,7 +131,8 @@ def _lineage(d: ReportData) -> str:
     for v in d.versions:
         data = "<br>".join(
             f"<code>{escape(r[:12])}</code> {escape(_data_label(d, r))}"
-            + (" <span class='badge'>new</span>" if r == v.tags.get("data_run_id") and v.tags.get("base_data_run_id") else "")
+            + (" <span class='badge'>new</span>"
+               if r == v.tags.get("data_run_id") and v.tags.get("base_data_run_id") else "")
             for r in v.data_runs) or '<span class="muted">unknown</span>'
         tr = v.train_run
         rows.append((f"v{escape(v.version)}" + "".join(f' <span class="badge">@{escape(a)}</span>' for a in v.aliases),
@@ -155,7 +160,8 @@ def _training(d: ReportData) -> str:
         tr = v.train_run
         if tr is None or tr.missing:
             continue
-        rows.append((f"v{escape(v.version)}", f"<code>{escape(tr.run_id[:12])}</code>", escape(tr.params.get("preset", "-")),
+        rows.append((f"v{escape(v.version)}", f"<code>{escape(tr.run_id[:12])}</code>",
+                     escape(tr.params.get("preset", "-")),
                      _fmt(tr.metrics.get("train/steps")), _fmt(tr.metrics.get("val/best_loss")),
                      _fmt(tr.params.get("learning_rate")), _time(tr.start),
                      _fmt((tr.end - tr.start) if tr.end and tr.start else None)))
@@ -239,7 +245,8 @@ def _monitoring(d: ReportData) -> str:
             + (f" &mdash; {escape(m.reasons)}" if m.reasons else "") + "</p>")
     images = "".join(f"<h3>{escape(n)}</h3>{_img(png, n)}" for n, png in sorted(m.images.items()))
     history = _table(("run", "time", "version", "verdict"),
-                     [(f"<code>{escape(r.run_id[:12])}</code>", _time(r.start), escape(r.tags.get("model_version", "?")),
+                     [(f"<code>{escape(r.run_id[:12])}</code>", _time(r.start),
+                       escape(r.tags.get("model_version", "?")),
                        _status(r.tags.get("monitor.verdict", "?"))) for r in d.monitor_history])
     return (head + _table(("metric", "value"), [(escape(k), _fmt(v)) for k, v in metrics], numeric=(1,))
             + images + "<h3>Earlier verdicts</h3>" + history)

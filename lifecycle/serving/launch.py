@@ -66,8 +66,8 @@ def check_port(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise AddressUnavailableError(f"port {port} on {host} is already in use: stop what listens there or pick "
-                                  "another --port") from None
+                raise AddressUnavailableError(f"port {port} on {host} is already in use: "
+                                              "stop what listens there or pick another --port") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise AddressUnavailableError(f"port {port} on {host} needs privileges this user lacks: pick a port "
                                   "above 1023") from None

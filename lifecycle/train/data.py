@@ -126,7 +126,8 @@ def load_prepared(root: str | Path) -> PreparedData:
         return _load_sft(root, tokenizer, card)
     train, validation = (_load_split(root, s) for s in SPLITS)
     if train.shape[1] != validation.shape[1]:
-        raise DataError(f"{root}: train blocks have {train.shape[1]} tokens but validation blocks {validation.shape[1]}")
+        raise DataError(f"{root}: train blocks have {train.shape[1]} tokens "
+                        f"but validation blocks {validation.shape[1]}")
     top = int(max(train.max(), validation.max()))
     if top >= len(tokenizer):
         raise DataError(f"{root}: token id {top} is outside the tokenizer's vocabulary ({len(tokenizer)}); "
@@ -144,17 +145,20 @@ def _load_sft(root: Path, tokenizer: Any, card: dict[str, Any]) -> PreparedData:
     for split in SPLITS:
         path = root / split
         if not path.is_dir():
-            raise DataError(f"prepared data {root} has no {split}/ split; make it with `lifecycle prepare --output {root}`")
+            raise DataError(f"prepared data {root} has no {split}/ split; "
+                            f"make it with `lifecycle prepare --output {root}`")
         try:
             ids, labels, positions = load_rows(path)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - datasets raises several types for a broken folder
-            raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot read {path}: {reason}") from None
         if not ids:
             raise DataError(f"{path} holds no example: prepare more examples (or larger split fractions)")
         parts[split] = (*pad_rows(ids, labels, int(pad)), pad_positions(positions) if positions is not None else None)
-    (train, train_labels, train_mask, train_pos), (val, val_labels, val_mask, val_pos) = parts["train"], parts["validation"]
+    train, train_labels, train_mask, train_pos = parts["train"]
+    val, val_labels, val_mask, val_pos = parts["validation"]
     top = int(max(train.max(), val.max()))
     if top >= len(tokenizer):
         raise DataError(f"{root}: token id {top} is outside the tokenizer's vocabulary ({len(tokenizer)}); "

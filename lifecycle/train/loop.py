@@ -128,7 +128,8 @@ class Trainer:
         # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer), only while
         # training runs (see fit): evaluation in the same process must stay fp32.
         self.use_tf32 = cuda
-        self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)) else None
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.model = model.to(self.device)
         self.module = self.model  # the unwrapped model: saved, evaluated and returned
         self.order = SampleOrder(len(data.train), seed=cfg.seed, micro_batch=cfg.batch_size,

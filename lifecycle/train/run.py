@@ -290,7 +290,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
     start = load_starting_point(cfg, data.tokenizer, data.block_size)
-    if data.sft and getattr(data.tokenizer, "chat_template", None) and not getattr(start.tokenizer, "chat_template", None):
+    if (data.sft and getattr(data.tokenizer, "chat_template", None)
+            and not getattr(start.tokenizer, "chat_template", None)):
         # The examples were rendered with the data's chat template: the model must carry it, so
         # serving renders chat requests the same way.
         start.tokenizer.chat_template = data.tokenizer.chat_template
