@@ -37,14 +37,15 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
     """
     from lifecycle.cli import check_writable
     from lifecycle.config import load_config
-    from lifecycle.train.config import TrainConfig
+    from lifecycle.train.config import DEFAULT_CHECKPOINT_ROOT, TrainConfig
     from lifecycle.train.loop import TrainingInterrupted
     from lifecycle.train.run import train as run_train
 
     cfg = load_config(TrainConfig, config_path, overrides, preset=preset, base_model=base_model,
                       max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                       output=output, model_name=model_name)
-    check_writable(cfg.output, "--output")
+    # Unset, checkpoints go to checkpoints/<run_id>/ under the working directory, probed there.
+    check_writable(cfg.output if cfg.output is not None else DEFAULT_CHECKPOINT_ROOT, "--output")
     try:
         outcome = run_train(cfg, data, resume=resume, resume_run=resume_run, overwrite=overwrite)
     except TrainingInterrupted as stop:
