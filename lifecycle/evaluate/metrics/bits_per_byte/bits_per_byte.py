@@ -7,8 +7,9 @@ not tokens, models with different tokenizers can be compared on the same text.
 
 import math
 
-import datasets
 import evaluate
+
+from lifecycle.evaluate.metric_info import metric_info
 
 _DESCRIPTION = "Total negative log-likelihood in bits divided by the UTF-8 byte count of the text."
 _KWARGS = """
@@ -25,15 +26,9 @@ class BitsPerByte(evaluate.Metric):
     """Tokenizer-independent language-modelling cost."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="Gao et al. (2020). The Pile: An 800GB Dataset of Diverse Text for Language Modeling.",
-            inputs_description=_KWARGS,
-            features=datasets.Features({
-                "nll": datasets.Value("float64"),
-                "num_bytes": datasets.Value("int64"),
-            }),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, {"nll": "float64", "num_bytes": "int64"},
+                           citation="Gao et al. (2020). The Pile: An 800GB Dataset of Diverse Text "
+                                    "for Language Modeling.")
 
     def _compute(self, nll, num_bytes):
         total_bytes = int(sum(num_bytes))

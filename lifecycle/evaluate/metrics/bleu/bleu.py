@@ -3,9 +3,10 @@
 The score is sacrebleu's, on its 0..100 scale, with one reference per prediction.
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from lifecycle.evaluate.metric_info import STRING_PAIRS, metric_info
 
 _DESCRIPTION = "Corpus BLEU (sacrebleu, 0..100) between predictions and one reference each."
 _KWARGS = """
@@ -25,16 +26,9 @@ class Bleu(evaluate.Metric):
     """sacrebleu corpus BLEU."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="Post, M. (2018). A Call for Clarity in Reporting BLEU Scores.",
-            inputs_description=_KWARGS,
-            features=datasets.Features({
-                "predictions": datasets.Value("string"),
-                "references": datasets.Value("string"),
-            }),
-            codebase_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, STRING_PAIRS,
+                           citation="Post, M. (2018). A Call for Clarity in Reporting BLEU Scores.",
+                           codebase_urls=["https://github.com/mjpost/sacrebleu"])
 
     def _compute(self, predictions, references, tokenize="13a", smooth_method="exp", lowercase=False):
         result = sacrebleu.corpus_bleu(

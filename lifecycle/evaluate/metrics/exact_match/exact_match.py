@@ -6,8 +6,9 @@ differs only in a trailing newline is the same answer; case and punctuation coun
 
 import re
 
-import datasets
 import evaluate
+
+from lifecycle.evaluate.metric_info import STRING_PAIRS, metric_info
 
 _DESCRIPTION = "Fraction of predictions that equal their reference after whitespace normalisation."
 _KWARGS = """
@@ -32,15 +33,7 @@ class ExactMatch(evaluate.Metric):
     """Exact string match rate."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features({
-                "predictions": datasets.Value("string"),
-                "references": datasets.Value("string"),
-            }),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, STRING_PAIRS)
 
     def _compute(self, predictions, references, ignore_case=False):
         pairs = list(zip(predictions, references))

@@ -4,9 +4,10 @@ Scores are F-measures in [0, 1], averaged over the pairs (the same aggregation a
 ``rouge`` module without bootstrap aggregation).
 """
 
-import datasets
 import evaluate
 from rouge_score import rouge_scorer
+
+from lifecycle.evaluate.metric_info import STRING_PAIRS, metric_info
 
 _DESCRIPTION = "ROUGE-1/2/L/Lsum F-measures between predictions and references (rouge_score)."
 _KWARGS = """
@@ -26,16 +27,9 @@ class Rouge(evaluate.Metric):
     """ROUGE F-measures."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="Lin, C.-Y. (2004). ROUGE: A Package for Automatic Evaluation of Summaries.",
-            inputs_description=_KWARGS,
-            features=datasets.Features({
-                "predictions": datasets.Value("string"),
-                "references": datasets.Value("string"),
-            }),
-            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, STRING_PAIRS,
+                           citation="Lin, C.-Y. (2004). ROUGE: A Package for Automatic Evaluation of Summaries.",
+                           codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"])
 
     def _compute(self, predictions, references, rouge_types=None, use_stemmer=False, use_aggregator=True):
         rouge_types = list(rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"])
