@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lifecycle.data.publish import fsync_dir
 from lifecycle.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class CheckpointManager:
             fh.write(payload["state"])
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)  # the folder's entries must be durable before its name is
+        fsync_dir(tmp)  # the folder's entries must be durable before its name is
         if final.exists():
             # Re-saving a step after a resume: move the old copy aside first (rename is atomic).
             trash = self.root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -203,7 +204,7 @@ class CheckpointManager:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._last_done = final
         self._prune()
         return final
@@ -264,17 +265,3 @@ def _save_synced(torch: Any, obj: Any, path: Path) -> None:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries durable (a crash right after must not lose or resurrect a name)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
