@@ -21,9 +21,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from lifecycle.config import config_digest, flatten, to_dict
+from lifecycle.data.card import read_card
 from lifecycle.data.config import PackConfig, PrepareConfig, TokenizerConfig
 from lifecycle.data.prepare import prepare as prepare_data
-from lifecycle.errors import ConfigError, GateRejected
+from lifecycle.errors import ConfigError, DataError, GateRejected
 from lifecycle.evaluate.config import EvalConfig
 from lifecycle.evaluate.run import evaluate_model
 from lifecycle.registry.promote import promote as promote_version
@@ -178,8 +179,11 @@ class StepRunner:
                     "digest": outcome.card["digest"], "run_id": outcome.run_id}
 
         def still_there(outputs: dict[str, Any]) -> bool:
-            card = Path(outputs.get("data", "")) / "data_card.json"
-            if card.is_file() and json.loads(card.read_text()).get("digest") == outputs.get("digest"):
+            try:
+                card = read_card(outputs.get("data", ""), required=False)
+            except DataError:  # a damaged card is as good as gone
+                card = {}
+            if card and card.get("digest") == outputs.get("digest"):
                 return True
             # The local folder is gone or replaced: train from the run's artifact instead.
             outputs["data"] = outputs.get("data_uri", "")

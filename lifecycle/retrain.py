@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import mlflow
 
 from lifecycle.config import deep_merge, flatten, from_mapping, parse_overrides
+from lifecycle.data.card import read_card
 from lifecycle.data.config import PrepareConfig, SourceConfig
 from lifecycle.data.pii import scrub
 from lifecycle.data.sources import check_source, iter_documents
@@ -200,10 +201,10 @@ class Retrain(StepRunner):
                                 "needs the data it was trained on (to deduplicate against and evaluate on)")
         uri = f"runs:/{data_run}/prepared"
         folder = resolve_artifact(uri, what="the production model's training data")
-        card_path = folder / "data_card.json"
-        if not card_path.is_file():
+        card = read_card(folder, required=False)
+        if not card:
             raise NotFoundError(f"{uri} is not prepared data (no data_card.json)")
-        return mv, data_run, uri, json.loads(card_path.read_text(encoding="utf-8"))
+        return mv, data_run, uri, card
 
     def run(self) -> RetrainOutcome:
         """Check the inputs, then run every step in order under one parent run."""
@@ -300,8 +301,7 @@ class Retrain(StepRunner):
         """Both versions on the new data's test split (no gate tags written); {} when skipped."""
         if not self.cfg.evaluate_new_data:
             return {}
-        card_path = Path(data["data"]) / "data_card.json"
-        card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+        card = read_card(data["data"], required=False)
         split = self.cfg.evaluate.split
         if card and not card.get("blocks", {}).get(split):
             self.echo(f"[evaluate_new_data] skipped: the new data's {split} split fills no block")
