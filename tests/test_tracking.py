@@ -54,6 +54,26 @@ def test_mask_secrets_named_examples():
     assert mask_mapping({"storage": "mysql://u:p@h/d", "n": 3}) == {"storage": "mysql://***@h/d", "n": "3"}
 
 
+@pytest.mark.tried("secrets", "a prepare source given as a URI with user:password@ (file://user:pw@localhost/...)",
+                   "the run's params, tags and dataset input show only scheme://***@host")
+def test_prepare_logs_only_the_masked_source(tmp_path, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i} talks about rivers, mountains and the music of village {i} "
+                                   "in the early morning, with many more words to pass the quality filters."
+                                   for i in range(60)), encoding="utf-8")
+    # MLflow resolves a file:// URI locally and ignores its userinfo: a real run with a secret in its source.
+    source = f"file://reader:{SECRET}@localhost{corpus}"
+    assert cli("prepare", "--source", source, "--output", str(tmp_path / "prepared"),
+               "--vocab-size", "300", "--block-size", "32") == 0
+    (run,) = MlflowClient().search_runs(experiment_ids=["0"])
+    shown = [*run.data.params.values(), *run.data.tags.values(),
+             *(i.dataset.source for i in run.inputs.dataset_inputs)]
+    assert run.data.params["source"] == f"file://***@localhost{corpus}"
+    assert not [v for v in shown if SECRET in v]
+
+
 USERINFO = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc"), blacklist_characters="/?#'\"<>\\"),
                    min_size=1, max_size=40)
 

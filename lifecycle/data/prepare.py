@@ -82,7 +82,7 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
 
     import mlflow
 
-    from lifecycle.tracking import TAG_DATA_DIGEST, stage_run
+    from lifecycle.tracking import TAG_DATA_DIGEST, mask_mapping, mask_secrets, stage_run
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(output):
@@ -93,11 +93,12 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
             with stage_run("prepare", run_name=run_name or "prepare") as run:
                 params = {f"cfg.{k}": v for k, v in flatten(cfg).items()}
                 params.update({"source": source_uri, "output": str(output)})
-                mlflow.log_params({k: v[:6000] for k, v in params.items()})
+                # Params are shown to every reader: a source's user:password@ never reaches them.
+                mlflow.log_params({k: v[:6000] for k, v in mask_mapping(params).items()})
                 mlflow.set_tag("data_format", fmt)
                 result = prepare_folder(cfg, work, data_format=fmt, source_uri=source_uri,
                                         tokenizer_path=tokenizer_path, reference_dir=reference)
-                _log_run(result, work, source_uri)
+                _log_run(result, work, mask_secrets(source_uri))
                 mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
                 run_id = run.info.run_id
             publish(work, output)

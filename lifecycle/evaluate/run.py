@@ -136,7 +136,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
 
     from lifecycle.evaluate.loss import resolve_precision
     from lifecycle.serving.variant import variant_device
-    from lifecycle.tracking import TAG_DATA_DIGEST, stage_run
+    from lifecycle.tracking import TAG_DATA_DIGEST, mask_mapping, stage_run
 
     cfg = cfg or EvalConfig()
     # --- everything that can be refused, before any run exists --------------------------------
@@ -184,7 +184,8 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                   "eval.prompts": prompt_source, "eval.baseline": baseline_uri or "",
                   "eval.data_digest": eval_data.digest, "eval.device": device, "eval.precision": precision,
                   **{f"config.{k}": v for k, v in flatten(cfg).items()}}
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        # Model, data and baseline URIs may carry user:password@: params show only the masked form.
+        mlflow.log_params({k: v[:6000] for k, v in mask_mapping(params).items()})
         ch = measure_model("challenger", model, model_dir, eval_data, prompts, suite, cfg, device=device,
                            progress=progress)
         bl = (measure_model("baseline", baseline_uri, baseline_dir, eval_data, prompts, suite, cfg,
@@ -213,10 +214,11 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                                              title=f"{model} vs {baseline_uri}",
                                              boot_label="loss" if paired_on == "blocks" else "bits/byte")
                 mlflow.log_artifact(str(chart), "compare")
-                mlflow.set_tags({"compare_baseline": baseline_uri, "compare_paired_on": paired_on,
-                                 "compare_data_digest": eval_data.digest,
-                                 "compare_note": ("both models measured on the same data digest "
-                                                  f"{eval_data.digest[:12]}; bootstrap paired on {paired_on}")})
+                mlflow.set_tags(mask_mapping({
+                    "compare_baseline": baseline_uri, "compare_paired_on": paired_on,
+                    "compare_data_digest": eval_data.digest,
+                    "compare_note": ("both models measured on the same data digest "
+                                     f"{eval_data.digest[:12]}; bootstrap paired on {paired_on}")}))
                 extra_tags["compare_paired_on"] = paired_on
             mlflow.log_table(data=rows, artifact_file="eval/generations.json")
             if eval_data.sft is not None:
@@ -234,9 +236,9 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                               paired_on=paired_on)
         # Last: the version's tags, once everything above has succeeded.
         if version is not None and cfg.write_tags:
-            tags = results.version_tags(ch.metrics, run_id=run_id, data_digest=eval_data.digest,
-                                        compare=compare_values or None, baseline=baseline_uri,
-                                        extra=extra_tags)
+            tags = mask_mapping(results.version_tags(ch.metrics, run_id=run_id, data_digest=eval_data.digest,
+                                                     compare=compare_values or None, baseline=baseline_uri,
+                                                     extra=extra_tags))
             results.write_version_tags(version, tags)
             outcome.tags_written = True
     return outcome

@@ -144,7 +144,7 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
     import mlflow
     from transformers import AutoTokenizer
 
-    from lifecycle.tracking import resolve_model_dir, stage_run
+    from lifecycle.tracking import mask_mapping, resolve_model_dir, stage_run
 
     cfg = cfg or MonitorConfig()
     if version and alias and alias != "production":
@@ -175,15 +175,16 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
     with stage_run("monitor", run_name=f"monitor-{name}-v{mv.version}", tags=tags, experiment=cfg.experiment) as run:
         # "resolved." prefix: under `mlflow run` the run already holds the entry point's raw
         # parameters (records='', reference='') and MLflow refuses to change a logged param.
-        mlflow.log_params({**{f"config.{k}": v for k, v in flatten(cfg).items()},
-                           # A URI's userinfo or token never reaches params (they are shown to every reader).
-                           "resolved.records": strip_credentials(str(path)),
-                           "resolved.reference": strip_credentials(ref_uri),
-                           "resolved.reference_digest": ref.digest or "",
-                           "resolved.reference_segments": len(ref.segments), "resolved.policy": policy_path,
-                           "resolved.window_since": since.isoformat() if since else "all",
-                           "resolved.window_until": window.until.isoformat(),
-                           "resolved.version": str(mv.version)})
+        params = {**{f"config.{k}": v for k, v in flatten(cfg).items()},
+                  # A URI's userinfo or token never reaches params (they are shown to every reader).
+                  "resolved.records": strip_credentials(str(path)),
+                  "resolved.reference": strip_credentials(ref_uri),
+                  "resolved.reference_digest": ref.digest or "",
+                  "resolved.reference_segments": len(ref.segments), "resolved.policy": policy_path,
+                  "resolved.window_since": since.isoformat() if since else "all",
+                  "resolved.window_until": window.until.isoformat(),
+                  "resolved.version": str(mv.version)}
+        mlflow.log_params(mask_mapping(params))  # config values (paths, URIs) masked too
         mlflow.log_metrics(finite(an.metrics))
         unavailable = sorted(k for k, v in an.metrics.items() if v != v)
         mlflow.set_tags({"monitor.unavailable": ",".join(unavailable)[:5000],

@@ -163,6 +163,7 @@ def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tu
     import mlflow
 
     system = cfg.system_metrics and importlib.util.find_spec("psutil") is not None
+    tags = tracking.mask_mapping(tags)  # base model and data URIs may carry user:password@
     if run_id is None and mlflow.active_run() is not None:
         mlflow.set_tags(tags)
         return mlflow.active_run(), False
@@ -186,17 +187,18 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
 
     from lifecycle.serving import log_model
 
-    lineage_tags = {
+    lineage_tags = tracking.mask_mapping({
         tracking.TAG_DATA_DIGEST: lineage.digest,
         tracking.TAG_DATA_RUN: lineage.run_id,
         tracking.TAG_TRAIN_RUN: run_id,
         tracking.TAG_BASE_MODEL: base_model or f"scratch:{cfg.preset}",
-    }
+    })
     info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=lineage_tags)
     version = str(info.registered_model_version)
     client = MlflowClient()  # log_model already put lineage_tags on the version
-    origin = f"fine-tuned from {base_model}" if base_model else f"trained from scratch ({cfg.preset} preset)"
-    data_from = f"data run {lineage.run_id}" if lineage.run_id else f"data {lineage.uri}"
+    origin = (f"fine-tuned from {tracking.mask_secrets(base_model)}" if base_model
+              else f"trained from scratch ({cfg.preset} preset)")
+    data_from = f"data run {lineage.run_id}" if lineage.run_id else f"data {tracking.mask_secrets(lineage.uri)}"
     client.update_model_version(
         cfg.model_name, version,
         description=(f"Causal LM {origin} by training run {run_id} on {data_from} (digest {lineage.digest[:16]}); "
@@ -336,8 +338,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
                 # `mlflow run` already logged the MLproject parameters, empty ones as ''; MLflow
                 # refuses to change a param, so a resolved value that differs goes under resolved.*
                 existing = MlflowClient().get_run(run_id).data.params
-                mlflow.log_params({(k if existing.get(k, str(v)) == str(v) else f"resolved.{k}"): v
-                                   for k, v in params.items()})
+                mlflow.log_params({(k if existing.get(k, v) == v else f"resolved.{k}"): v
+                                   for k, v in tracking.mask_mapping(params).items()})
             mlflow.set_tag("checkpoint_dir", str(folder))
             logger = tracking.AsyncMetricLogger(run_id)
             already = last_logged_steps(MlflowClient(), run_id) if resume_state else {}
