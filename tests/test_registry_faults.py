@@ -36,14 +36,7 @@ def _child(argv: list[str], kill_at: int, log_path: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from lifecycle.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    os._exit(code)
+    os._exit(cli(*argv))  # no atexit or finalisers of the parent's state in the forked child
 
 
 def run_killed(argv: list[str], kill_at: int, workdir: Path) -> tuple[int, str]:
