@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from lifecycle.errors import (
+    ConfigError,
     DataError,
     LifecycleError,
     NotFoundError,
@@ -297,22 +298,40 @@ class AsyncMetricLogger:
         self.close()
 
 
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter, matching it exactly.
+
+    MLflow's filter parser has no working escape: ``\\'`` inside single quotes matches nothing.
+    A value without ``'`` goes in single quotes, one with ``'`` but no ``"`` in double quotes,
+    both as they are; a value holding both quote kinds cannot be searched for (ConfigError).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r} holds both kinds of quotes, which MLflow's search filters cannot match")
+
+
 def _describe_registered(client: Any, name: str) -> str:
     """A short listing of what the registry holds, for 'no such model' messages."""
     try:
+        # Ask for the model itself: a listing of the first models may not reach it in a big registry.
+        model = client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not there (or unreachable): list what is there instead
+        model = None
+    try:
+        if model is not None:
+            versions = client.search_model_versions(f"name={filter_literal(name)}", max_results=50)
+            listing = ", ".join(sorted((str(v.version) for v in versions), key=int))
+            alias_text = ", ".join(f"@{a}->v{v}" for a, v in sorted((model.aliases or {}).items()))
+            return f" (versions of {name}: {listing or 'none'}{'; aliases ' + alias_text if alias_text else ''})"
         models = client.search_registered_models(max_results=20)
     except Exception:  # noqa: BLE001 - best effort: the message must still come out
         return ""
     if not models:
         return " (the registry holds no models)"
-    names = [m.name for m in models]
-    if name in names:
-        versions = client.search_model_versions(f"name='{name}'", max_results=50)
-        listing = ", ".join(sorted((str(v.version) for v in versions), key=int))
-        aliases = next((m.aliases for m in models if m.name == name), {}) or {}
-        alias_text = ", ".join(f"@{a}->v{v}" for a, v in sorted(aliases.items()))
-        return f" (versions of {name}: {listing or 'none'}{'; aliases ' + alias_text if alias_text else ''})"
-    return f" (registered models: {', '.join(sorted(names))})"
+    more = ", ..." if len(models) == 20 else ""
+    return f" (registered models: {', '.join(sorted(m.name for m in models))}{more})"
 
 
 def resolve_artifact(uri: str | os.PathLike[str], *, what: str = "input") -> Path:

@@ -62,6 +62,10 @@ def _record(monkeypatch: pytest.MonkeyPatch, target: str) -> dict:
 
     module, attr = target.split(":")
     seen: dict = {}
+    # Import the orchestration modules first: they bind ``train``/``prepare`` at import time, and one
+    # first imported while the recorder is in place would keep it after this test (pipeline tests).
+    for orchestration in ("lifecycle.pipeline", "lifecycle.retrain"):
+        importlib.import_module(orchestration)
 
     def recorder(*args, **kwargs):
         seen["args"], seen["kwargs"] = args, kwargs

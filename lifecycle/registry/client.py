@@ -10,7 +10,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-from lifecycle.errors import ConfigError, LifecycleError, NotFoundError, PermissionDeniedError, TrackingUnavailableError
+from lifecycle.errors import LifecycleError, NotFoundError, PermissionDeniedError, TrackingUnavailableError
+from lifecycle.tracking import filter_literal  # noqa: F401 - the registry's modules import it from here
 
 T = TypeVar("T")
 
@@ -44,20 +45,6 @@ def fault_point(what: str) -> None:
     if str(n) == target.strip():
         os.write(2, f"{FAULT_ENV}: killed before write {n} ({what})\n".encode())
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def filter_literal(value: str) -> str:
-    """``value`` as a string literal of an MLflow search filter, matching it exactly.
-
-    MLflow's filter parser has no working escape: ``\\'`` inside single quotes matches nothing.
-    A value without ``'`` goes in single quotes, one with ``'`` but no ``"`` in double quotes,
-    both as they are; a value holding both quote kinds cannot be searched for (ConfigError).
-    """
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise ConfigError(f"{value!r} holds both kinds of quotes, which MLflow's search filters cannot match")
 
 
 def get_client() -> Any:
