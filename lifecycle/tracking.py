@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import queue
-import re
 import subprocess
 import threading
 import time
@@ -32,6 +31,7 @@ from lifecycle.errors import (
     PermissionDeniedError,
     TrackingUnavailableError,
 )
+from lifecycle.secrets import MASK, mask_mapping, mask_secrets  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +44,6 @@ TAG_TRAIN_RUN = "train_run_id"
 TAG_BASE_MODEL = "base_model"
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent
-
-#: ``scheme://userinfo@``: the userinfo runs to the last ``@`` before the host (a password may hold
-#: an unescaped ``@``), never across whitespace, quotes or a ``/`` (the path).
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#'\"<>]*)@")
-MASK = "***"
-
-
-def mask_secrets(text: Any) -> str:
-    """``text`` with the credentials of every ``scheme://user:password@host`` replaced by ``***``.
-
-    The one masking function: used wherever a URI may be logged, tagged, rendered or put in an
-    error (tune's storage, the tracking URI, sources, the CLI's error line). The user name goes
-    too: with a token scheme it is the secret itself.
-    """
-    return _URI_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{MASK}@", str(text))
-
-
-def mask_mapping(values: Mapping[str, Any]) -> dict[str, str]:
-    """``values`` (params or tags) as strings with :func:`mask_secrets` applied to each value."""
-    return {key: mask_secrets(value) for key, value in values.items()}
-
 
 def code_version() -> str:
     """A version string for the code that runs: git commit (+dirty) or a hash of the package.

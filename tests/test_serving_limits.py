@@ -454,9 +454,9 @@ def _free_port() -> int:
     ("postgresql+psycopg2://user:pw@127.0.0.1:5432/db", "postgresql+psycopg2://***@127.0.0.1:5432/db", "pw@"),
 ])
 def test_uri_credentials_never_reach_records(text, kept, gone, tmp_path):
-    from lifecycle.serving.redact import strip_credentials
+    from lifecycle.secrets import mask_secrets
 
-    assert kept in strip_credentials(text) and gone not in strip_credentials(text)
+    assert kept in mask_secrets(text) and gone not in mask_secrets(text)
     rec = InferenceRecorder(tmp_path / "inf.jsonl", model_name="m", model_version="1")
     rec.record(latency_ms=1.0, error=f"OSError: {text}", status="error")
     rec.close()

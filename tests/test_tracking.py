@@ -55,7 +55,7 @@ def test_mask_secrets_named_examples():
 
 
 @pytest.mark.tried("secrets", "a prepare source given as a URI with user:password@ (file://user:pw@localhost/...)",
-                   "the run's params, tags and dataset input show only scheme://***@host")
+                   "the run's params, tags, dataset input and artifacts (the data card) show only scheme://***@host")
 def test_prepare_logs_only_the_masked_source(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
@@ -72,6 +72,13 @@ def test_prepare_logs_only_the_masked_source(tmp_path, tracking_uri):
              *(i.dataset.source for i in run.inputs.dataset_inputs)]
     assert run.data.params["source"] == f"file://***@localhost{corpus}"
     assert not [v for v in shown if SECRET in v]
+    # Nor any artifact: the data card names its source, and the prepared folder is logged whole.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "dl")))
+    leaked = [f for f in local.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
+    assert not leaked and not [f for f in (tmp_path / "prepared").rglob("*")
+                               if f.is_file() and SECRET.encode() in f.read_bytes()]
 
 
 USERINFO = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc"), blacklist_characters="/?#'\"<>\\"),

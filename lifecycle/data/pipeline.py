@@ -38,6 +38,7 @@ from lifecycle.data.sources import SourceStats
 from lifecycle.data.split import SPLITS, assign_split
 from lifecycle.data.tally import SAMPLE_CHARS, FormatResult, PassTally, card_tokenizer, keep_sample, reference_texts
 from lifecycle.data.tokenizer import batched, check_block_size, check_eos, load_tokenizer
+from lifecycle.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _card(cfg: PrepareConfig, data_format: str, done: FormatResult, tally: PassT
                                  settings=done.digest_settings),
         "block_size": cfg.pack.block_size,
         "vocab_size": len(done.tokenizer),
-        "source": source,
+        "source": mask_secrets(source),  # the card is an artifact: no credentials in it
         "counts": tally.card_counts(stats.documents, kept, bytes_read, stats, with_pii),
         "filters": {**dict(tally.filters), **done.filters},
         "dedup": tally.card_dedup(cfg, reference_docs),

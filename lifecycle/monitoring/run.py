@@ -32,7 +32,7 @@ from lifecycle.monitoring.config import MonitorConfig
 from lifecycle.monitoring.records import load_records, parse_since, records_path, select_window
 from lifecycle.monitoring.reference import load_reference
 from lifecycle.monitoring.verdict import Verdict, decide
-from lifecycle.serving.redact import strip_credentials
+from lifecycle.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
         # parameters (records='', reference='') and MLflow refuses to change a logged param.
         params = {**{f"config.{k}": v for k, v in flatten(cfg).items()},
                   # A URI's userinfo or token never reaches params (they are shown to every reader).
-                  "resolved.records": strip_credentials(str(path)),
-                  "resolved.reference": strip_credentials(ref_uri),
+                  "resolved.records": mask_secrets(str(path)),
+                  "resolved.reference": mask_secrets(ref_uri),
                   "resolved.reference_digest": ref.digest or "",
                   "resolved.reference_segments": len(ref.segments), "resolved.policy": policy_path,
                   "resolved.window_since": since.isoformat() if since else "all",

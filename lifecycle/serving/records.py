@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from lifecycle.serving.redact import strip_credentials
+from lifecycle.secrets import mask_secrets
 
 LOG_ENV = "LIFECYCLE_INFERENCE_LOG"
 TEXT_ENV = "LIFECYCLE_INFERENCE_LOG_TEXT"
@@ -94,7 +94,7 @@ class InferenceRecorder:
                 "length" if any(r.get("finish_reason") == "length" for r in rows) else "stop"),
             "rows": [dict(r) for r in rows],
             "params": dict(params or {}),
-            "error": None if error is None else strip_credentials(str(error)),
+            "error": None if error is None else mask_secrets(str(error)),
             "status": status,
         }
         if self.include_text:
