@@ -93,11 +93,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on a fresh PostgreSQL database (skips, or fails in CI, without one)."""
-    reason = servers.postgres_available()
-    if reason:
-        if servers.REQUIRE_POSTGRES:
-            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
-        pytest.skip(reason)
+    servers.require_postgres()
     uri = servers.create_postgres_database()
     work = tmp_path_factory.mktemp("mlflow-server-pg")
     server = servers.start_mlflow_server(uri, work)

@@ -140,6 +140,17 @@ def postgres_available() -> str | None:
         return f"PostgreSQL not reachable at {POSTGRES_DSN}: {str(exc).strip().splitlines()[0]}"
 
 
+def require_postgres() -> None:
+    """Skip the calling test when PostgreSQL does not answer; fail instead where CI requires it."""
+    import pytest
+
+    reason = postgres_available()
+    if reason:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
+        pytest.skip(reason)
+
+
 def create_postgres_database() -> str:
     """Create a fresh database for one test session and return its SQLAlchemy URI."""
     import psycopg2

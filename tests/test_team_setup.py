@@ -33,11 +33,7 @@ FAST = ["--preset", "tiny", "--max-steps", "6", "--set", "prepare.source.max_doc
 @pytest.fixture(scope="module")
 def team_server(tmp_path_factory):
     """`mlflow server` on a fresh PostgreSQL database, an artifact root, and basic-auth."""
-    reason = servers.postgres_available()
-    if reason:
-        if servers.REQUIRE_POSTGRES:
-            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
-        pytest.skip(reason)
+    servers.require_postgres()
     import flask_wtf  # noqa: F401 - basic-auth needs it; the test extra installs it, so never skip
     uri = servers.create_postgres_database()
     work = tmp_path_factory.mktemp("team-server")

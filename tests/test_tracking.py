@@ -102,11 +102,7 @@ def test_mask_secrets_hides_any_userinfo(scheme, user, password, before, after):
 @pytest.fixture
 def pg_database():
     """A fresh PostgreSQL database (trust auth ignores the password we put in its URI)."""
-    reason = servers.postgres_available()
-    if reason:
-        if servers.REQUIRE_POSTGRES:
-            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
-        pytest.skip(reason)
+    servers.require_postgres()
     uri = servers.create_postgres_database()
     yield uri.replace("://postgres@", f"://postgres:{SECRET}@", 1)
     servers.drop_postgres_database(uri)
