@@ -12,9 +12,11 @@ from lifecycle.data.clean import clean_text
 from lifecycle.data.config import PrepareConfig, QualityConfig
 from lifecycle.data.dedup import Deduplicator, MinHasher, exact_key, jaccard_estimate
 from lifecycle.data.pack import BlockPacker
+from lifecycle.data.pipeline import prepare_folder
 from lifecycle.data.quality import first_failure, words_of
 from lifecycle.data.split import assign_split
 from lifecycle.data.synthetic import chinese_document, english_document, generate_documents
+from lifecycle.data.tally import PassTally
 from lifecycle.errors import ConfigError
 
 Q = QualityConfig()
@@ -229,3 +231,99 @@ def test_lsh_bands_match_datasketch_and_band_keys_follow_the_bands() -> None:
     keys, changed = band_keys(np.stack([sig, other]), b, r)
     assert len(set(keys.tolist())) == b  # the band index is part of the key
     assert [k1 == k2 for k1, k2 in zip(keys, changed)] == [i != 1 for i in range(b)]
+
+
+# -- named rule sets (quality.rules) and the card's warning -----------------------------------
+
+_NAMES = ("Anna", "Tom", "Mira", "Jonas", "Eli", "Rosa", "Karl", "Nadia", "Owen", "Lena", "Ivo", "Petra",
+          "Sam", "Ada", "Felix", "Greta", "Hugo", "Ines", "Jules", "Kira")
+_VERBS = ("said", "asked", "replied", "muttered", "whispered", "laughed")
+_LINES = ("Where are you going?", "Not yet.", "I told you... I don't know.", "Come here, quickly!",
+          "Is it raining again?", "Yes, all night.", "Why would anyone do that?", "Never mind.")
+
+
+def dialogue_paragraphs(n: int, seed: int = 0) -> list[str]:
+    """Short paragraphs of clean dialogue and narration, the kind a novel is made of (3-12 words)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append(english_document(rng, 14, 40))  # a narration paragraph long enough for web
+        else:
+            out.append(f'"{rng.choice(_LINES)}" {rng.choice(_NAMES)} {rng.choice(_VERBS)}.')
+    return out
+
+
+_GARBAGE = {
+    "#### ### ## # " * 20 + "words here": "symbol_word_ratio",
+    "12 34 56 78 90 11 22 33 44 55 66 77 88 99 10 20 30 40 50 60 70 80 90": "alpha_words",
+    "\n".join(["buy cheap watches now today"] * 10 + ["unique closing line with words"]): "duplicate_lines",
+    "\n\n".join(["Click here to subscribe to our newsletter today."] * 4): "duplicate_lines",
+}
+
+
+def test_short_clean_dialogue_survives_clean_and_is_dropped_by_web() -> None:
+    web, clean = QualityConfig(rules="web"), QualityConfig(rules="clean")
+    short = [p for p in dialogue_paragraphs(60) if len(words_of(p)) < 10]
+    assert len(short) >= 30
+    assert {first_failure(p, web) for p in short} == {"min_words"}
+    assert {first_failure(p, clean) for p in short} == {None}
+    # A markdown heading and a trailing ellipsis are structure and punctuation in curated text.
+    for text in ("## Installation", "Well... I thought... maybe...", "# Chapter 1\n\nIt was late."):
+        assert first_failure(text, clean) is None
+
+
+@pytest.mark.parametrize("rules", ["web", "clean"])
+def test_garbage_is_dropped_by_web_and_clean(rules: str) -> None:
+    cfg = QualityConfig(rules=rules)
+    for text, expected in _GARBAGE.items():
+        assert first_failure(text, cfg) == expected, (rules, text[:40])
+
+
+def test_rules_off_keeps_everything_non_empty() -> None:
+    off = QualityConfig(rules="off")
+    for text in [*_GARBAGE, *dialogue_paragraphs(20), "x"]:
+        assert first_failure(text, off) is None
+    assert first_failure(" \n\n ", off) == "empty"
+
+
+def test_rules_are_set_through_the_config_and_a_bad_value_is_one_line() -> None:
+    assert PrepareConfig().quality.rules == "web"  # the default: existing configs judge as before
+    assert load_config(PrepareConfig, None, ["quality.rules=clean"]).quality.rules == "clean"
+    with pytest.raises(ConfigError) as err:
+        load_config(PrepareConfig, None, ["quality.rules=strict"])
+    assert "quality.rules" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="quality.rules"):
+        QualityConfig(rules="lenient")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("dropped", "warned"), [(101, True), (100, False), (0, False)])
+def test_card_warns_when_one_rule_drops_over_a_tenth_of_the_bytes(dropped: int, warned: bool) -> None:
+    cfg = load_config(PrepareConfig, None, ["dedup.near=false"])
+    tally = PassTally.start(cfg)
+    tally.filter_bytes["min_words"] = dropped
+    tally.filter_bytes["empty"] = 500  # never warns: no rule set keeps an empty text
+    warnings = tally.quality_warnings(cfg, 1000)
+    assert len(warnings) == int(warned)
+    if warned:
+        assert "min_words" in warnings[0] and "10.1%" in warnings[0]
+        assert "--set quality.rules=clean" in warnings[0]
+    section = tally.card_quality(cfg, 1000)
+    assert section["rules"] == "web" and section["bytes_dropped"]["min_words"] == dropped
+
+
+def test_prepare_card_records_rules_bytes_and_warning(tmp_path) -> None:
+    src = tmp_path / "novel.txt"
+    src.write_text("\n\n".join(dialogue_paragraphs(240, seed=5)) + "\n")
+    cards = {}
+    for rules in ("web", "clean"):
+        cfg = load_config(PrepareConfig, None, [f"quality.rules={rules}", "tokenizer.vocab_size=300",
+                                                "pack.block_size=16", f"source.uri={src}", "dedup.near=false"])
+        cards[rules] = prepare_folder(cfg, tmp_path / rules).card
+    web, clean = cards["web"], cards["clean"]
+    assert web["quality"]["rules"] == "web" and clean["quality"]["rules"] == "clean"
+    assert web["quality"]["bytes_dropped"]["min_words"] > 0.1 * web["counts"]["bytes_read"]
+    assert any(w.startswith("quality rule min_words dropped") and "quality.rules=clean" in w for w in web["warnings"])
+    assert clean["quality"]["bytes_dropped"]["min_words"] == 0
+    assert not any(w.startswith("quality rule") for w in clean["warnings"])
+    assert clean["counts"]["bytes_kept"] > web["counts"]["bytes_kept"]

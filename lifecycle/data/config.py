@@ -72,6 +72,11 @@ class QualityConfig:
     """
 
     enabled: bool = True
+    #: named rule set: ``web`` (every rule below, made for crawled web pages), ``clean`` (curated
+    #: text: only the rules that catch real garbage, no word-count or word-length limits), ``off``
+    #: (no quality rule; cleaning, dedup and PII still run). The default stays ``web`` so that
+    #: existing configs and prepared digests do not change; the card warns when it costs much.
+    rules: Literal["web", "clean", "off"] = "web"
     min_words: int = 10
     max_words: int = 100_000
     #: mean length of non-CJK words; skipped when most of the text is CJK.
@@ -89,6 +94,9 @@ class QualityConfig:
     min_alpha_word_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        # Also checked here, not only by the loader: QualityConfig(rules=...) in code must fail the same way.
+        if self.rules not in ("web", "clean", "off"):
+            raise ConfigError(f"quality.rules: {self.rules!r} is not one of web, clean, off")
         if self.min_words < 0 or self.max_words < max(1, self.min_words):
             raise ConfigError(f"quality: need 0 <= min_words <= max_words, got {self.min_words}..{self.max_words}")
         if not 0 <= self.min_mean_word_length <= self.max_mean_word_length:

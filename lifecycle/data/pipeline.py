@@ -83,7 +83,7 @@ class BatchResult:
     """
 
     in_bytes: int
-    drops: list[tuple[str, str]]  # (filter name, sample), in input order
+    drops: list[tuple[str, str, int]]  # (filter name, sample, input bytes), in input order
     texts: list[str]  # what dedup, split and the format judge (a rendered example for sft)
     lines: list[bytes]  # UTF-8 JSON line of each kept item for raw/<split>.jsonl
     out_bytes: list[int]
@@ -102,7 +102,7 @@ def process_batch(items: list[Any], cfg: PrepareConfig, fmt: DataFormat, hasher:
     single main process only decides and writes. ``bands`` is the LSH (bands, rows) layout.
     """
     in_bytes = 0
-    drops: list[tuple[str, str]] = []
+    drops: list[tuple[str, str, int]] = []
     kept: list[str] = []
     rows: list[Any] = []
     pii: list[dict[str, int]] = []
@@ -114,7 +114,7 @@ def process_batch(items: list[Any], cfg: PrepareConfig, fmt: DataFormat, hasher:
         failed, text, counts, size, row = fmt.screen(item)
         in_bytes += size
         if failed is not None:
-            drops.append((failed, text))
+            drops.append((failed, text, size))
             continue
         kept.append(text)
         pii.append(counts)
@@ -230,6 +230,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
     tally = PassTally.start(cfg, fmt.terms.extra_filters)
     # Locals for the per-item loop below (no attribute lookups on the hot path).
     filters, dedup_counts, pii_counts = tally.filters, tally.dedup_counts, tally.pii_counts
+    filter_bytes = tally.filter_bytes
     split_docs, split_bytes, samples, hist, dedup = (tally.split_docs, tally.split_bytes, tally.samples,
                                                      tally.hist, tally.dedup)
     layouts: Counter[str] = Counter()
@@ -256,8 +257,9 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
                 for res in mapper.map(_process_batch, batched(fmt.items(stats), cfg.batch_size)):
                     bytes_read += res.in_bytes
                     layouts.update(res.layouts)
-                    for name, sample in res.drops:
+                    for name, sample, size in res.drops:
                         filters[name] += 1
+                        filter_bytes[name] += size
                         keep_sample(samples, name, sample, cfg.drop_samples)
                     bands = res.bands.tolist() if res.bands is not None else None
                     out: dict[str, list[int]] = {s: [] for s in SPLITS}  # kept indices per split
@@ -300,7 +302,7 @@ def prepare_folder(cfg: PrepareConfig, workdir: Path, *, data_format: str = "lm"
         raise
     seconds.update(done.seconds)
     seconds["filter"] = max(0.0, seconds["filter"] - done.in_pass)
-    for warning in done.warnings:
+    for warning in [*done.warnings, *tally.quality_warnings(cfg, bytes_read)]:
         log.warning(warning)
     card = _card(cfg, fmt.terms.name, done, tally, stats, source=source_uri or cfg.source.uri, bytes_read=bytes_read,
                  with_pii=docs_with_pii, reference_docs=reference_docs,
@@ -326,6 +328,7 @@ def _card(cfg: PrepareConfig, data_format: str, done: FormatResult, tally: PassT
         "source": mask_secrets(source),  # the card is an artifact: no credentials in it
         "counts": tally.card_counts(stats.documents, kept, bytes_read, stats, with_pii),
         "filters": {**dict(tally.filters), **done.filters},
+        "quality": tally.card_quality(cfg, bytes_read),
         "dedup": tally.card_dedup(cfg, reference_docs),
         "pii": tally.card_pii(cfg),
         "pii_mode": cfg.pii.mode,
@@ -338,7 +341,7 @@ def _card(cfg: PrepareConfig, data_format: str, done: FormatResult, tally: PassT
         "tokenizer": card_tokenizer(done.tokenizer, trained=done.trained, source=tokenizer_from,
                                     **done.tokenizer_extra),
         "document_length_chars": tally.hist.to_dict(),
-        "warnings": done.warnings,
+        "warnings": [*done.warnings, *tally.quality_warnings(cfg, bytes_read)],
         "config": to_dict(cfg),
     }
     if stats.files_with_replacements:

@@ -5,6 +5,11 @@ document fails, so the data card can say which filter dropped how much. Words ar
 non-space characters, except that every CJK/kana/hangul character counts as a word of its own:
 Chinese and Japanese have no spaces, and counting a whole sentence as one 40-character "word"
 would fail the word-length and word-count rules for reasons that have nothing to do with quality.
+
+``quality.rules`` names the set of checks that run (:data:`RULE_SETS`): ``web`` is every check,
+as Gopher and C4 apply them to whole web pages; ``clean`` keeps only the checks that catch real
+garbage in curated text (books, dialogue, docs), where a short paragraph is not a sign of a bad
+page; ``off`` runs none.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ _CJK_CHAR = re.compile(f"[{_CJK_RANGES}]")
 # A word: one CJK character, or a run of characters that are neither space nor CJK.
 WORD = re.compile(f"[{_CJK_RANGES}]|[^\\s{_CJK_RANGES}]+")
 
+# A markdown heading marker ("## ") at the start of a line: structure, not a symbol of spam.
+_HEADING_MARK = re.compile(r"^#{1,6}(?= )", re.MULTILINE)
 # A whitespace-delimited run with no letter in it ([^\W\d_] is "a letter" in Python's re).
 _NO_ALPHA_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
 # Deletes ASCII letters and whitespace: what is left bounds the number of letterless words.
@@ -106,6 +113,16 @@ def _symbol_ratio_ok(s: DocStats, c: QualityConfig, text: str) -> bool:
     return symbols <= c.max_symbol_word_ratio * max(1, s.n_words)
 
 
+def _clean_symbol_ratio_ok(s: DocStats, c: QualityConfig, text: str) -> bool:
+    # Curated text: an ellipsis is punctuation (dialogue trails off), a heading marker is markup;
+    # only the remaining '#' count. Short paragraphs get the allowance of a 10-word one, since one
+    # stray '#' in a 3-word line is a ratio of 0.33 without being garbage.
+    symbols = text.count("#")
+    if symbols:
+        symbols -= sum(len(m) for m in _HEADING_MARK.findall(text))
+    return symbols <= c.max_symbol_word_ratio * max(10, s.n_words)
+
+
 def _ellipsis_ok(s: DocStats, c: QualityConfig) -> bool:
     if not s.lines:
         return True
@@ -140,12 +157,31 @@ _CHECKS: list[tuple[str, Callable[[DocStats, QualityConfig, str], bool]]] = [
 ]
 
 
+_CLEAN_CHECKS: list[tuple[str, Callable[[DocStats, QualityConfig, str], bool]]] = [
+    ("symbol_word_ratio", lambda s, c, t: _clean_symbol_ratio_ok(s, c, t)),
+    *[(name, check) for name, check in _CHECKS if name in ("duplicate_lines", "duplicate_paragraphs", "alpha_words")],
+]
+
+#: the checks each ``quality.rules`` value runs after "empty" (which always runs).
+RULE_SETS: dict[str, list[tuple[str, Callable[[DocStats, QualityConfig, str], bool]]]] = {
+    "web": _CHECKS[1:],
+    "clean": _CLEAN_CHECKS,
+    "off": [],
+}
+
+
 def first_failure(text: str, cfg: QualityConfig) -> str | None:
-    """Name of the first quality filter ``text`` fails, or ``None`` when it passes them all."""
+    """Name of the first quality filter ``text`` fails, or ``None`` when it passes them all.
+
+    An empty text fails "empty" under every rule set: there is nothing to keep.
+    """
     if not text.strip():
         return "empty"
+    checks = RULE_SETS[cfg.rules]
+    if not checks:
+        return None
     stats = doc_stats(text)
-    for name, check in _CHECKS[1:]:
+    for name, check in checks:
         if not check(stats, cfg, text):
             return name
     return None

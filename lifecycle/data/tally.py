@@ -22,6 +22,8 @@ from lifecycle.errors import DataError
 
 #: characters of a dropped text kept as a sample.
 SAMPLE_CHARS = 600
+#: the card warns when one quality rule drops more than this share of the input bytes.
+QUALITY_WARN_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class PassTally:
     samples: dict[str, list[str]]  # a few dropped texts per reason
     hist: LengthHistogram  # lengths of the kept texts, in characters
     dedup: Deduplicator
+    #: input bytes of the texts each filter dropped (bytes, not counts: a rule that drops many
+    #: short paragraphs can cost little text, one that drops a few books can cost most of it).
+    filter_bytes: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def start(cls, cfg: PrepareConfig, extra_filters: tuple[str, ...] = ()) -> PassTally:
@@ -129,6 +134,29 @@ class PassTally:
             "non_text_values": stats.non_text_values,
             "documents_with_pii": with_pii,
         }
+
+    def card_quality(self, cfg: PrepareConfig, bytes_read: int) -> dict[str, Any]:
+        """The card's ``quality`` section: the rule set and the input bytes each quality rule dropped."""
+        rules = cfg.quality.rules if cfg.quality.enabled else "off"
+        return {"rules": rules, "bytes_read": bytes_read,
+                "bytes_dropped": {name: int(self.filter_bytes.get(name, 0)) for name in FILTER_NAMES}}
+
+    def quality_warnings(self, cfg: PrepareConfig, bytes_read: int) -> list[str]:
+        """One warning per quality rule that dropped more than :data:`QUALITY_WARN_SHARE` of the input bytes."""
+        if bytes_read <= 0:
+            return []
+        rules = cfg.quality.rules if cfg.quality.enabled else "off"
+        # "empty" is not a judgement a rule set changes (nothing is there to keep), so it never warns.
+        hint = {"web": "if the source is curated text (books, dialogue, docs), try --set quality.rules=clean",
+                "clean": "if this text is wanted, try --set quality.rules=off or loosen quality.<key>",
+                "off": "loosen quality.<key>"}[rules]
+        out = []
+        for name in FILTER_NAMES[1:]:
+            share = self.filter_bytes.get(name, 0) / bytes_read
+            if share > QUALITY_WARN_SHARE:
+                out.append(f"quality rule {name} dropped {share:.1%} of the input bytes "
+                           f"(quality.rules={rules}); {hint}")
+        return out
 
     def card_dedup(self, cfg: PrepareConfig, reference_docs: int) -> dict[str, Any]:
         """The card's ``dedup`` section."""
