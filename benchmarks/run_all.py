@@ -37,6 +37,7 @@ BENCHMARKS = {
     "evaluate": "bench_evaluate.py",
     "monitor": "bench_monitor.py",
     "compress": "bench_compress.py",
+    "predict": "bench_predict.py",
 }
 
 #: Readable names and targets of the headline ratios (others are shown under their own key).
@@ -64,6 +65,7 @@ LABELS = {
     "psi_numpy_vs_python": ("PSI, numpy vs pure Python", ""),
     "ks_numpy_vs_python": ("KS statistic, numpy vs pure Python", ""),
     "records_per_s": ("inference records read and parsed per second", ""),
+    "predict_vs_one_at_a_time": ("lifecycle predict at batch 16 vs the pyfunc one row at a time, rows/s", ">= 3"),
 }
 
 

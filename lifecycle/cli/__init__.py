@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "retrain": ("lifecycle.cli.retrain_cmd", "retrain", "Continuous training on new data."),
     "tune": ("lifecycle.cli.optimize_cmd", "tune", "Hyperparameter search with Optuna."),
     "compress": ("lifecycle.cli.optimize_cmd", "compress", "Make a compressed variant of a registered version."),
+    "predict": ("lifecycle.cli.predict_cmd", "predict", "Generate for every row of a file with a model, resumably."),
     "pipeline": ("lifecycle.cli.pipeline_cmd", "pipeline", "Run the whole lifecycle as one command."),
 }
 

@@ -1,0 +1,52 @@
+"""``lifecycle predict``: batch generation over a file through the pyfunc model, resumable."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("predict")
+@click.argument("model_uri")
+@click.option("--input", "input_path", required=True, help="JSONL, CSV or Parquet file with a prompt column.")
+@click.option("--output", required=True,
+              help="Output: .jsonl (a file) or .parquet (a folder of part files). Rerunning resumes it.")
+@click.option("--prompt-column", default="prompt", show_default=True, help="Input column holding the prompts.")
+@click.option("--id-column", help="Input column of unique row ids (default: id if present, else the row number).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Rows per pyfunc call.")
+@click.option("--max-new-tokens", type=int, help="Most tokens generated per row (default: the model's).")
+@click.option("--temperature", type=float, help="Sampling temperature (with --do-sample).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold (with --do-sample).")
+@click.option("--top-k", type=int, help="Top-k sampling (with --do-sample; 0 = off).")
+@click.option("--do-sample", is_flag=True, default=None, help="Sample instead of greedy decoding.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--repetition-penalty", type=float, help="Repetition penalty (> 0).")
+@click.option("--truncate", is_flag=True, default=None, help="Cut prompts over the context instead of refusing.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: CUDA when available).")
+@click.option("--overwrite", is_flag=True, help="Replace an output that belongs to another job.")
+def predict(model_uri: str, input_path: str, output: str, prompt_column: str, id_column: str | None,
+            batch_size: int, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
+            top_k: int | None, do_sample: bool | None, seed: int | None, stop: tuple[str, ...],
+            repetition_penalty: float | None, truncate: bool | None, device: str | None, overwrite: bool) -> None:
+    """Generate for every row of --input with MODEL_URI (models:/NAME@ALIAS, models:/NAME/V, runs:/..., or a
+    local pyfunc folder), writing id, prompt and the model's fields per row to --output.
+
+    An interrupted run continues where it stopped when run again; no row is written twice.
+    Exit codes: 2 bad option or output extension, 4 bad input, 5 model not found, 6 output of another job.
+    """
+    from pathlib import Path
+
+    from lifecycle.cli import check_writable
+    from lifecycle.predict import OUTPUT_SUFFIXES, predict_file
+
+    if Path(output).suffix.lower() in OUTPUT_SUFFIXES:
+        # An unwritable output is refused (exit 14) before the model is loaded, not at the first batch.
+        check_writable(output, "--output", file=Path(output).suffix.lower() == ".jsonl")
+
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "do_sample": do_sample, "seed": seed, "stop": list(stop) or None,
+              "repetition_penalty": repetition_penalty, "truncate": truncate}
+    out = predict_file(model_uri, input_path, output, prompt_column=prompt_column, id_column=id_column,
+                       batch_size=batch_size, params=params, device=device, overwrite=overwrite)
+    resumed = f" ({out.skipped} already there)" if out.skipped else ""
+    click.echo(f"Wrote {out.written} row(s) to {out.output}{resumed}; {out.total} in the input.")
