@@ -23,8 +23,8 @@ WORDS = ["the", "class", "def", "module", "return", "import", "value", "list", "
 
 
 @pytest.fixture(scope="module")
-def pyfunc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's pyfunc model of a tiny GPT-2, logged once and downloaded to a local folder."""
+def logged_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The project's pyfunc model of a tiny GPT-2, logged once: its ``models:/m-...`` URI."""
     import mlflow
 
     from lifecycle.serving import log_model
@@ -33,7 +33,15 @@ def pyfunc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exp = mlflow.create_experiment(f"predict-{time.time_ns()}", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
         info = log_model(make_tiny_model(tmp / "tiny"), model_config={"cpu_threads": 1})
-    return Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp / "pyfunc")))
+    return info.model_uri
+
+
+@pytest.fixture(scope="module")
+def pyfunc_dir(logged_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model downloaded to a local pyfunc folder."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(logged_uri, dst_path=str(tmp_path_factory.mktemp("pyfunc"))))
 
 
 def prompts(n: int = N_ROWS) -> list[str]:
@@ -78,10 +86,10 @@ def test_batched_equals_one_at_a_time_in_process(pyfunc_dir: Path, tmp_path: Pat
     assert len(read_jsonl(tmp_path / "out.jsonl")) == N_ROWS
 
 
-def test_parquet_in_and_out_csv_in_row_numbers_and_torn_line(pyfunc_dir: Path, tmp_path: Path):
+def test_parquet_in_and_out_csv_in_row_numbers_and_torn_line(logged_uri: str, pyfunc_dir: Path, tmp_path: Path):
     src = write_input(tmp_path / "in.parquet", n=20, ids=list(range(100, 120)))
     out = tmp_path / "out.parquet"
-    assert cli("predict", str(pyfunc_dir), "--input", str(src), "--output", str(out), "--batch-size", "8",
+    assert cli("predict", logged_uri, "--input", str(src), "--output", str(out), "--batch-size", "8",
                "--max-new-tokens", "4") == 0
     assert len(list(out.glob("part-*.parquet"))) == 3
     df = pd.read_parquet(out)
@@ -103,27 +111,33 @@ def test_parquet_in_and_out_csv_in_row_numbers_and_torn_line(pyfunc_dir: Path, t
     assert [r["row"] for r in read_jsonl(jsonl)] == list(range(10))
 
 
+def _rows_written(out: Path) -> int:
+    if out.suffix == ".parquet":
+        return 2 * len(list(out.glob("part-*.parquet"))) if out.is_dir() else 0
+    return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
 @pytest.mark.e2e
-def test_killed_run_resumes_with_every_id_once(pyfunc_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_killed_run_resumes_with_every_id_once(pyfunc_dir: Path, tmp_path: Path, suffix: str):
     src = write_input(tmp_path / "in.jsonl")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / f"out{suffix}"
     cmd = [sys.executable, "-m", "lifecycle", "predict", str(pyfunc_dir), "--input", str(src), "--output", str(out),
            "--batch-size", "2", "--max-new-tokens", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= N_ROWS // 4:
+        if _rows_written(out) >= N_ROWS // 4:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    first = out.read_bytes().count(b"\n")
-    assert 0 < first < N_ROWS
+    assert 0 < _rows_written(out) < N_ROWS
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    ids = [r["id"] for r in read_jsonl(out)]
+    ids = list(pd.read_parquet(out)["id"]) if suffix == ".parquet" else [r["id"] for r in read_jsonl(out)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(N_ROWS)) and len(ids) == len(set(ids))
 
 
