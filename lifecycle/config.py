@@ -214,22 +214,8 @@ def _coerce_text(text: str, tp: Any, optional: bool, key: str) -> Any:
             if text == (choice if isinstance(choice, str) else _scalar_text(choice)):
                 return choice
         raise ConfigError(f"{key}: {text!r} is not one of {', '.join(map(str, allowed))}")
-    if tp is bool:
-        if text.strip().lower() in _TRUE | _FALSE:
-            return text.strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true/false, got {text!r}")
-    if tp is int:
-        try:
-            return int(text.strip())
-        except ValueError:
-            pass
-        try:
-            as_float = float(text)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
-        if not math.isfinite(as_float) or not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {text!r}")
-        return int(as_float)
+    if tp in (bool, int):
+        return _coerce(text, tp, key)  # a string already takes the one path for true/false and integers
     if tp is float:
         try:
             number = float(text)

@@ -16,6 +16,7 @@ unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -268,8 +269,6 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
     """
     import mlflow.pyfunc
 
-    from lifecycle.tracking import translate_mlflow_error
-
     settings = {"LIFECYCLE_COALESCE": "false", "LIFECYCLE_WARMUP": "false",
                 "LIFECYCLE_MAX_BATCH_SIZE": str(max(batch_size, 1))}
     if device:
@@ -277,11 +276,8 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
     saved = {var: os.environ.get(var) for var in settings}
     os.environ.update(settings)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:
-        if type(exc).__module__.startswith("mlflow"):
-            raise translate_mlflow_error(exc, f"model {model_uri}") from None
-        raise
+        with _mlflow_errors(f"model {model_uri}"):
+            return mlflow.pyfunc.load_model(model_uri)
     finally:
         for var, value in saved.items():
             if value is None:
@@ -290,16 +286,23 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
                 os.environ[var] = value
 
 
+@contextlib.contextmanager
+def _mlflow_errors(what: str) -> Iterator[None]:
+    """MLflow's own exceptions as the project's one-line errors; anything else passes through."""
+    from lifecycle.tracking import translate_mlflow_error
+
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.startswith("mlflow"):
+            raise translate_mlflow_error(exc, what) from None
+        raise
+
+
 def run_batch(model: Any, prompts: list[str], params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One pyfunc call on a DataFrame of prompts; one dict of the model's fields per row."""
     import pandas as pd
 
-    from lifecycle.tracking import translate_mlflow_error
-
-    try:
+    with _mlflow_errors("predict"):
         out = model.predict(pd.DataFrame({"prompt": prompts}), params=dict(params) or None)
-    except Exception as exc:
-        if type(exc).__module__.startswith("mlflow"):
-            raise translate_mlflow_error(exc, "predict") from None
-        raise
     return [{k: _plain(v) for k, v in row.items()} for row in out.to_dict(orient="records")]

@@ -82,6 +82,20 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def _spawn(what: str, cmd: list[str], workdir: Path, env: dict[str, str], log_path: Path, health_url: str,
+           timeout: float) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, its output in ``log_path``, and wait for ``health_url``;
+    on any failure stop the group and raise with the log's tail."""
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(health_url, timeout=timeout, proc=proc)
+    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
+        _stop_group(proc)
+        raise RuntimeError(f"{what} did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}") from None
+    return proc
+
+
 def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None = None,
                         extra_env: dict[str, str] | None = None, port: int | None = None) -> MlflowServer:
     """Start `mlflow server` on a free loopback port, serving artifacts through the server.
@@ -115,14 +129,8 @@ def start_mlflow_server(backend_uri: str, workdir: Path, *, app_name: str | None
     if app_name:
         cmd += ["--app-name", app_name]
     log_path = workdir / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
-    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
-        _stop_group(proc)
-        raise RuntimeError(f"mlflow server did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
+    proc = _spawn("mlflow server", cmd, workdir, env, log_path, f"{url}/health", 120)
     return MlflowServer(url=url, backend_uri=backend_uri, proc=proc, log_path=log_path, env=env)
 
 
@@ -212,16 +220,8 @@ def start_guard(tracking_url: str, workdir: Path, secret: str, *, env: dict[str,
     if policy:
         cmd += ["--policy", policy]
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "guard.log", "wb")  # noqa: SIM115 - lives as long as the guard
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=90, proc=proc)
-    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
-        _stop_group(proc)
-        log = (workdir / "guard.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the guard did not start; log:\n{log}")
+    proc = _spawn("the guard", cmd, workdir, full_env, workdir / "guard.log", f"{url}/health", 90)
     return proc, url
 
 
@@ -248,16 +248,8 @@ def start_lifecycle_serve(name: str, workdir: Path, args: list[str] | None = Non
     full_env = {**os.environ, **(env or {}), "PATH": BARE_PATH}
     cmd = [str(lifecycle_script()), "serve", name, "--port", str(port), *(args or [])]
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/ping", timeout=timeout, proc=proc)
-    except Exception:  # noqa: BLE001 - any failure to start: stop the group, then say why
-        _stop_group(proc)
-        raise RuntimeError(f"lifecycle serve did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
+    proc = _spawn("lifecycle serve", cmd, workdir, full_env, workdir / "serve.log", f"{url}/ping", timeout)
     return proc, url
 
 

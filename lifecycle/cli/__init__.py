@@ -110,6 +110,10 @@ def _shown(exc: BaseException | str) -> str:
     return mask_secrets(str(exc) or type(exc).__name__)
 
 
+#: Connection errors that mean a server cannot be reached (a broken pipe on our own output does not).
+_UNREACHABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Run the CLI, turning library and operating-system errors into one-line messages and exit codes."""
     # Distributed workers (torchrun) print errors once, from rank 0.
@@ -121,11 +125,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
         try:
             return cli.main(args=list(argv) if argv is not None else None, prog_name="lifecycle",
                             standalone_mode=False)
-        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
-            # requests' errors and these are OSErrors too, but mean "cannot reach", not "cannot write".
-            raise TrackingUnavailableError(f"cannot connect: {' '.join(str(exc).split())}") from exc
         except OSError as exc:
-            if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):
+            # Refused/reset connections and requests' errors are OSErrors too, but mean "cannot
+            # reach", not "cannot write".
+            if isinstance(exc, _UNREACHABLE) or type(exc).__module__.split(".")[0] in ("requests", "urllib3"):
                 raise TrackingUnavailableError(f"cannot connect: {' '.join(str(exc).split())}") from exc
             # Permission denied, disk full, port in use ...: the user's to fix, not a crash.
             raise from_os_error(exc) from exc

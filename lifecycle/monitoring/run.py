@@ -32,7 +32,6 @@ from lifecycle.monitoring.config import MonitorConfig
 from lifecycle.monitoring.records import load_records, parse_since, records_path, select_window
 from lifecycle.monitoring.reference import load_reference
 from lifecycle.monitoring.verdict import Verdict, decide
-from lifecycle.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +175,15 @@ def monitor(name: str, *, alias: str | None = "production", version: str | None 
         # "resolved." prefix: under `mlflow run` the run already holds the entry point's raw
         # parameters (records='', reference='') and MLflow refuses to change a logged param.
         params = {**{f"config.{k}": v for k, v in flatten(cfg).items()},
-                  # A URI's userinfo or token never reaches params (they are shown to every reader).
-                  "resolved.records": mask_secrets(str(path)),
-                  "resolved.reference": mask_secrets(ref_uri),
+                  "resolved.records": str(path),
+                  "resolved.reference": ref_uri,
                   "resolved.reference_digest": ref.digest or "",
                   "resolved.reference_segments": len(ref.segments), "resolved.policy": policy_path,
                   "resolved.window_since": since.isoformat() if since else "all",
                   "resolved.window_until": window.until.isoformat(),
                   "resolved.version": str(mv.version)}
-        mlflow.log_params(mask_mapping(params))  # config values (paths, URIs) masked too
+        # A URI's userinfo or token never reaches params (they are shown to every reader).
+        mlflow.log_params(mask_mapping(params))
         mlflow.log_metrics(finite(an.metrics))
         unavailable = sorted(k for k, v in an.metrics.items() if v != v)
         mlflow.set_tags({"monitor.unavailable": ",".join(unavailable)[:5000],

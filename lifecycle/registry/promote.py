@@ -188,8 +188,7 @@ def _undo(client: Any, led: L.Ledger, event: L.Event, exc: Exception, version_st
                 if facts.alias_version(reg.get_registered_model(event.model), event.target) is not None:
                     raise
             if version_stage and version_stage != facts.STAGE_OF.get(event.target):
-                fault_point("restore stage")
-                reg.transition_model_version_stage(event.model, event.to_version, version_stage)
+                facts.transition(client, event.model, event.to_version, version_stage)
         led.set_state(event, L.FAILED)
         led.append(L.Event(model=event.model, action=L.ABORT, target=event.target, seq=event.seq + 1,
                            from_version=event.to_version, to_version=event.from_version, effective=False,

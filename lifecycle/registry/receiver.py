@@ -36,8 +36,6 @@ from lifecycle.registry.signature import SeenDeliveries, verify_signature
 log = logging.getLogger("lifecycle.registry.guard")
 
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
-#: The ledger action of a reconcile the guard gave up on (the move outside lifecycle stands).
-GUARD_FAILED = "guard_failed"
 
 
 @dataclass(frozen=True)
@@ -280,7 +278,7 @@ class Guard:
         try:
             with RegistryLock(self.client, job.name, purpose=f"guard {job.alias} failed") as lock:
                 seq = led.next_seq(job.name)
-                event = L.Event(model=job.name, action=GUARD_FAILED, target=job.alias, seq=seq,
+                event = L.Event(model=job.name, action=L.GUARD_FAILED, target=job.alias, seq=seq,
                                 actor=f"guard:{actor()}", reason=redact(reason, self.secret),
                                 policy_path=self.policy.path, policy_digest=self.policy.digest)
                 lock.verify()

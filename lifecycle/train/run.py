@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from lifecycle import tracking
 from lifecycle.config import flatten, to_dict
 from lifecycle.errors import ConfigError, DataError, NotFoundError, OutputExistsError
-from lifecycle.train.checkpoint import CheckpointManager
+from lifecycle.train.checkpoint import STATE_FILE, CheckpointManager
 from lifecycle.train.config import DEFAULT_CHECKPOINT_ROOT, RESUME_MUTABLE_KEYS, TrainConfig
 from lifecycle.train.data import PreparedData, load_prepared
 from lifecycle.train.lock import OutputLock
@@ -124,7 +124,7 @@ def latest_run_folder(root: str | Path) -> Path | None:
         if latest is None:
             continue
         try:
-            written = (latest / "trainer_state.json").stat().st_mtime
+            written = (latest / STATE_FILE).stat().st_mtime
         except OSError:
             continue
         if best is None or written > best[0]:
