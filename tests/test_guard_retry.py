@@ -127,6 +127,15 @@ def flaky_guard(mlflow_server, tmp_path_factory):
             log.close()
 
 
+def _waited(log_path: Path, predicate, timeout: float, what: str):
+    """:func:`wait_for`, with the guard's log in the failure message (the log says why it waited)."""
+    try:
+        return wait_for(predicate, timeout, what)
+    except AssertionError as exc:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise AssertionError(f"{exc}; the guard's log ends with:\n{tail}") from None
+
+
 def _log_count(path: Path, text: str) -> int:
     return path.read_text(errors="replace").count(text)
 
@@ -151,10 +160,10 @@ def test_failed_reconcile_is_retried_until_the_server_is_back(mlflow_server, fla
     forwarder.down()
     retries = _log_count(log_path, "retrying in")
     ui_set_alias(mlflow_server.url, unique_name, "production", unapproved)
-    wait_for(lambda: _log_count(log_path, "retrying in") > retries, 30, "a failed reconcile and its retry")
+    _waited(log_path, lambda: _log_count(log_path, "retrying in") > retries, 30, "a failed reconcile and its retry")
     forwarder.up()
-    wait_for(lambda: _events(client, unique_name, L.GUARD_REVERT), 30, "the guard's revert after the retry")
-    wait_for(lambda: aliases(client, unique_name).get("production") == v1, 15, "production back on v1")
+    _waited(log_path, lambda: _events(client, unique_name, L.GUARD_REVERT), 30, "the guard's revert after the retry")
+    _waited(log_path, lambda: aliases(client, unique_name).get("production") == v1, 15, "production back on v1")
     assert not _events(client, unique_name, "guard_failed")
     assert SECRET not in log_path.read_text(errors="replace")
 
@@ -177,14 +186,14 @@ def test_retry_limit_records_guard_failed(mlflow_server, flaky_guard, unique_nam
     missed = _log_count(log_path, "could not record guard_failed")
     ui_set_alias(mlflow_server.url, unique_name, "production", unapproved)
     # 4 attempts (0.5 + 1 + 1.5 s apart), then the record itself fails while the server is away.
-    wait_for(lambda: _log_count(log_path, "could not record guard_failed") > missed, 60, "the guard giving up")
+    _waited(log_path, lambda: _log_count(log_path, "could not record guard_failed") > missed, 60, "the guard giving up")
     forwarder.up()
-    failed = wait_for(lambda: _events(client, unique_name, "guard_failed"), 30, "the guard_failed event")
+    failed = _waited(log_path, lambda: _events(client, unique_name, "guard_failed"), 30, "the guard_failed event")
     event = failed[0]
     assert event.target == "production" and event.actor.startswith("guard:") and not event.effective
     assert "could not check it" in event.reason and "4 attempts" in event.reason
     assert aliases(client, unique_name)["production"] == unapproved  # the move stands, recorded as unchecked
     assert [e.action for e in L.Ledger(client).events(unique_name)] == ["promote", "guard_failed"]
-    wait_for(lambda: "gave up on" in log_path.read_text(errors="replace"), 10, "the guard logging that it gave up")
+    _waited(log_path, lambda: "gave up on" in log_path.read_text(errors="replace"), 10, "the guard saying it gave up")
     assert SECRET not in log_path.read_text(errors="replace")
     assert all(SECRET not in e.to_json() for e in L.Ledger(client).events(unique_name))

@@ -24,6 +24,11 @@ model ``<model>.lifecycle-lock`` succeeds for exactly one caller; deleting it re
   own: on a basic-auth server that needs MANAGE on it, and a caller without it gets
   :class:`~lifecycle.errors.PermissionDeniedError` naming the lock and what an admin runs
   (``lifecycle repair NAME --break-lock``, :func:`break_lock`).
+* Abandoned locks: a request cut mid-way (the server went away) can leave a lock on the server
+  that this process made and no longer holds: a create that did succeed but whose answer was
+  lost, or a release that failed. Its holder process is alive, so by the rules above it would
+  block everyone for a whole lease; this process remembers such tokens and breaks them at once
+  (a long-running guard would otherwise wait out its own lost lock after every outage).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ _BREAK_SUFFIX = ".break"
 #: An ownerless lock model older than this (by its creation time) is stale. Our own locks get
 #: their owner tag in the request that creates them; the margin covers clock skew between hosts.
 OWNERLESS_GRACE_S = 120.0
+#: Tokens of locks that this process made or held and has let go of without confirming the delete.
+_ABANDONED: set[str] = set()
 
 
 @dataclass
@@ -66,6 +73,8 @@ class LockState:
             return f"it has no owner tag and is {age:.0f} s old" if age > OWNERLESS_GRACE_S else None
         if now > self.expires:
             return f"its lease expired {now - self.expires:.0f} s ago"
+        if self.owner in _ABANDONED:
+            return "this process let go of it when a request to the server failed"
         host, _, pid = self.holder.rpartition(":")
         if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
             return f"its holder (process {pid} on this machine) is gone"
@@ -204,6 +213,16 @@ class RegistryLock:
 
     def acquire(self) -> "RegistryLock":
         """Wait (bounded by ``wait_s``) until this process holds the lock."""
+        try:
+            return self._acquire()
+        except BaseException:
+            # A create (of the lock or of its breaker) may have reached the server before the
+            # failure: whatever carries our token now is abandoned, and ours to break next time.
+            if self._sent != (0.0, 0.0):
+                _ABANDONED.add(self.token)
+            raise
+
+    def _acquire(self) -> "RegistryLock":
         deadline = time.monotonic() + self.wait_s
         delay = 0.02
         while True:
@@ -211,6 +230,7 @@ class RegistryLock:
             seen = LockState(exists=True, owner=self.token) if created else self._state(self.name)
             if seen.owner == self.token:
                 self.held = True
+                _ABANDONED.discard(self.token)
                 # Our own clock wrote lock.expires, so our own clock can count it down.
                 self._deadline = (self._sent[0] + self.lease_s if created
                                   else time.monotonic() + (seen.expires - time.time()))
@@ -255,8 +275,9 @@ class RegistryLock:
             if self._state(self.name).owner == self.token:
                 self._delete(self.name)
         except LifecycleError:
-            # The lease expires on its own; a failed release must not hide the real outcome.
-            pass
+            # The lease expires on its own, and this process breaks it sooner (see _ABANDONED);
+            # a failed release must not hide the real outcome.
+            _ABANDONED.add(self.token)
 
     def __enter__(self) -> "RegistryLock":
         return self.acquire()
