@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
-import json
 import logging
 import os
 import shutil
@@ -25,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from lifecycle.errors import ConcurrencyError, ConfigError, OutputExistsError
+from lifecycle.filelock import HolderLock, read_record
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class OutputLock:
         self.output = output
         self.path = lock_path(output)
         self.what = what
-        self._fd: int | None = None
+        self._lock = HolderLock(self.path)
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -67,50 +66,27 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`ConcurrencyError` naming its holder."""
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise ConfigError(f"cannot write next to the output {self.output}: {exc.strerror or exc}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise ConcurrencyError(f"output {self.output} is being written by {holder} (lock file {self.path}); "
-                                       "wait for it to finish or choose another --output") from None
-            # A holder that just finished unlinks the file it locked: only the file at the path counts.
-            try:
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                break
-            os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode("utf-8"))
-        os.fsync(fd)
-        self._fd = fd
+        try:
+            taken = self._lock.acquire() is None
+        except OSError as exc:
+            raise ConfigError(f"cannot write next to the output {self.output}: {exc.strerror or exc}") from None
+        if taken:
+            raise ConcurrencyError(f"output {self.output} is being written by {_holder(self.path)} "
+                                   f"(lock file {self.path}); wait for it to finish or choose another --output")
+        self._lock.write({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                          "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def release(self) -> None:
         """Give the lock up and remove its file."""
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release(unlink=True)
 
 
-def _holder(fd: int) -> str:
+def _holder(path: Path) -> str:
     """Who holds a lock, as its file says (a holder may not have written it yet)."""
+    info = read_record(path)
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
         return f"{info['what']} (pid {info['pid']} on {info['host']}, since {info['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except KeyError:
         return "another process"
 
 

@@ -10,8 +10,6 @@ holder that died, and taking it over says so in a warning.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import json
 import logging
 import os
 import socket
@@ -19,25 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import ConcurrencyError
+from lifecycle.filelock import HolderLock, read_record
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+__all__ = ["LOCK_FILE", "OutputLock", "read_record"]
 
 
 def _describe(record: dict[str, Any]) -> str:
     return (f"pid {record.get('pid', '?')} on {record.get('host', '?')}, run {record.get('run_id') or '(starting)'}, "
             f"started {record.get('started', '?')}")
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """The holder record in a lock file ({} when empty, torn or unreadable)."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-        record = json.loads(text) if text else {}
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 class OutputLock:
@@ -52,7 +42,7 @@ class OutputLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
         self.run_id = run_id
-        self._fd: int | None = None
+        self._lock = HolderLock(self.path)
         self._created: list[Path] = []  # folders this lock made, deepest first
         self._record: dict[str, Any] = {}
 
@@ -64,56 +54,42 @@ class OutputLock:
             parent = parent.parent
         self.folder.mkdir(parents=True, exist_ok=True)
         self._created = missing
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = read_record(self.path)
-            raise ConcurrencyError(f"{self.folder} is in use by another trainer ({_describe(holder)}); wait for it "
-                                   "to finish, or train into another --output") from None
-        self._fd = fd
-        left = read_record(self.path)
+        left = self._lock.acquire()
+        if left is None:
+            raise ConcurrencyError(f"{self.folder} is in use by another trainer ({_describe(read_record(self.path))}); "
+                                   "wait for it to finish, or train into another --output")
         if left:
             log.warning("taking over the lock of %s from a trainer that is no longer running (%s)",
                         self.folder, _describe(left))
         self._record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
                         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        self._write()
+        self._lock.write(self._record)
         return self
 
     def update(self, *, run_id: str) -> None:
         """Name the MLflow run in the record once it exists."""
         self.run_id = run_id
-        if self._fd is not None:
+        if self._lock.held:
             self._record["run_id"] = run_id
-            self._write()
-
-    def _write(self) -> None:
-        assert self._fd is not None
-        data = (json.dumps(self._record, sort_keys=True) + "\n").encode("utf-8")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
+            self._lock.write(self._record)
 
     def release(self) -> None:
         """Empty the record (a clean exit), drop the lock, and remove a folder this lock made in vain."""
-        if self._fd is None:
+        if not self._lock.held:
             return
-        fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)
-            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-                self.path.unlink()
-                for made in self._created:
-                    if any(made.iterdir()):
-                        break
-                    made.rmdir()
+            in_vain = bool(self._created) and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]
         except OSError as exc:
             log.debug("lock cleanup of %s: %s", self.folder, exc)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            in_vain = False
+        # The file is unlinked while still locked, so no contender can be holding a removed file.
+        self._lock.release(unlink=in_vain)
+        if in_vain:
+            for made in self._created:
+                try:
+                    made.rmdir()
+                except OSError:  # not empty (someone wrote there since) or gone: leave it
+                    break
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
