@@ -300,3 +300,33 @@ def test_serve_refuses_bad_canary_input_and_writes_nothing(unique_name, tmp_path
         assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], (args, out)
     assert Ledger(client).events(unique_name) == []
     assert "lifecycle.canary.share" not in (client.get_registered_model(unique_name).tags or {})
+
+
+@pytest.mark.tried("canary", "`lifecycle canary` with a missing challenger alias, a missing records file, a bad "
+                   "--since, a bad policy, an unknown model", "one-line error and its exit code; no ledger event")
+def test_canary_command_refuses_bad_input_and_writes_nothing(unique_name, tmp_path):
+    from mlflow import MlflowClient
+
+    from lifecycle.registry.ledger import Ledger
+    from tests.cli import cli
+
+    client = MlflowClient()
+    client.create_registered_model(unique_name)
+    records = tmp_path / "records.jsonl"
+    records.write_text("", encoding="utf-8")
+    bad_policy = tmp_path / "p.yaml"
+    bad_policy.write_text("canary: {share_steps: [2]}\n", encoding="utf-8")
+    assert cli("canary", unique_name, "--records", str(records)) == 5  # no @production at all
+    cases = [
+        (["--records", str(records)], 5, "no @production alias"),
+        (["--records", str(tmp_path / "nope.jsonl")], 4, "not found"),
+        (["--records", str(records), "--since", "yesterday"], 2, "--since 'yesterday'"),
+        (["--records", str(records), "--policy", str(bad_policy)], 2, "share_steps"),
+    ]
+    for args, code, fragment in cases:
+        got, out = cli_output("canary", unique_name, *args)
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert got == code and len(lines) == 1 and fragment in lines[0], (args, out)
+    got, out = cli_output("canary", f"{unique_name}-missing", "--records", str(records))
+    assert got == 5 and "no registered model" in out
+    assert Ledger(client).events(unique_name) == []

@@ -207,6 +207,13 @@ def test_third_version_is_refused_then_a_good_challenger_steps_up_and_is_promote
     ask(url, 20, key=lambda i: f"k{i}")
     assert {(r["role"], r["model_version"]) for r in records(log) if r["ts"] > cut} == {("production", v2)}
     assert rollout["proc"].poll() is None and v1 != v2
+    # The report's canary section: both arms over time (a PNG), every verdict, the step and the rollback.
+    page = rollout["log"].parent / "report.html"
+    assert cli("report", name, "--out", str(page)) == 0
+    html = page.read_text(encoding="utf-8")
+    section = html.split('<section id="canary">', 1)[1].split("</section>", 1)[0]
+    assert 'alt="canary arms over time" src="data:image/png;base64,' in section
+    assert section.count("canary_rollback") == 1 and "canary_step" in section and "canary_start" in section
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,8 @@ def canary(name: str, challenger_alias: str, since: str | None, records: str | N
                + (f", damaged lines skipped {len(read.skipped)}" if read.skipped else ""))
     gates = [dict(c.to_gate(), mode=rules.mode) for c in verdict.comparisons]
     event = registry_canary.record_verdict(name, arms, code=verdict.code, reason=verdict.reason, gates=gates,
-                                           policy=pol)
+                                           policy=pol, requests=(verdict.production.requests,
+                                                                 verdict.challenger.requests))
     click.echo(f"Verdict: {verdict.code} ({verdict.word}: {verdict.reason}) [ledger #{event.seq}]")
     if act:
         _act(name, arms, verdict, gates, pol, shadow=shadow)

@@ -117,10 +117,12 @@ def step(name: str, a: ArmVersions, share: float, *, client: Any = None) -> L.Ev
 
 
 def record_verdict(name: str, a: ArmVersions, *, code: int, reason: str, gates: list[dict[str, Any]],
-                   policy: Any, client: Any = None) -> L.Event:
-    """Record ``canary_verdict``: the code as the first gate entry (``kind`` canary_verdict), then the figures."""
+                   policy: Any, requests: tuple[int, int] = (0, 0), client: Any = None) -> L.Event:
+    """Record ``canary_verdict``: the code (and each arm's request count) as the first gate entry (``kind``
+    canary_verdict), then the figures."""
     head = {"gate": "canary verdict", "kind": "canary_verdict", "mode": policy.canary.mode if policy.canary else
-            "disabled", "status": {0: "pass", 11: "fail"}.get(code, "undecided"), "reason": reason, "code": code}
+            "disabled", "status": {0: "pass", 11: "fail"}.get(code, "undecided"), "reason": reason, "code": code,
+            "production": requests[0], "challenger": requests[1]}
     return _record(name, a, L.CANARY_VERDICT, f"verdict {code}: {reason}", client=client, gates=[head, *gates],
                    policy_path=policy.path, policy_digest=policy.digest)
 
