@@ -234,23 +234,50 @@ def load_round(url: str, clients: int, texts: list[str], new_tokens: int) -> tup
     return time.perf_counter() - start, latencies
 
 
-def load_tests(urls: dict[bool, str], clients: int, total: int, new_tokens: int, rounds: int) -> dict[bool, dict]:
-    """Both servers, alternating rounds, so that load changes on a shared machine hit both alike."""
+def load_tests(urls: dict, clients: int, total: int, new_tokens: int, rounds: int) -> dict:
+    """Every server, alternating rounds, so that load changes on a shared machine hit all alike.
+
+    Each result also holds ``round_rps``: the throughput of each round, for per-round ratios.
+    """
     texts = prompts(total)
     per_round = max(clients, total // rounds)
     wall = {c: 0.0 for c in urls}
-    lat: dict[bool, list[float]] = {c: [] for c in urls}
+    lat: dict = {c: [] for c in urls}
+    per: dict = {c: [] for c in urls}
     for url in urls.values():
         for text in texts[:2]:
             request(url, text, new_tokens)  # warm the path
+    order = list(urls.items())
     for r in range(rounds):
         chunk = [texts[(r * per_round + i) % len(texts)] for i in range(per_round)]
-        for coalesce, url in urls.items():
+        # Who goes first rotates: whatever the first server of a round pays, all pay alike.
+        shift = r % len(order)
+        for key, url in order[shift:] + order[:shift]:
             seconds, latencies = load_round(url, clients, chunk, new_tokens)
-            wall[coalesce] += seconds
-            lat[coalesce].extend(latencies)
-    return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3}
-            for c in urls}
+            wall[key] += seconds
+            lat[key].extend(latencies)
+            per[key].append(len(chunk) / seconds)
+    return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3,
+                "round_rps": per[c]} for c in urls}
+
+
+def bench_router_in_process(model_uri: str, router_uri: str, repeats: int) -> dict[str, float]:
+    """The router's own cost per request, in process: one prompt, 4 new tokens (the cheapest request, where
+    routing weighs most), through the router at share 0 vs the plain pyfunc model, interleaved."""
+    import mlflow
+
+    plain, router = mlflow.pyfunc.load_model(model_uri), mlflow.pyfunc.load_model(router_uri)
+    text, params = prompts(1)[0], {"max_new_tokens": 4}
+    fns = {"plain": lambda: plain.predict([text], params=params),
+           "router": lambda: router.predict([text], params=params),
+           "plain_again": lambda: plain.predict([text], params=params)}
+    for fn in fns.values():
+        fn()
+    t, c = paired(fns, repeats * 10)
+    router.unwrap_python_model().close()
+    return {"plain_ms": statistics.median(t["plain"]) * 1e3, "router_ms": statistics.median(t["router"]) * 1e3,
+            "router_x": ratio(t["plain"], t["router"]), "router_cpu_x": ratio(c["plain"], c["router"]),
+            "noise_x": ratio(t["plain"], t["plain_again"])}
 
 
 def register_router(model_uri: str, run_id: str, tmp: Path) -> str:
@@ -307,21 +334,27 @@ def main() -> None:
     # In-process first, on a machine not also busy starting two servers (that skewed it by ~5%).
     ip = bench_in_process(model_uri, args.batch, args.new_tokens, repeats, tmp)
     servers = {c: start_server(model_uri, c, tmp, server_env) for c in (True, False)}
+    ipr = bench_router_in_process(model_uri, router_uri, repeats)
     servers["router"] = start_server(router_uri, True, tmp, server_env, label="router")
+    servers["plain_b"] = start_server(model_uri, True, tmp, server_env, label="plain-b")
     try:
         for proc, url in servers.values():
             wait_ready(proc, url)
         results = {}
-        urls = {coalesce: url for coalesce, (_, url) in servers.items() if coalesce != "router"}
-        # The router against the plain coalescing server: 16 clients, alternating rounds.
-        routed = load_tests({"plain": urls[True], "router": servers["router"][1]}, 16, total16, args.new_tokens,
-                            rounds=6)
+        urls = {coalesce: url for coalesce, (_, url) in servers.items() if isinstance(coalesce, bool)}
+        # The router against the plain coalescing server, and a second plain server (this run's noise):
+        # 16 clients, rotating rounds, the median of the per-round throughput ratios.
+        routed = load_tests({"plain": urls[True], "plain_again": servers["plain_b"][1],
+                             "router": servers["router"][1]}, 16, total16, args.new_tokens, rounds=12)
         print("  router share 0 vs plain: " + " ".join(f"{k}: {v['rps']:.1f} req/s p50 {v['p50_ms']:.1f} ms"
                                                        for k, v in routed.items()), flush=True)
+        router_x = ratio(routed["router"]["round_rps"], routed["plain"]["round_rps"])
+        noise_x = ratio(routed["plain_again"]["round_rps"], routed["plain"]["round_rps"])
         for clients, total in ((1, total1), (16, total16)):
             seen = {c: len(batch_sizes(records_path(tmp, c), 0)) for c in urls}
             for coalesce, r in load_tests(urls, clients, total, args.new_tokens, rounds=3).items():
                 sizes = batch_sizes(records_path(tmp, coalesce), seen[coalesce])
+                r.pop("round_rps")
                 r["mean_batch"] = statistics.mean(sizes) if sizes else 0.0
                 results[(coalesce, clients)] = r
                 print(f"  coalesce={'on ' if coalesce else 'off'} clients={clients:2d} "
@@ -350,19 +383,25 @@ def main() -> None:
         print(f"{'coalesce on' if coalesce else 'coalesce off':<16}{clients:>8}{r['rps']:>10.1f}"
               f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['mean_batch']:>12.1f}")
     for clients in (1, 16):
-        ratio = results[(True, clients)]["rps"] / results[(False, clients)]["rps"]
+        on_off = results[(True, clients)]["rps"] / results[(False, clients)]["rps"]
         target = " (target >= 2.0)" if clients == 16 else ""
-        print(f"throughput coalescing on/off with {clients} client(s): {ratio:.2f}x{target}")
-    router_x = routed["router"]["rps"] / routed["plain"]["rps"]
+        print(f"throughput coalescing on/off with {clients} client(s): {on_off:.2f}x{target}")
     print(f"canary router at share 0 vs production alone, 16 clients: {routed['router']['rps']:.1f} vs "
-          f"{routed['plain']['rps']:.1f} req/s = {router_x:.3f}x (target >= 0.95); p50 "
-          f"{routed['router']['p50_ms']:.1f} vs {routed['plain']['p50_ms']:.1f} ms")
+          f"{routed['plain']['rps']:.1f} req/s; median per-round throughput ratio {router_x:.3f}x (target >= 0.95; "
+          f"a second plain server vs the first, the noise: {noise_x:.3f}x); p50 {routed['router']['p50_ms']:.1f} vs "
+          f"{routed['plain']['p50_ms']:.1f} ms")
+    print(f"router in process (1 prompt, 4 new tokens): {ipr['router_ms']:.2f} vs {ipr['plain_ms']:.2f} ms: speed "
+          f"{ipr['router_x']:.3f}x plain (in CPU time {ipr['router_cpu_x']:.3f}x; plain vs plain again, the noise: "
+          f"{ipr['noise_x']:.3f}x)")
     # Machine-readable figures for benchmarks/run_all.py (written when $LIFECYCLE_BENCH_JSON is set).
     from benchmarks._report import write_json
 
     write_json("serve", {"in_process": ip, "servers": {f"coalesce_{'on' if c else 'off'}_clients_{n}": r
-                                                       for (c, n), r in results.items()}, "router": routed},
+                                                       for (c, n), r in results.items()}, "router": routed,
+                         "router_in_process": ipr},
                ratios={"router_share0_vs_plain_16_clients": round(router_x, 3),
+                       "router_share0_vs_plain_noise": round(noise_x, 3),
+                       "router_in_process_vs_plain": round(ipr["router_x"], 3),
                        "pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
                        "records_on_vs_off": round(ip["record_x"], 3),
                        **{f"coalescing_on_vs_off_{n}_clients":

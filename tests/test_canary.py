@@ -203,6 +203,10 @@ def test_split_arms_refuses_a_third_version_and_counts_drops():
     assert (len(arms.production), len(arms.challenger), arms.dropped) == (1, 1, 1)
     with pytest.raises(DataError, match="m v3"):
         split_arms([*records, rec(version="3")], name="m", production="1", challenger="2")
+    # A record of a plain server (or an older file) has no role: it is production's.
+    old = {k: v for k, v in rec().items() if k != "role"}
+    arms = split_arms([old, *records], name="m", production="1", challenger="2")
+    assert len(arms.production) == 2 and arms.roles["production"] == 2
 
 
 # ---------------------------------------------------------------- policy
