@@ -334,3 +334,60 @@ def test_canary_command_refuses_bad_input_and_writes_nothing(unique_name, tmp_pa
     got, out = cli_output("canary", f"{unique_name}-missing", "--records", str(records))
     assert got == 5 and "no registered model" in out
     assert Ledger(client).events(unique_name) == []
+
+
+@given(share=st.floats(allow_nan=True, allow_infinity=True))
+def test_check_share_accepts_exactly_the_open_unit_interval(share):
+    if 0 < share < 1:
+        assert check_share(share) == share
+        assert check_share(repr(share)) == share  # text round-trips exactly
+    else:
+        with pytest.raises(ValueError):
+            check_share(share)
+
+
+def _registered_pair(client, name: str, tmp_path) -> tuple[str, str]:
+    """Two versions of ``name`` (tiny text artifacts: the canary command reads records, not weights)."""
+    import mlflow
+
+    exp = mlflow.create_experiment(f"canary-act-{name}", artifact_location=(tmp_path / "a").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_text("x", "m/x.txt")
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, f"runs:/{run.info.run_id}/m", run.info.run_id).version
+                for _ in range(2)]
+    client.set_registered_model_alias(name, "production", versions[0])
+    client.set_registered_model_alias(name, "staging", versions[1])
+    return str(versions[0]), str(versions[1])
+
+
+def test_canary_act_follows_the_policy_mode(unique_name, tmp_path):
+    import json
+    from datetime import datetime, timezone
+
+    from mlflow import MlflowClient
+
+    from lifecycle.registry.ledger import Ledger
+
+    client = MlflowClient()
+    v1, v2 = _registered_pair(client, unique_name, tmp_path)
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    lines = [dict(rec(name=unique_name, version=v1), ts=now) for _ in range(60)]
+    lines += [dict(rec(name=unique_name, version=v2, role="canary", error=i % 2 == 0), ts=now) for i in range(60)]
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    policy = tmp_path / "policy.yaml"
+    for mode in ("dry_run", "enabled"):
+        policy.write_text(f"canary: {{min_requests: 50, mode: {mode}}}\n", encoding="utf-8")
+        code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy), "--act")
+        assert code == 11 and "error_rate" in out, out
+        if mode == "dry_run":
+            assert "would take v" in out and "nothing changed" in out
+            assert client.get_registered_model(unique_name).aliases.get("staging") is not None
+    assert "staging" not in (client.get_registered_model(unique_name).aliases or {})
+    actions = [e.action for e in Ledger(client).events(unique_name)]
+    assert actions == ["canary_verdict", "canary_verdict", "canary_rollback"]
+    # The challenger is gone: one line, exit 5, nothing recorded.
+    code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy))
+    assert code == 5 and "no @staging alias" in out
+    assert len(Ledger(client).events(unique_name)) == 3
