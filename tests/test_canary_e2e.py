@@ -142,6 +142,11 @@ def test_share_splits_within_binomial_noise_and_a_routing_key_sticks(rollout):
         for _ in range(2):
             got = ask(url, len(keys), key=lambda i: keys[i], header=header)
             assert [s for s, _ in got] == [400 if to_canary(SHARE, k) else 200 for k in keys]
+    # A bad key is the client's error, said in one line; an unknown param lists routing_key among the allowed.
+    status, body = post(url, {"inputs": ["x"], "params": {"max_new_tokens": 2, "routing_key": "k" * 300}})
+    assert status == 400 and "routing_key may have at most 256 characters" in json.dumps(body)
+    status, body = post(url, {"inputs": ["x"], "params": {"max_tokens": 2}})
+    assert status == 400 and "routing_key" in json.dumps(body) and "max_tokens" in json.dumps(body)
 
 
 @pytest.mark.tried("canary", "a challenger whose every generation fails, 50 % of live traffic, then "
