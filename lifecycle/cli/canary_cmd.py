@@ -28,7 +28,7 @@ def canary(name: str, challenger_alias: str, since: str | None, records: str | N
            act: bool) -> None:
     """Compare NAME's challenger with production on the records of a window, and print a verdict.
 
-    The window starts at --since (default 24h), never before the challenger's canary_start.
+    The window starts at --since; by default 24h ago, but not before the challenger's newest canary_start.
     Exits 0 (the challenger holds: ready for the next step or promotion), 10 (not enough evidence
     yet) or 11 (the challenger is worse: roll back). Every run records a canary_verdict event.
     """
@@ -44,10 +44,11 @@ def canary(name: str, challenger_alias: str, since: str | None, records: str | N
     start = parse_since(since or "24h")
     path = records_path(records)
     arms = registry_canary.arms(name, challenger_alias)
-    began = registry_canary.started_at(name, arms.challenger)
+    began = registry_canary.started_at(name, arms.challenger) if since is None else None
     if began is not None:
+        # The default window holds this challenger's canary only (an explicit --since is taken as given).
         began_at = datetime.fromtimestamp(began, tz=timezone.utc) - timedelta(seconds=1)
-        start = began_at if start is None else max(start, began_at)
+        start = max(start, began_at)
     read = load_records(path)
     split = split_arms(read.records, name=name, production=arms.production, challenger=arms.challenger, since=start)
     verdict = compare(split.production, split.challenger, rules, dropped=split.dropped)
