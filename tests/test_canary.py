@@ -272,9 +272,16 @@ def test_shipped_policies_have_a_canary_section():
 @pytest.mark.tried("canary", "`lifecycle serve --canary` with a share outside (0, 1), both --canary and --shadow, a "
                    "share without --canary, a missing challenger alias, the same version on both arms",
                    "one-line error, exit 2 or 5; no ledger event, no server")
-def test_serve_refuses_bad_canary_input_and_writes_nothing(unique_name, tmp_path):
+def test_serve_refuses_bad_canary_input_and_writes_nothing(unique_name, tmp_path, monkeypatch):
+    import os
+
     import mlflow
     from mlflow import MlflowClient
+
+    def no_exec(*args):  # a case that wrongly got through must fail here, not replace the test process
+        raise AssertionError(f"lifecycle serve started a server: {args[1]}")
+
+    monkeypatch.setattr(os, "execve", no_exec)
 
     from lifecycle.registry.ledger import Ledger
     from tests import servers
