@@ -9,7 +9,10 @@ Measured side by side in one run and printed as figures and ratios:
    request and so the one where records weigh most (target: not measurably slower);
 3. two real ``mlflow models serve --env-manager local`` processes of the same logged model, one
    with coalescing on and one off: requests/s and p50/p99 latency with 1 and with 16 concurrent
-   clients (target: with 16 clients, coalescing >= 2x the throughput of no coalescing on CPU).
+   clients (target: with 16 clients, coalescing >= 2x the throughput of no coalescing on CPU);
+4. the canary router (``lifecycle serve --canary``'s routing pyfunc model, production and a
+   challenger loaded) at share 0 against the plain coalescing server, 16 clients, alternating
+   rounds: the router's overhead (target: at most 5 % lower throughput).
 
     python benchmarks/bench_serve.py --quick      # tiny preset, < 2 minutes on an idle machine
     python benchmarks/bench_serve.py --preset small --requests 256
@@ -171,22 +174,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_uri: str, coalesce: bool, tmp: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_server(model_uri: str, coalesce: bool, tmp: Path, extra_env: dict[str, str],
+                 label: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    # Both servers record (the same small cost on each side): the records show the batch sizes.
+    label = label or ("on" if coalesce else "off")
+    # Every server records (the same small cost on each side): the records show the batch sizes.
     # serve_env puts this interpreter's bin first on PATH: `mlflow models serve` starts uvicorn by
     # name, which fails (exit 127) from a virtualenv that was not activated.
     env = serve_env({**os.environ, "LIFECYCLE_COALESCE": str(coalesce).lower(),
-                     "LIFECYCLE_INFERENCE_LOG": str(records_path(tmp, coalesce)), **extra_env})
-    log = open(tmp / f"serve-{'on' if coalesce else 'off'}.log", "wb")  # noqa: SIM115 - lives with the server
+                     "LIFECYCLE_INFERENCE_LOG": str(records_path(tmp, label)), **extra_env})
+    log = open(tmp / f"serve-{label}.log", "wb")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=tmp, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
-def records_path(tmp: Path, coalesce: bool) -> Path:
-    return tmp / f"records-{'on' if coalesce else 'off'}.jsonl"
+def records_path(tmp: Path, label: bool | str) -> Path:
+    if isinstance(label, bool):
+        label = "on" if label else "off"
+    return tmp / f"records-{label}.jsonl"
 
 
 def batch_sizes(path: Path, skip: int) -> list[int]:
@@ -227,23 +234,66 @@ def load_round(url: str, clients: int, texts: list[str], new_tokens: int) -> tup
     return time.perf_counter() - start, latencies
 
 
-def load_tests(urls: dict[bool, str], clients: int, total: int, new_tokens: int, rounds: int) -> dict[bool, dict]:
-    """Both servers, alternating rounds, so that load changes on a shared machine hit both alike."""
+def load_tests(urls: dict, clients: int, total: int, new_tokens: int, rounds: int) -> dict:
+    """Every server, alternating rounds, so that load changes on a shared machine hit all alike.
+
+    Each result also holds ``round_rps``: the throughput of each round, for per-round ratios.
+    """
     texts = prompts(total)
     per_round = max(clients, total // rounds)
     wall = {c: 0.0 for c in urls}
-    lat: dict[bool, list[float]] = {c: [] for c in urls}
+    lat: dict = {c: [] for c in urls}
+    per: dict = {c: [] for c in urls}
     for url in urls.values():
         for text in texts[:2]:
             request(url, text, new_tokens)  # warm the path
+    order = list(urls.items())
     for r in range(rounds):
         chunk = [texts[(r * per_round + i) % len(texts)] for i in range(per_round)]
-        for coalesce, url in urls.items():
+        # Who goes first rotates: whatever the first server of a round pays, all pay alike.
+        shift = r % len(order)
+        for key, url in order[shift:] + order[:shift]:
             seconds, latencies = load_round(url, clients, chunk, new_tokens)
-            wall[coalesce] += seconds
-            lat[coalesce].extend(latencies)
-    return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3}
-            for c in urls}
+            wall[key] += seconds
+            lat[key].extend(latencies)
+            per[key].append(len(chunk) / seconds)
+    return {c: {"rps": len(lat[c]) / wall[c], "p50_ms": pct(lat[c], 0.5) * 1e3, "p99_ms": pct(lat[c], 0.99) * 1e3,
+                "round_rps": per[c]} for c in urls}
+
+
+def bench_router_in_process(model_uri: str, router_uri: str, repeats: int) -> dict[str, float]:
+    """The router's own cost per request, in process: one prompt, 4 new tokens (the cheapest request, where
+    routing weighs most), through the router at share 0 vs the plain pyfunc model, interleaved."""
+    import mlflow
+
+    plain, router = mlflow.pyfunc.load_model(model_uri), mlflow.pyfunc.load_model(router_uri)
+    text, params = prompts(1)[0], {"max_new_tokens": 4}
+    fns = {"plain": lambda: plain.predict([text], params=params),
+           "router": lambda: router.predict([text], params=params),
+           "plain_again": lambda: plain.predict([text], params=params)}
+    for fn in fns.values():
+        fn()
+    t, c = paired(fns, repeats * 10)
+    router.unwrap_python_model().close()
+    return {"plain_ms": statistics.median(t["plain"]) * 1e3, "router_ms": statistics.median(t["router"]) * 1e3,
+            "router_x": ratio(t["plain"], t["router"]), "router_cpu_x": ratio(c["plain"], c["router"]),
+            "noise_x": ratio(t["plain"], t["plain_again"])}
+
+
+def register_router(model_uri: str, run_id: str, tmp: Path) -> str:
+    """Register the logged model twice (production and staging) and save the canary router over them."""
+    from mlflow import MlflowClient
+
+    from lifecycle.serving.mlflow_model import save_router_model
+
+    client = MlflowClient()
+    client.create_registered_model("bench-serve")
+    for alias in ("production", "staging"):
+        version = client.create_model_version("bench-serve", model_uri, run_id).version
+        client.set_registered_model_alias("bench-serve", alias, version)
+    # Share 0: every request is production's; what is measured is the router's own cost.
+    return str(save_router_model(tmp / "router", {"model_name": "bench-serve", "challenger_alias": "staging",
+                                                  "share": 0.0}))
 
 
 def main() -> None:
@@ -279,19 +329,32 @@ def main() -> None:
     with mlflow.start_run(experiment_id=exp) as run:
         log_model(folder)
     model_uri = f"runs:/{run.info.run_id}/model"
+    router_uri = register_router(model_uri, run.info.run_id, tmp)
 
     # In-process first, on a machine not also busy starting two servers (that skewed it by ~5%).
     ip = bench_in_process(model_uri, args.batch, args.new_tokens, repeats, tmp)
     servers = {c: start_server(model_uri, c, tmp, server_env) for c in (True, False)}
+    ipr = bench_router_in_process(model_uri, router_uri, repeats)
+    servers["router"] = start_server(router_uri, True, tmp, server_env, label="router")
+    servers["plain_b"] = start_server(model_uri, True, tmp, server_env, label="plain-b")
     try:
         for proc, url in servers.values():
             wait_ready(proc, url)
         results = {}
-        urls = {coalesce: url for coalesce, (_, url) in servers.items()}
+        urls = {coalesce: url for coalesce, (_, url) in servers.items() if isinstance(coalesce, bool)}
+        # The router against the plain coalescing server, and a second plain server (this run's noise):
+        # 16 clients, rotating rounds, the median of the per-round throughput ratios.
+        routed = load_tests({"plain": urls[True], "plain_again": servers["plain_b"][1],
+                             "router": servers["router"][1]}, 16, total16, args.new_tokens, rounds=12)
+        print("  router share 0 vs plain: " + " ".join(f"{k}: {v['rps']:.1f} req/s p50 {v['p50_ms']:.1f} ms"
+                                                       for k, v in routed.items()), flush=True)
+        router_x = ratio(routed["router"]["round_rps"], routed["plain"]["round_rps"])
+        noise_x = ratio(routed["plain_again"]["round_rps"], routed["plain"]["round_rps"])
         for clients, total in ((1, total1), (16, total16)):
             seen = {c: len(batch_sizes(records_path(tmp, c), 0)) for c in urls}
             for coalesce, r in load_tests(urls, clients, total, args.new_tokens, rounds=3).items():
                 sizes = batch_sizes(records_path(tmp, coalesce), seen[coalesce])
+                r.pop("round_rps")
                 r["mean_batch"] = statistics.mean(sizes) if sizes else 0.0
                 results[(coalesce, clients)] = r
                 print(f"  coalesce={'on ' if coalesce else 'off'} clients={clients:2d} "
@@ -320,15 +383,26 @@ def main() -> None:
         print(f"{'coalesce on' if coalesce else 'coalesce off':<16}{clients:>8}{r['rps']:>10.1f}"
               f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['mean_batch']:>12.1f}")
     for clients in (1, 16):
-        ratio = results[(True, clients)]["rps"] / results[(False, clients)]["rps"]
+        on_off = results[(True, clients)]["rps"] / results[(False, clients)]["rps"]
         target = " (target >= 2.0)" if clients == 16 else ""
-        print(f"throughput coalescing on/off with {clients} client(s): {ratio:.2f}x{target}")
+        print(f"throughput coalescing on/off with {clients} client(s): {on_off:.2f}x{target}")
+    print(f"canary router at share 0 vs production alone, 16 clients: {routed['router']['rps']:.1f} vs "
+          f"{routed['plain']['rps']:.1f} req/s; median per-round throughput ratio {router_x:.3f}x (target >= 0.95; "
+          f"a second plain server vs the first, the noise: {noise_x:.3f}x); p50 {routed['router']['p50_ms']:.1f} vs "
+          f"{routed['plain']['p50_ms']:.1f} ms")
+    print(f"router in process (1 prompt, 4 new tokens): {ipr['router_ms']:.2f} vs {ipr['plain_ms']:.2f} ms: speed "
+          f"{ipr['router_x']:.3f}x plain (in CPU time {ipr['router_cpu_x']:.3f}x; plain vs plain again, the noise: "
+          f"{ipr['noise_x']:.3f}x)")
     # Machine-readable figures for benchmarks/run_all.py (written when $LIFECYCLE_BENCH_JSON is set).
     from benchmarks._report import write_json
 
     write_json("serve", {"in_process": ip, "servers": {f"coalesce_{'on' if c else 'off'}_clients_{n}": r
-                                                       for (c, n), r in results.items()}},
-               ratios={"pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
+                                                       for (c, n), r in results.items()}, "router": routed,
+                         "router_in_process": ipr},
+               ratios={"router_share0_vs_plain_16_clients": round(router_x, 3),
+                       "router_share0_vs_plain_noise": round(noise_x, 3),
+                       "router_in_process_vs_plain": round(ipr["router_x"], 3),
+                       "pyfunc_vs_bare_generate": round(ip["pyfunc_x"], 3),
                        "records_on_vs_off": round(ip["record_x"], 3),
                        **{f"coalescing_on_vs_off_{n}_clients":
                           round(results[(True, n)]["rps"] / results[(False, n)]["rps"], 2) for n in (1, 16)}})

@@ -16,8 +16,10 @@ code  meaning
 7     the tracking server cannot be reached
 8     permission denied by the tracking server
 9     a concurrent change held the lock or won the race
-10    monitor verdict ``warn``            (used by ``lifecycle monitor``)
-11    monitor verdict ``retrain``         (used by ``lifecycle monitor``)
+10    monitor verdict ``warn``            (used by ``lifecycle monitor``);
+      canary verdict "not enough evidence yet" (``lifecycle canary``)
+11    monitor verdict ``retrain``         (used by ``lifecycle monitor``);
+      canary verdict "the challenger is worse: roll back" (``lifecycle canary``)
 12    training diverged (loss became NaN/inf)
 13    out of memory on the accelerator
 14    the operating system refused a file operation: an output folder cannot be written

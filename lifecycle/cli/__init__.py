@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "guard": ("lifecycle.cli.guard_cmd", "guard", "The webhook guard that holds UI promotions to the policy."),
     "serve": ("lifecycle.cli.serve_cmd", "serve", "Serve a registered model with `mlflow models serve`."),
     "monitor": ("lifecycle.cli.monitor_cmd", "monitor", "Drift and service metrics from inference records."),
+    "canary": ("lifecycle.cli.canary_cmd", "canary", "Compare a canary/shadow challenger with production; act on it."),
     "report": ("lifecycle.cli.report_cmd", "report", "Write the self-contained HTML report of a model."),
     "retrain": ("lifecycle.cli.retrain_cmd", "retrain", "Continuous training on new data."),
     "tune": ("lifecycle.cli.optimize_cmd", "tune", "Hyperparameter search with Optuna."),

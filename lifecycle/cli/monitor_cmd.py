@@ -12,14 +12,19 @@ _SHOWN = ("request_count", "error_rate", "latency_p50_ms", "latency_p95_ms", "la
           "input_drift_ks", "token_js", "unknown_token_rate", "semantic_drift_bpb_delta", "completion_length_psi",
           "finish_reason_shift")
 
+#: The window's start and the records file, shared with `lifecycle canary` (one definition of each).
+since_option = click.option(
+    "--since", help="Window start: ISO time or a duration before now (30m, 24h, 7d); 'all'. [default: 24h]")
+records_option = click.option("--records", type=click.Path(dir_okay=False),
+                              help="Inference records JSONL (default: $LIFECYCLE_INFERENCE_LOG).")
+
 
 @click.command("monitor")
 @click.argument("name")
 @click.option("--alias", default="production", show_default=True, help="Alias of the version to monitor.")
 @click.option("--version", "version", help="Monitor this version number instead of the alias.")
-@click.option("--since", help="Window start: ISO time or a duration before now (30m, 24h, 7d); 'all'. [default: 24h]")
-@click.option("--records", type=click.Path(dir_okay=False),
-              help="Inference records JSONL (default: $LIFECYCLE_INFERENCE_LOG).")
+@since_option
+@records_option
 @click.option("--reference", help="Reference data: prepared folder or runs:/<id>/prepared "
                                   "(default: the version's data_run_id tag).")
 @click.option("--policy", type=click.Path(dir_okay=False),

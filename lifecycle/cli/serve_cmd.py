@@ -5,6 +5,12 @@ error with what exists instead of a server that dies while loading, checks that 
 range and free (exit 2 otherwise), then replaces itself with ``mlflow models serve -m URI
 --env-manager local`` (signals and exit code are the server's own), with this interpreter's
 ``bin`` first on PATH so that the server's ``uvicorn`` is found without an activated virtualenv.
+
+With ``--canary ALIAS --canary-share S`` or ``--shadow ALIAS`` it serves the routing pyfunc model
+(:mod:`lifecycle.serving.router_model`) instead, saved to a fresh temporary folder: production and
+the version behind ALIAS in one endpoint. Bad input (a share outside (0, 1), a missing alias, the
+same version on both arms) is refused before anything is written; then ``canary_start`` is
+recorded in the ledger.
 """
 
 from __future__ import annotations
@@ -48,11 +54,23 @@ log = logging.getLogger(__name__)
 @click.option("--log-text", is_flag=True, default=False,
               help="Also record prompts and completions, PII-scrubbed (LIFECYCLE_INFERENCE_LOG_TEXT=1).")
 @click.option("--timeout", type=int, default=None, help="Request timeout in seconds (MLflow's default: 60).")
+@click.option("--canary", "canary", metavar="ALIAS", default=None,
+              help="Also serve the version behind ALIAS (e.g. staging) to --canary-share of the requests.")
+@click.option("--canary-share", type=float, default=None,
+              help="Share of requests for the canary, strictly between 0 and 1 (default 0.1). Sticky by the "
+                   "X-Routing-Key header or the routing_key param.")
+@click.option("--shadow", "shadow", metavar="ALIAS", default=None,
+              help="Answer from production; send a copy of each request to the version behind ALIAS (recorded only).")
+@click.option("--refresh-s", type=float, default=None,
+              help="With --canary/--shadow: seconds between re-reads of the aliases and the share (default 5).")
+@click.option("--shadow-queue", type=int, default=None,
+              help="With --shadow: copies waiting at most; more are dropped and counted (default 8).")
 def serve(name: str, alias: str, version: str | None, host: str, port: int, workers: int, device: str | None,
           max_batch_size: int | None, batch_wait_ms: float | None, coalesce: bool | None,
           max_new_tokens_cap: int | None, max_prompt_tokens: int | None, max_rows: int | None,
           max_body_bytes: int | None, max_stop_chars: int | None, inference_log: str | None,
-          log_text: bool, timeout: int | None) -> None:
+          log_text: bool, timeout: int | None, canary: str | None, canary_share: float | None,
+          shadow: str | None, refresh_s: float | None, shadow_queue: int | None) -> None:
     """Serve registered model NAME (at --alias, default production) over HTTP.
 
     POST /invocations with {"inputs": ["prompt", ...], "params": {"max_new_tokens": 32}},
@@ -64,6 +82,7 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    router = _router_settings(name, alias, version, canary, canary_share, shadow, refresh_s, shadow_queue)
     # `mlflow models serve` runs `uvicorn` by name: find ours even without an activated virtualenv.
     env = serve_env()
     settings = {
@@ -93,6 +112,8 @@ def serve(name: str, alias: str, version: str | None, host: str, port: int, work
     uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
     client = MlflowClient()
     _check_model_uri(client, uri)
+    if router is not None:
+        _exec_router(name, alias, router, host, port, workers, env)
     resolved = version or client.get_model_version_by_alias(name, alias).version
     env["LIFECYCLE_MODEL_NAME"] = name
     env["LIFECYCLE_MODEL_VERSION"] = str(resolved)
@@ -111,3 +132,60 @@ def _on_cuda(device: str | None) -> bool:
     import torch  # only when several workers were asked for: the question needs it
 
     return bool(torch.cuda.is_available())
+
+
+def _router_settings(name: str, alias: str, version: str | None, canary: str | None, share: float | None,
+                     shadow: str | None, refresh_s: float | None, shadow_queue: int | None) -> dict | None:
+    """The router's settings from the flags, or None for a plain server; ConfigError for a bad combination."""
+    from lifecycle.serving.router import check_share
+
+    if canary is None and shadow is None:
+        stray = [f for f, v in (("--canary-share", share), ("--refresh-s", refresh_s), ("--shadow-queue", shadow_queue))
+                 if v is not None]
+        if stray:
+            raise ConfigError(f"{stray[0]} needs --canary ALIAS or --shadow ALIAS")
+        return None
+    if canary is not None and shadow is not None:
+        raise ConfigError("give --canary ALIAS or --shadow ALIAS, not both")
+    if version is not None or alias != "production":
+        raise ConfigError("--canary/--shadow serve a challenger beside the production alias: drop --version/--alias")
+    if shadow is not None and share is not None:
+        raise ConfigError("--canary-share goes with --canary; a shadow answers no request")
+    if canary is not None:
+        try:
+            share = check_share(0.1 if share is None else share)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    settings = {"model_name": name, "production_alias": alias, "challenger_alias": canary or shadow,
+                "mode": "canary" if canary else "shadow", "share": share or 0.0}
+    if refresh_s is not None:
+        settings["refresh_s"] = refresh_s
+    if shadow_queue is not None:
+        settings["shadow_queue"] = shadow_queue
+    from lifecycle.serving.router_model import router_config
+
+    router_config({"router": settings})  # a bad --refresh-s / --shadow-queue: exit 2 before anything
+    return settings
+
+
+def _exec_router(name: str, alias: str, router: dict, host: str, port: int, workers: int, env: dict) -> None:
+    """Check both arms, save the routing model, record ``canary_start`` and become ``mlflow models serve``."""
+    import tempfile
+
+    from lifecycle.registry import canary as registry_canary
+    from lifecycle.serving.mlflow_model import save_router_model
+
+    arms = registry_canary.arms(name, router["challenger_alias"], production_alias=alias)
+    folder = tempfile.mkdtemp(prefix="lifecycle-router-")
+    path = save_router_model(f"{folder}/model", router)
+    canary = router["mode"] == "canary"
+    registry_canary.start(name, arms, mode=router["mode"], share=router["share"] if canary else None)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(path), "--env-manager", "local",
+           "-h", host, "-p", str(port), "-w", str(workers)]
+    what = (f"canary v{arms.challenger} (@{router['challenger_alias']}) at share {router['share']:g}"
+            if canary else f"shadow v{arms.challenger} (@{router['challenger_alias']})")
+    click.echo(f"serving {name} production v{arms.production} with {what} at http://{host}:{port}/invocations",
+               err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)

@@ -32,6 +32,8 @@ class Candidate:
     baseline_tags: Mapping[str, str] | None = None
     last_production_change: float | None = None
     now: float = field(default_factory=time.time)
+    #: The newest canary verdict of this version: {"code": 0|10|11, "seq": n, "production": version}.
+    canary_verdict: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,24 @@ def _compression(g: s.CompressionGate, c: Candidate) -> tuple[bool, str]:
     return ok, "; ".join(parts)
 
 
+def _canary(g: s.CanaryPolicy, c: Candidate) -> tuple[bool, str]:
+    if c.baseline_version is None:
+        return True, "no production version yet: nothing to compare against on live traffic"
+    if c.baseline_version == c.version:
+        return True, f"version {c.version} already holds production"
+    v = c.canary_verdict
+    if not v:
+        return False, (f"no canary verdict for v{c.version}: serve it beside production (lifecycle serve --canary/"
+                       "--shadow) and run `lifecycle canary`")
+    if v.get("production") != c.baseline_version:
+        return False, (f"canary verdict #{v.get('seq')} compared v{c.version} with v{v.get('production')}, but "
+                       f"production is v{c.baseline_version} now: run `lifecycle canary` again")
+    code = v.get("code")
+    words = {0: "holds", 10: "not enough evidence", 11: "worse than production"}
+    ok = code == 0
+    return ok, f"canary verdict #{v.get('seq')} for v{c.version}: {code} ({words.get(code, 'unknown')})"
+
+
 def check_gates(target: s.TargetPolicy, candidate: Candidate) -> list[GateResult]:
     """Evaluate every configured gate of ``target`` for ``candidate``; one result per gate."""
     checks: list[tuple[str, str, Any, Callable[[Any, Candidate], tuple[bool, str]]]] = []
@@ -200,7 +220,7 @@ def check_gates(target: s.TargetPolicy, candidate: Candidate) -> list[GateResult
         checks.append((f"{g.metric} {g.op} {_fmt(g.value)}", "threshold", g, _threshold))
     named = [("baseline", _baseline), ("latency", _latency), ("model_size", _size), ("signature", _signature),
              ("required_tags", _required), ("checks", _checks), ("cooldown", _cooldown),
-             ("compression", _compression)]
+             ("compression", _compression), ("canary", _canary)]
     for kind, fn in named:
         g = getattr(target, kind)
         if g is not None:

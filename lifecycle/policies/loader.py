@@ -31,7 +31,7 @@ _GATE_CLASSES: dict[str, type] = {
     "cooldown": s.CooldownGate,
     "compression": s.CompressionGate,
 }
-_TOP_KEYS = ("description", "staging", "production", "monitoring")
+_TOP_KEYS = ("description", "staging", "production", "monitoring", "canary")
 
 
 class _Ctx:
@@ -109,6 +109,10 @@ def _gate(ctx: _Ctx, cls: type, node: yaml.Node, field: str) -> Any:
             if value not in s.COMPARATORS:
                 raise ctx.fail(value_node, name, f"bad comparator {value!r}; use one of {' '.join(s.COMPARATORS)}")
             kwargs[key] = value
+        elif key == "share_steps":
+            if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
+                raise ctx.fail(value_node, name, "expected a list of shares, e.g. [0.1, 0.5, 1.0]")
+            kwargs[key] = tuple(_number(ctx, n, f"{name}[{i}]") for i, n in enumerate(value_node.value))
         elif key == "tags":
             if not isinstance(value_node, yaml.SequenceNode):
                 raise ctx.fail(value_node, name, "expected a list of tag names")
@@ -142,6 +146,32 @@ def _gate(ctx: _Ctx, cls: type, node: yaml.Node, field: str) -> Any:
         value = getattr(gate, key, None)
         if value is not None and value < 0:
             raise ctx.fail(items[key][1], f"{field}.{key}", f"must be >= 0, got {value}")
+    return gate
+
+
+def _canary(ctx: _Ctx, node: yaml.Node) -> s.CanaryPolicy:
+    gate = _gate(ctx, s.CanaryPolicy, node, "canary")
+    items = _mapping(ctx, node, "canary", None)
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ctx.fail(items[key][1] if key in items else node, f"canary.{key}", message)
+
+    if gate.min_requests < 1:
+        raise fail("min_requests", f"must be >= 1, got {gate.min_requests}")
+    if gate.bootstrap_resamples < 100:
+        raise fail("bootstrap_resamples", f"must be >= 100, got {gate.bootstrap_resamples}")
+    if not 0.5 <= gate.confidence < 1:
+        raise fail("confidence", f"must be in [0.5, 1), got {gate.confidence}")
+    for key in ("max_error_rate_delta", "max_latency_p50_increase", "max_latency_p95_increase",
+                "max_completion_length_change", "max_finish_reason_shift"):
+        if getattr(gate, key) < 0:
+            raise fail(key, f"must be >= 0, got {getattr(gate, key)}")
+    for key in ("min_shadow_exact_match", "min_shadow_token_overlap"):
+        if not 0 <= getattr(gate, key) <= 1:
+            raise fail(key, f"must be between 0 and 1, got {getattr(gate, key)}")
+    steps = gate.share_steps
+    if any(not 0 < x <= 1 for x in steps) or list(steps) != sorted(set(steps)):
+        raise fail("share_steps", f"must be increasing shares in (0, 1], got {list(steps)}")
     return gate
 
 
@@ -191,9 +221,14 @@ def parse_policy(text: str, path: str = "<policy>") -> s.Policy:
             kwargs[key] = str(_scalar(ctx, value_node, key))
         elif key == "monitoring":
             kwargs[key] = _monitoring(ctx, value_node)
+        elif key == "canary":
+            kwargs[key] = _canary(ctx, value_node)
         else:
             kwargs[key] = _target(ctx, value_node, key)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    if kwargs.get("canary") is not None:
+        # Checked with production's gates, wherever they run (promote, the guard, repair).
+        kwargs["production"] = dataclasses.replace(kwargs.get("production", s.TargetPolicy()), canary=kwargs["canary"])
     return s.Policy(path=path, digest=digest, **kwargs)
 
 

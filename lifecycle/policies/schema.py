@@ -131,6 +131,34 @@ class CompressionGate:
 
 
 @dataclass(frozen=True)
+class CanaryPolicy:
+    """Live-traffic comparison of a challenger with production (``lifecycle canary``).
+
+    Deltas are "how much worse the challenger may be": ``max_error_rate_delta`` in absolute
+    error rate, the latency increases and the completion-length change as fractions of
+    production's value, ``max_finish_reason_shift`` as the total variation distance of the
+    finish-reason mixes. Shadow agreement must reach ``min_shadow_exact_match`` /
+    ``min_shadow_token_overlap``. With at least ``min_requests`` per arm a bootstrap interval at
+    ``confidence`` decides. ``share_steps`` are the canary's shares, smallest first. When
+    ``mode`` is ``enabled``, promotion to production needs a passing canary verdict and
+    ``lifecycle canary --act`` acts; ``dry_run`` reports the gate and what ``--act`` would do.
+    """
+
+    min_requests: int = 100
+    max_error_rate_delta: float = 0.01
+    max_latency_p50_increase: float = 0.2
+    max_latency_p95_increase: float = 0.25
+    max_completion_length_change: float = 0.2
+    max_finish_reason_shift: float = 0.1
+    min_shadow_exact_match: float = 0.0
+    min_shadow_token_overlap: float = 0.0
+    confidence: float = 0.95
+    bootstrap_resamples: int = 1000
+    share_steps: tuple[float, ...] = (0.1, 0.5, 1.0)
+    mode: Mode = "dry_run"
+
+
+@dataclass(frozen=True)
 class TargetPolicy:
     """The gates of one target; ``None`` means the gate is not configured."""
 
@@ -143,6 +171,8 @@ class TargetPolicy:
     checks: ChecksGate | None = None
     cooldown: CooldownGate | None = None
     compression: CompressionGate | None = None
+    #: The policy's top-level ``canary`` section, checked for production (set by the loader).
+    canary: CanaryPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +193,7 @@ class Policy:
     production: TargetPolicy = field(default_factory=TargetPolicy)
     monitoring: dict[str, MonitorThreshold] = field(default_factory=dict)
     description: str = ""
+    canary: CanaryPolicy | None = None
 
     def target(self, name: str) -> TargetPolicy:
         """The gates for ``staging`` or ``production``."""

@@ -56,6 +56,10 @@ GUARD_REVERT = "guard_revert"  # an alias moved outside our commands failed the 
 ABORT = "abort"                # a promote/rollback failed after its event was written; undone
 GUARD_FAILED = "guard_failed"  # the guard gave up reconciling an alias move (written by the guard)
 REPAIR = "repair"              # `lifecycle repair` (or the guard) settled half-done events
+CANARY_START = "canary_start"        # `lifecycle serve --canary/--shadow` started a challenger beside production
+CANARY_STEP = "canary_step"          # `lifecycle canary --act` raised the canary's share to the next step
+CANARY_VERDICT = "canary_verdict"    # `lifecycle canary` compared the arms (figures in ``gates``)
+CANARY_ROLLBACK = "canary_rollback"  # `lifecycle canary --act` took a worse challenger out (its alias deleted)
 
 #: Events that put an alias back on an earlier holder instead of pushing a new one.
 RESTORING = (ROLLBACK, ABORT, GUARD_REVERT, REPAIR)
@@ -396,6 +400,14 @@ class Ledger:
             if effective is None or ev.done:
                 return ev
         return None
+
+    def last_action(self, model: str, action: str, *, to_version: str | None = None) -> Event | None:
+        """The newest readable event of ``model`` with ``action`` (and ``to_version``), or None."""
+        extra = f"tags.`ledger.action` = {filter_literal(action)}"
+        if to_version is not None:
+            extra += f" and tags.`ledger.to_version` = {filter_literal(to_version)}"
+        events, _ = self._parse(model, self._runs(model, extra, max_results=5, descending=True))
+        return events[0] if events else None
 
     def next_seq(self, model: str) -> int:
         """The sequence number for the next event of ``model`` (call under the lock).

@@ -98,8 +98,10 @@ def read_snapshot(client: Any, led: L.Ledger, name: str, version: str, policy: P
         "model": lambda: facts.get_model(client, name),
         "seq": lambda: led.next_seq(name),
     }
-    if needs(tp.baseline):
+    if needs(tp.baseline) or needs(tp.canary):
         jobs["baseline"] = lambda: facts.version_by_alias(client, name, "production")
+    if needs(tp.canary):
+        jobs["canary"] = lambda: led.last_action(name, L.CANARY_VERDICT, to_version=str(int(version)))
     if needs(tp.cooldown):
         jobs["cooldown"] = lambda: led.last(name, target="production", effective=True)
     if needs(tp.model_size):
@@ -120,8 +122,17 @@ def read_snapshot(client: Any, led: L.Ledger, name: str, version: str, policy: P
         has_signature=got.get("signature"),
         baseline_version=base_version,
         baseline_tags=dict(base.tags or {}) if base is not None and base_version != str(mv.version) else None,
-        last_production_change=last_change.timestamp if last_change else None, now=time.time())
+        last_production_change=last_change.timestamp if last_change else None, now=time.time(),
+        canary_verdict=canary_facts(got.get("canary")))
     return Snapshot(version=mv, model=got["model"], seq=got["seq"], candidate=candidate, production=base)
+
+
+def canary_facts(event: L.Event | None) -> dict[str, Any] | None:
+    """What the canary gate needs from a ``canary_verdict`` event: its code, number and production version."""
+    if event is None:
+        return None
+    code = next((g.get("code") for g in event.gates if g.get("kind") == "canary_verdict"), None)
+    return {"code": code, "seq": event.seq, "production": event.from_version}
 
 
 def record_only(client: Any, led: L.Ledger, lock: RegistryLock, event: L.Event) -> None:

@@ -128,6 +128,30 @@ def ledger_timeline(events: Sequence[Any]) -> bytes | None:
     return _png(fig)
 
 
+def canary_arms(events: Sequence[Any]) -> bytes | None:
+    """Production and challenger side by side over time, from the ``canary_verdict`` events' figures."""
+    verdicts = [e for e in events if e.action == "canary_verdict"]
+    if not verdicts:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (metric, title) in zip(axes, (("error_rate", "error rate"), ("latency_p95", "latency p95 (ms)"),
+                                          ("completion_length", "mean completion tokens"))):
+        for arm, style in (("production", "o-"), ("challenger", "s--")):
+            pts = [(datetime.fromtimestamp(e.timestamp), _num(g.get(arm))) for e in verdicts for g in e.gates
+                   if g.get("gate") == metric]
+            pts = [(t, v) for t, v in pts if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=4, label=arm,
+                        color="tab:green" if arm == "production" else "tab:orange")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
 def _num(value: Any) -> float | None:
     try:
         x = float(value)

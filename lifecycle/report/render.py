@@ -15,7 +15,7 @@ from lifecycle.report import charts
 from lifecycle.report.collect import ReportData
 
 #: Section ids, in page order (the browser test checks them).
-SECTIONS = ("summary", "lineage", "training", "evaluation", "gates", "ledger", "monitoring")
+SECTIONS = ("summary", "lineage", "training", "evaluation", "gates", "ledger", "monitoring", "canary")
 
 EVAL_COLUMNS = ("eval/loss", "eval/perplexity", "eval/bits_per_byte", "eval/rougeL", "eval/latency_p95_ms")
 COMPARE_COLUMNS = ("compare/loss_delta", "compare/loss_delta_ci_low", "compare/loss_delta_ci_high",
@@ -252,12 +252,43 @@ def _monitoring(d: ReportData) -> str:
             + images + "<h3>Earlier verdicts</h3>" + history)
 
 
+def _canary(d: ReportData) -> str:
+    verdicts = [e for e in d.events if e.action == "canary_verdict"]
+    if not verdicts:
+        return ('<p class="muted">no canary yet: serve a challenger with <code>lifecycle serve NAME --canary staging '
+                "--canary-share 0.1</code> and compare with <code>lifecycle canary NAME</code></p>")
+    rows = []
+    for e in verdicts:
+        fig = {g.get("gate"): g for g in e.gates}
+        head = fig.get("canary verdict", {})
+
+        def pair(metric: str) -> str:
+            g = fig.get(metric, {})
+            return f"{_fmt(g.get('production'))} / {_fmt(g.get('challenger'))}"
+
+        rows.append((str(e.seq), _time(e.timestamp), f"v{escape(str(e.from_version))}",
+                     f"v{escape(str(e.to_version))}", _status(str(head.get("status", "?"))),
+                     escape(str(head.get("code", "?"))),
+                     f"{_fmt(head.get('production'))} / {_fmt(head.get('challenger'))}",
+                     pair("error_rate"), pair("latency_p95"), pair("completion_length")))
+    other = [e for e in d.events if e.action in ("canary_start", "canary_step", "canary_rollback")]
+    steps = _table(("#", "time", "action", "from → to", "reason"),
+                   [(str(e.seq), _time(e.timestamp), escape(e.action),
+                     f"{escape(str(e.from_version or '-'))} &rarr; {escape(str(e.to_version or '-'))}",
+                     escape(e.reason[:300])) for e in other]) if other else ""
+    return (_img(charts.canary_arms(d.events), "canary arms over time")
+            + '<p class="muted">Each <code>lifecycle canary</code> run: production / challenger on the same '
+              "traffic.</p>"
+            + _table(("#", "time", "production", "challenger", "result", "code", "requests", "error rate",
+                      "latency p95 ms", "completion tokens"), rows) + steps)
+
+
 def render(d: ReportData) -> str:
     """The whole page."""
     bodies = {"summary": ("Summary", _summary(d)), "lineage": ("Lineage", _lineage(d)),
               "training": ("Training curves", _training(d)), "evaluation": ("Evaluation", _evaluation(d)),
               "gates": ("Promotion gates", _gates(d)), "ledger": ("Ledger timeline", _ledger(d)),
-              "monitoring": ("Monitoring", _monitoring(d))}
+              "monitoring": ("Monitoring", _monitoring(d)), "canary": ("Canary and shadow", _canary(d))}
     nav = "".join(f'<a href="#{sid}">{escape(bodies[sid][0])}</a>' for sid in SECTIONS)
     sections = "".join(f'<section id="{sid}"><h2>{escape(bodies[sid][0])}</h2>{bodies[sid][1]}</section>'
                        for sid in SECTIONS)

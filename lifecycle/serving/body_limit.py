@@ -86,8 +86,11 @@ async def _refuse(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def install(max_bytes: int) -> bool:
+def install(max_bytes: int, *, also: tuple[type, ...] = ()) -> bool:
     """Inside ``mlflow models serve``, put :class:`BodyLimit` in front of the app it is about to build.
+
+    ``also``: further ASGI middleware classes (taking only the app) put just behind it (the
+    canary router's :class:`~lifecycle.serving.router.RoutingKeyHeader`).
 
     The scoring server builds its app as ``scoring_server.init(load_model(...))``: ``init`` is
     looked up before the model loads, so it cannot be wrapped from here, but ``init`` imports
@@ -102,17 +105,22 @@ def install(max_bytes: int) -> bool:
     current = fastapi.FastAPI
     if getattr(current, "_lifecycle_body_limit", None) is not None:
         current._lifecycle_body_limit[0] = max_bytes  # type: ignore[attr-defined]
+        current._lifecycle_middleware.extend(m for m in also if m not in current._lifecycle_middleware)  # type: ignore[attr-defined]
         return True
     limit = [max_bytes]
+    extra = list(also)
 
     class FastAPIWithBodyLimit(current):  # type: ignore[misc, valid-type]
         """The scoring server's app, with the body limit as its outermost middleware."""
 
         _lifecycle_body_limit = limit
+        _lifecycle_middleware = extra
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             fastapi.FastAPI = current  # one app only: the scoring server's
+            for middleware in extra:  # added first: inside the body limit
+                self.add_middleware(middleware)
             self.add_middleware(BodyLimit, max_bytes=limit[0])
             log.info("scoring server: request bodies over %d bytes get HTTP 413", limit[0])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lifecycle.errors import AcceleratorOutOfMemoryError
 from lifecycle.serving.batching import Arrival, Coalescer
@@ -33,6 +33,9 @@ from lifecycle.serving.settings import ServingConfig
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "truncated"]
+
+#: Extra record fields from the completion texts (empty on a refusal or failure); see :meth:`Engine.predict`.
+RecordExtra = Callable[[list[str]], Mapping[str, Any]]
 
 
 class Engine:
@@ -101,8 +104,13 @@ class Engine:
             )
         return limit
 
-    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> Any:
-        """Generate for every row of ``model_input``; the DataFrame of :data:`OUTPUT_COLUMNS`."""
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None, *,
+                extra: RecordExtra | None = None) -> Any:
+        """Generate for every row of ``model_input``; the DataFrame of :data:`OUTPUT_COLUMNS`.
+
+        ``extra`` adds fields to the request's inference record (the router's role and request
+        id, a shadow's agreement with production); it gets the completion texts.
+        """
         import pandas as pd
 
         start = time.perf_counter()
@@ -116,25 +124,28 @@ class Engine:
             prompts = parse_inputs(model_input, self.chat_prompt, max_rows=self.config.max_rows)
             completions, batch_size = self._generate(prompts, gen, arrival)
         except InvalidRequest as exc:
-            self._record(start, gen, prompts, [], 0, error=self._safe(exc.record, gen, prompts), status="invalid")
+            self._record(start, gen, prompts, [], 0, error=self._safe(exc.record, gen, prompts), status="invalid",
+                         extra=extra)
             raise
         except Exception as exc:
             if is_out_of_memory(exc):
                 free_accelerator_memory(self.device)
-                self._record(start, gen, prompts, [], 0, error="accelerator out of memory", status="error")
+                self._record(start, gen, prompts, [], 0, error="accelerator out of memory", status="error",
+                             extra=extra)
                 raise AcceleratorOutOfMemoryError(
                     f"accelerator out of memory ({type(exc).__name__}); retry with fewer or shorter prompts") from exc
             self._record(start, gen, prompts, [], 0, error=self._safe(f"{type(exc).__name__}: {exc}", gen, prompts),
-                         status="error")
+                         status="error", extra=extra)
             raise
         finally:
             if arrival is not None:
                 self.coalescer.forget(arrival)
-        self._record(start, gen, prompts, completions, batch_size)
+        self._record(start, gen, prompts, completions, batch_size, extra=extra)
         return pd.DataFrame([[c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, c.truncated]
                              for c in completions], columns=OUTPUT_COLUMNS)
 
-    def record_refusal(self, message: str, *, start: float | None = None, params: Any = None) -> None:
+    def record_refusal(self, message: str, *, start: float | None = None, params: Any = None,
+                       extra: RecordExtra | None = None) -> None:
         """Record a request refused before it reached :meth:`predict` (e.g. by MLflow's param checks).
 
         ``start`` is when the refusing check began (``time.perf_counter()``); the request's stop
@@ -142,7 +153,7 @@ class Engine:
         """
         stop = params.get("stop") if isinstance(params, Mapping) else None
         self._record(time.perf_counter() if start is None else start, None, [], [], 0,
-                     error=record_safe(message, _texts(stop)), status="invalid")
+                     error=record_safe(message, _texts(stop)), status="invalid", extra=extra)
 
     @staticmethod
     def _safe(message: str, gen: GenParams | None, prompts: list[str]) -> str:
@@ -179,16 +190,18 @@ class Engine:
         return results
 
     def _record(self, start: float, gen: GenParams | None, prompts: list[str], completions: list[Completion],
-                batch_size: int, *, error: str | None = None, status: str = "ok") -> None:
+                batch_size: int, *, error: str | None = None, status: str = "ok",
+                extra: RecordExtra | None = None) -> None:
         if self.recorder is None:
             return
         try:
+            texts = [c.text for c in completions]
             self.recorder.record(
                 latency_ms=(time.perf_counter() - start) * 1000.0,
                 rows=[{"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                        "finish_reason": c.finish_reason, "truncated": c.truncated} for c in completions],
                 batch_size=batch_size, params=gen.as_dict() if gen else None, error=error, status=status,
-                prompts=prompts, completions=[c.text for c in completions],
+                prompts=prompts, completions=texts, extra=extra(texts) if extra is not None else None,
             )
         except Exception as exc:  # noqa: BLE001 - monitoring must never fail a request
             log.warning("could not write inference record: %s", exc)

@@ -41,8 +41,10 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def signature() -> Any:
+def signature(*, routing: bool = False) -> Any:
     """Outputs and the generation params schema; no input schema, on purpose.
+
+    ``routing`` adds the canary router's optional ``routing_key`` param (a string).
 
     MLflow's schema enforcement turns a list of strings into a DataFrame with a column ``0`` and
     then drops every column the input schema does not name, so no single input schema admits
@@ -56,8 +58,12 @@ def signature() -> Any:
     outputs = Schema([ColSpec("string", "text"), ColSpec("long", "prompt_tokens"),
                       ColSpec("long", "completion_tokens"), ColSpec("string", "finish_reason"),
                       ColSpec("boolean", "truncated")])
-    params = ParamSchema([ParamSpec(name, dtype, default, shape) for name, (dtype, default, shape)
-                          in PARAM_SPECS.items()])
+    specs = [ParamSpec(name, dtype, default, shape) for name, (dtype, default, shape) in PARAM_SPECS.items()]
+    if routing:
+        from lifecycle.serving.router import ROUTING_PARAM
+
+        specs.append(ParamSpec(ROUTING_PARAM, "string", None))
+    params = ParamSchema(specs)
     return ModelSignature(inputs=None, outputs=outputs, params=params)
 
 
@@ -123,3 +129,28 @@ def log_model(model_dir: str | Path, *, name: str = "model", registered_model_na
         for key, value in tags.items():
             client.set_model_version_tag(registered_model_name, str(info.registered_model_version), key, str(value))
     return info
+
+
+def save_router_model(path: str | Path, router: Mapping[str, Any], serving: Mapping[str, Any] | None = None) -> Path:
+    """Save the canary/shadow routing pyfunc model to the local folder ``path``; the folder.
+
+    It holds no weights: at load time it resolves the registry aliases named in ``router``
+    (:class:`~lifecycle.serving.router_model.RouterConfig` keys) and loads both versions, so
+    ``mlflow models serve -m PATH`` serves the registry's versions as they are then.
+    ``serving`` holds :class:`~lifecycle.serving.settings.ServingConfig` keys for both arms.
+    """
+    import mlflow.pyfunc
+
+    from lifecycle.serving.router_model import RouterModel, router_config
+    from lifecycle.serving.settings import serving_config
+
+    config = {**dict(serving or {}), "router": dict(router)}
+    router_config(config)  # refuse a bad config now, not at serve time
+    serving_config(dict(serving or {}), environ={})
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="lifecycle-code-") as tmp:
+        code = _stage_code(Path(tmp))
+        mlflow.pyfunc.save_model(path=str(path), python_model=RouterModel(), code_paths=[str(code)],
+                                 pip_requirements=pip_requirements(), signature=signature(routing=True),
+                                 model_config=config)
+    return path

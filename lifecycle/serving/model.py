@@ -65,14 +65,17 @@ def _install_strict_params() -> None:
     import mlflow.pyfunc as pyfunc_module
     from mlflow.exceptions import MlflowException
 
+    from lifecycle.serving.router import ROUTING_PARAM
+
     original = getattr(pyfunc_module, "_enforce_params_schema", None)
     if original is None or getattr(original, "_lifecycle_strict", False):
         return
-    ours = set(PARAM_SPECS)
+    # Ours: the model's params, and the canary router's (the same plus routing_key).
+    ours = (set(PARAM_SPECS), set(PARAM_SPECS) | {ROUTING_PARAM})
 
     def strict(params: Any, schema: Any) -> Any:
         names = {p.name for p in getattr(schema, "params", [])} if schema is not None else set()
-        if names != ours:
+        if names not in ours:
             return original(params, schema)
         start = time.perf_counter()
         try:
@@ -183,14 +186,19 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
     # schema, and any hint that is not list[...] makes it warn; inputs are validated by the engine.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """Generate text; a DataFrame with text, prompt_tokens, completion_tokens, finish_reason, truncated."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
+        return answer(self.engine, model_input, params)
 
-        try:
-            return self.engine.predict(model_input, params)
-        except InvalidRequest as exc:
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
-        except AcceleratorOutOfMemoryError as exc:
-            # Every spelling of CUDA OOM (the engine classifies them): 429 so clients back off.
-            raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
+
+def answer(engine: Any, model_input: Any, params: Any, **kwargs: Any) -> Any:
+    """``engine.predict`` with its refusals as the MLflow errors the scoring server answers (400 / 429)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
+
+    try:
+        return engine.predict(model_input, params, **kwargs)
+    except InvalidRequest as exc:
+        raise MlflowException.invalid_parameter_value(str(exc)) from None
+    except AcceleratorOutOfMemoryError as exc:
+        # Every spelling of CUDA OOM (the engine classifies them): 429 so clients back off.
+        raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
 

@@ -21,6 +21,13 @@ hit its limit, else ``stop``; null on error), ``rows`` (per row: ``prompt_tokens
 ``error`` (null, or the one-line message of a refused or failed request), ``status``
 (``ok`` | ``invalid`` | ``error``), and with text enabled ``prompts`` / ``completions``
 (scrubbed lists) and ``pii`` (counts of what the scrubber replaced).
+
+Behind the canary/shadow router (:mod:`lifecycle.serving.router`) records also carry ``role``
+(``production`` | ``canary`` | ``shadow``: which arm answered) and ``request_id`` (shared by a
+production record and the shadow record of the same request); a shadow record carries
+``agreement`` (``exact_match`` and ``token_overlap`` of the shadow's answer with production's, the
+mean over rows), and a shadow copy dropped under load is recorded with ``status`` ``dropped``.
+Records without ``role`` (a plain server, older files) are production's.
 """
 
 from __future__ import annotations
@@ -79,8 +86,9 @@ class InferenceRecorder:
 
     def record(self, *, latency_ms: float, rows: Sequence[Mapping[str, Any]] = (), batch_size: int = 0,
                params: Mapping[str, Any] | None = None, error: str | None = None, status: str = "ok",
-               prompts: Sequence[str] | None = None, completions: Sequence[str] | None = None) -> dict[str, Any]:
-        """Write one request's record and return it."""
+               prompts: Sequence[str] | None = None, completions: Sequence[str] | None = None,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write one request's record and return it (``extra``: the router's ``role``, ``request_id`` ...)."""
         rec: dict[str, Any] = {
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "model_name": self.model_name,
@@ -97,6 +105,8 @@ class InferenceRecorder:
             "error": None if error is None else mask_secrets(str(error)),
             "status": status,
         }
+        if extra:
+            rec.update({k: v for k, v in extra.items() if k not in rec})
         if self.include_text:
             pii: dict[str, int] = {}
             rec["prompts"] = [self._scrubbed(t, pii) for t in (prompts or [])]
