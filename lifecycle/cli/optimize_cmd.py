@@ -107,7 +107,16 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
         flags["prune.amount"] = parse_amount(amount)
     scfg = load_config(StructuralConfig, None, shrink_overrides, **flags)
     cfg = load_config(EvalConfig, config_path, eval_overrides, device=device)
-    out = run_compress(name, version, method, data=data, cfg=cfg, experiment=experiment, structural=scfg)
+    from lifecycle.train.loop import TrainingInterrupted
+
+    try:
+        out = run_compress(name, version, method, data=data, cfg=cfg, experiment=experiment, structural=scfg)
+    except TrainingInterrupted as stop:
+        # prune/distill train a student: a signal stops it like `lifecycle train`, but nothing is
+        # kept (no version is registered before the variant is measured); the same command starts over.
+        click.echo(f"Stopped by {stop.signame} while training the {method} variant (step {stop.step}); "
+                   "nothing was registered: run the same command again.", err=True)
+        sys.exit(130 if stop.signame == "SIGINT" else 143)
     click.echo(format_table(out.rows))
     what = f"{method} of v{out.parent_version}"
     if method == "prune":

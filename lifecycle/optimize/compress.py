@@ -337,7 +337,7 @@ def _tag_version(client: Any, name: str, version: str, parent_uri: str, tags: di
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The trade-off table as aligned text."""
-    header = ("model", "params", "weights MB", "size", "tok/s bs1", "tok/s bs8", "p50 ms", "bits/byte",
+    header = ("model", "params", "weights MB", "size", "tokens/s bs1", "tokens/s bs8", "p50 ms", "bits/byte",
               "Δ bits/byte", "time s")
     lines = [[r["model"], f"{r.get('params', 0) or '-'}", f"{r['size_mb']:.2f}", f"{r['size_ratio']:.2f}x",
               f"{r.get('tokens_per_s_bs1', r['tokens_per_s']):.1f}", f"{r.get('tokens_per_s_bs8', float('nan')):.1f}",

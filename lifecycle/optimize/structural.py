@@ -80,6 +80,9 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) 
     if why:
         raise DataError(f"--data was not tokenized with the parent's tokenizer ({why}); prepare it with "
                         "`lifecycle prepare --tokenizer <the parent's folder or URI>`")
+    if method == "distill" and len(tokenizer) != int(config.vocab_size):
+        raise ConfigError(f"the parent's tokenizer has {len(tokenizer)} tokens but its output layer "
+                          f"{config.vocab_size}: a student built for the tokenizer could not be matched to its logits")
     limit = int(getattr(config, "n_positions", 0) or 0)
     if limit and data.block_size > limit:
         raise DataError(f"--data blocks have {data.block_size} tokens but the parent takes at most {limit}")
