@@ -56,3 +56,22 @@ def test_bench_train_full_mode_sizes_itself_for_the_device():
     assert cpu["preset"] != "gpt2"
     # The fp32 logits and their gradient alone were 2 x 16 x 1024 x 50257 x 4 bytes = 6.6 GB; keep them small.
     assert 2 * cpu["batch_size"] * cpu["seq_len"] * cpu["vocab"] * 4 < 2**30
+
+
+def test_bench_compress_quick_compares_every_method(tmp_path):
+    """Issue #14: the compression benchmark's quick mode runs every method (pruning and distillation
+    included) side by side and hands over parameter, size, speed and quality ratios."""
+    out = tmp_path / "compress.json"
+    env = {**__import__("os").environ, "LIFECYCLE_CPU_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the benchmark keeps its own sqlite store
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compress.py"), "--quick", "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    ratios = report["ratios"]
+    for method in ("int8_dynamic", "fp16", "bf16", "prune", "distill"):
+        for key in ("params", "size", "tokens_per_s_bs1", "tokens_per_s_bs8"):
+            assert ratios[f"{method}_{key}_vs_parent"] > 0, (method, key)
+    # The pruned variant really is smaller (amount 0.3 of the block parameters), the others keep every parameter.
+    assert ratios["prune_params_vs_parent"] < 0.9 and ratios["int8_dynamic_params_vs_parent"] == 1.0
+    assert "Summary (tiny preset" in res.stdout

@@ -214,3 +214,206 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_t
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# -- structured pruning and distillation (issue #14) --------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lifecycle.optimize import prune as P  # noqa: E402
+
+
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
+def test_amount_fraction_and_percent_round_trip(value):
+    assert P.parse_amount(repr(value)) == value
+    assert P.parse_amount(f" {value!r} ") == value
+    assert P.parse_amount(f"{value * 100!r}%") == pytest.approx(value, rel=1e-12)
+
+
+@given(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(float("nan"))))
+def test_amount_outside_the_open_interval_is_refused(value):
+    with pytest.raises(ConfigError, match="--amount"):
+        P.parse_amount(repr(value))
+
+
+@given(st.text(max_size=12))
+def test_amount_text_is_a_number_or_a_one_line_config_error(text):
+    try:
+        value = P.parse_amount(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and repr(text) in str(exc)
+    else:
+        assert 0.0 < value < 1.0
+
+
+@pytest.mark.parametrize("n_layer, amount", [(2, 0.3), (4, 0.3), (4, 0.1), (4, 0.6), (2, 0.55)])
+def test_pruned_parameter_count_is_what_the_amount_says_and_loads(n_layer, amount, tmp_path, one_torch_thread):
+    """amount = fraction of the transformer blocks' parameters removed, to within half an MLP neuron per
+    remaining layer; the folder is a plain GPT-2 (config matches weights) that from_pretrained loads."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from lifecycle.optimize import importance as I
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=n_layer, n_head=2,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    x = torch.randint(0, 256, (4, 24))
+    batches = [{"input_ids": x, "labels": x}]
+    plan = P.plan(config, amount)
+    assert plan.drop_layers == min(int(amount * n_layer), n_layer - 1)
+    assert abs(plan.achieved - amount) <= plan.keep_layers * plan.neuron_params / 2 / plan.block_params
+    layer_scores = I.layer_scores(model, batches)
+    pruned = P.prune_model(model, plan, layer_scores, I.neuron_scores(model, batches, "taylor"))
+    assert P.block_params_of(pruned) == plan.kept_block_params == P.block_params_of(model) - round(
+        plan.achieved * plan.block_params)
+    if plan.drop_layers:  # the least important layers went
+        assert sorted(plan.dropped) == sorted(sorted(range(n_layer), key=lambda i: layer_scores[i])[:plan.drop_layers])
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert (loaded.config.n_layer, loaded.config.n_inner) == (plan.keep_layers, plan.keep_neurons)
+    assert P.count_params(loaded) == P.count_params(pruned) < P.count_params(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, pruned(x).logits)
+
+
+def test_pruning_refuses_more_than_the_model_has():
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=2)
+    with pytest.raises(ConfigError, match="more MLP neurons than the model has"):
+        P.plan(config, 0.9)
+    with pytest.raises(ConfigError, match="more MLP neurons than the model has"):
+        P.plan(config, 0.7, layers=False)  # the MLPs are 2/3 of a block
+    with pytest.raises(ConfigError, match="nothing would be removed"):
+        P.plan(config, 1e-6)
+
+
+def test_distill_loss_is_zero_against_itself_and_the_lm_loss_at_weight_0(one_torch_thread):
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lifecycle.optimize.distill import DistillConfig, DistillLoss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    x = torch.randint(0, 128, (2, 16))
+    batch = {"input_ids": x, "labels": x}
+    same = DistillLoss(copy.deepcopy(model), kd_weight=1.0, temperature=2.0)
+    assert float(same(model, batch)) == pytest.approx(0.0, abs=1e-5)
+    lm_only = DistillLoss(copy.deepcopy(model), kd_weight=0.0, temperature=2.0)
+    assert float(lm_only(model, batch)) == pytest.approx(float(model(**batch).loss))
+    for bad, message in [({"kd_weight": 1.5}, "kd_weight"), ({"temperature": 0}, "temperature"),
+                         ({"steps": -1}, "steps")]:
+        with pytest.raises(ConfigError, match=message):
+            DistillConfig(**bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--amount", "0"], "strictly between 0 and 1"),
+    (["--amount", "1"], "strictly between 0 and 1"),
+    (["--amount", "-0.3"], "strictly between 0 and 1"),
+    (["--amount", "1.5"], "strictly between 0 and 1"),
+    (["--amount", "lots"], "is not a number"),
+    (["--amount", "0.95"], "more MLP neurons than the model has"),
+    (["--amount", "0.3", "--set", "prune.importance=random"], "prune.importance"),
+    ([], "needs --amount"),
+])
+def test_bad_prune_amount_exits_2_with_nothing_written(parent, prepared_tiny, args, message, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.cli import main
+
+    runs_before = len(mlflow.search_runs(experiment_ids=[parent["experiment"]], output_format="list"))
+    versions_before = len(MlflowClient().search_model_versions(f"name='{parent['name']}'"))
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", parent["name"], parent["version"], "--method", "prune", "--data", str(prepared_tiny),
+              "--experiment", parent["name"], *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert len(MlflowClient().search_model_versions(f"name='{parent['name']}'")) == versions_before
+    assert len(mlflow.search_runs(experiment_ids=[parent["experiment"]], output_format="list")) == runs_before
+
+
+#: A short recovery: the point here is the plumbing, the benchmark measures the quality.
+SHORT_DISTILL = ["--set", "distill.steps=6", "--set", "distill.eval_every=3", "--set", "distill.eval_batches=1",
+                 "--set", "prune.calibration_batches=2"]
+
+
+@pytest.mark.e2e
+def test_pruned_variant_is_registered_loads_elsewhere_and_serves(parent, prepared_tiny, tmp_path, capsys):
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.cli import main
+
+    name = parent["name"]
+    main(["compress", name, parent["version"], "--method", "prune", "--amount", "30%", "--data",
+          str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL])
+    printed = capsys.readouterr().out
+    assert "prune" in printed and "params" in printed and "tokens/s bs1" in printed
+    client = MlflowClient()
+    version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    tags = client.get_model_version(name, str(version)).tags
+    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "prune"
+    assert tags["compress/amount"] == "0.3" and abs(float(tags["compress/amount_achieved"]) - 0.3) < 0.01
+    block, parent_block = int(tags["compress/block_params"]), int(tags["compress/parent_block_params"])
+    assert block == parent_block - round(float(tags["compress/amount_achieved"]) * parent_block)
+    assert int(tags["compress/params"]) < int(tags["compress/parent_params"])
+    assert tags["compress/distill_steps"] == "6" and float(tags["compress/time_s"]) > 0
+    for key in ("compress/tokens_per_s_bs1_ratio", "compress/bits_per_byte_delta", "compress/parent_bits_per_byte"):
+        float(tags[key])
+    run = client.get_run(tags["compress_run_id"])
+    assert run.data.params["prune.amount"] == "0.3" and "distill/train/loss" in run.data.metrics
+    assert "prune/calibration_loss_before_recovery" in run.data.metrics
+
+    # The registered artifact, copied to a folder of its own, loads through the pyfunc class.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")))
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(local, moved)
+    shutil.rmtree(tmp_path / "dl")
+    pyfunc = mlflow.pyfunc.load_model(str(moved))
+    out = pyfunc.predict(["def main(", "The class"], params={"max_new_tokens": 3})
+    assert list(out["completion_tokens"]) == [3, 3]
+
+    # And in a real `mlflow models serve`, started by `lifecycle serve --version`.
+    proc, url = servers.start_lifecycle_serve(name, tmp_path / "serve", ["--version", str(version), "--device", "cpu"],
+                                              env={"LIFECYCLE_CPU_THREADS": "1"})
+    try:
+        body = json.dumps({"inputs": ["def main("], "params": {"max_new_tokens": 4}}).encode()
+        req = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            rows = json.loads(resp.read())["predictions"]
+        assert [r["completion_tokens"] for r in rows] == [4]
+    finally:
+        servers.stop_process(proc)
+
+
+@pytest.mark.e2e
+def test_distilled_student_is_registered_with_its_lineage(parent, prepared_tiny):
+    """Through the MLproject entry point's script, as `mlflow run . -e compress` runs it."""
+    from mlflow.tracking import MlflowClient
+
+    name = parent["name"]
+    settings = ";".join(w for w in [*LEAN_EVAL, *SHORT_DISTILL] if w != "--set")
+    res = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "compress.py"), f"name={name}",
+                          f"version={parent['version']}", "method=distill", "amount=", "preset=tiny",
+                          f"data={prepared_tiny}", "device=cpu", "config=", f"set={settings}"],
+                         cwd=parent["work"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "LIFECYCLE_CPU_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "distill of v" in res.stdout
+    client = MlflowClient()
+    version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    tags = client.get_model_version(name, str(version)).tags
+    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "distill"
+    assert tags["compress/teacher"] == f"models:/{name}/{parent['version']}"
+    assert tags["compress/student_preset"] == "tiny" and tags["compress/distill_steps"] == "6"
+    parent_tags = client.get_model_version(name, parent["version"]).tags
+    assert tags.get("data_digest") == parent_tags.get("data_digest")  # the parent's lineage is carried over
+    float(tags["compress/bits_per_byte_delta"])

@@ -224,7 +224,7 @@ def test_relative_links_resolve(page):
 
 # Entry points the docs show that no test runs yet, through `mlflow run` or their script. Known gaps, kept
 # visible: the test below fails once one is run (take it off the list then) or when another joins it.
-ENTRY_POINTS_NOT_RUN_YET = {"compress", "tune"}
+ENTRY_POINTS_NOT_RUN_YET = {"tune"}
 
 
 def test_every_shown_entry_point_is_run_by_a_test():

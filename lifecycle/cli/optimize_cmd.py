@@ -62,29 +62,63 @@ def tune(data: str, space_path: str, trials: int, jobs: int, study_name: str | N
 @click.command("compress")
 @click.argument("name")
 @click.argument("version")
-@click.option("--method", required=True, type=click.Choice(["int8-dynamic", "fp16", "bf16"]),
-              help="int8-dynamic: int8 linear layers for CPU serving; "
-                   "fp16/bf16: half-precision weights for GPU serving.")
+@click.option("--method", required=True, type=click.Choice(["int8-dynamic", "fp16", "bf16", "prune", "distill"]),
+              help="int8-dynamic: int8 linear layers for CPU serving; fp16/bf16: half-precision weights for GPU "
+                   "serving; prune: whole layers and MLP neurons removed (--amount), then a recovery fine-tune "
+                   "against the parent; distill: a smaller --preset trained against the parent.")
+@click.option("--amount", help="prune: the fraction of the transformer blocks' parameters to remove, "
+                               "strictly between 0 and 1 (0.3 or 30%).")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), help="distill: the student's shape.")
 @click.option("--data",
-              help="Data to measure parent and variant on (default: the data of the parent's last evaluation).")
+              help="Data to measure parent and variant on (default: the data of the parent's last evaluation); "
+                   "prune/distill also train on it (prepared data, tokenized with the parent's tokenizer).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device for the measurements (int8: cpu).")
 @click.option("--experiment", help="MLflow experiment of the run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of EvalConfig keys.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override an EvalConfig key (repeatable).")
-def compress(name: str, version: str, method: str, data: str | None, device: str | None, experiment: str | None,
-             config_path: str | None, overrides: tuple[str, ...]) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override an EvalConfig key, or a prune.<key> / distill.<key> (repeatable).")
+def compress(name: str, version: str, method: str, amount: str | None, preset: str | None, data: str | None,
+             device: str | None, experiment: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Make a compressed variant of NAME VERSION, evaluate it beside its parent and register it.
 
     The new version is tagged compressed_from=VERSION with compress/size_ratio, compress/<metric>_delta
     and the usual eval/... tags; a policy's `compression` gate bounds its quality loss.
     """
     from lifecycle.config import load_config
+    from lifecycle.errors import ConfigError
     from lifecycle.evaluate.config import EvalConfig
     from lifecycle.optimize.compress import compress as run_compress
     from lifecycle.optimize.compress import format_table
+    from lifecycle.optimize.prune import parse_amount
+    from lifecycle.optimize.structural import StructuralConfig, split_overrides
 
-    cfg = load_config(EvalConfig, config_path, overrides, device=device)
-    out = run_compress(name, version, method, data=data, cfg=cfg, experiment=experiment)
+    # Every option is checked here, before a run or a version can exist.
+    if method == "prune" and amount is None:
+        raise ConfigError("--method prune needs --amount (the fraction of block parameters to remove, e.g. 0.3)")
+    if amount is not None and method != "prune":
+        raise ConfigError(f"--amount is for --method prune, not {method}")
+    if preset is not None and method != "distill":
+        raise ConfigError(f"--preset is for --method distill, not {method}")
+    if method == "distill" and preset is None:
+        raise ConfigError("--method distill needs --preset (the student's shape: tiny or small)")
+    shrink_overrides, eval_overrides = split_overrides(overrides)
+    flags = {"preset": preset}
+    if amount is not None:
+        flags["prune.amount"] = parse_amount(amount)
+    scfg = load_config(StructuralConfig, None, shrink_overrides, **flags)
+    cfg = load_config(EvalConfig, config_path, eval_overrides, device=device)
+    from lifecycle.train.loop import TrainingInterrupted
+
+    try:
+        out = run_compress(name, version, method, data=data, cfg=cfg, experiment=experiment, structural=scfg)
+    except TrainingInterrupted as stop:
+        # prune/distill train a student: a signal stops it like `lifecycle train`, but nothing is
+        # kept (no version is registered before the variant is measured); the same command starts over.
+        click.echo(f"Stopped by {stop.signame} while training the {method} variant (step {stop.step}); "
+                   "nothing was registered: run the same command again.", err=True)
+        sys.exit(130 if stop.signame == "SIGINT" else 143)
     click.echo(format_table(out.rows))
-    click.echo(f"Registered {out.model_uri} ({method} of v{out.parent_version}, measured on {out.device}); "
-               f"run {out.run_id}")
+    what = f"{method} of v{out.parent_version}"
+    if method == "prune":
+        what += f", amount {out.tags.get('compress/amount')} (achieved {out.tags.get('compress/amount_achieved')})"
+    click.echo(f"Registered {out.model_uri} ({what}, measured on {out.device}); run {out.run_id}")

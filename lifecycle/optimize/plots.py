@@ -64,20 +64,34 @@ def plot_importances(importances: Mapping[str, float], out: str | Path, *, title
 
 
 def plot_tradeoff(rows: Sequence[Mapping[str, object]], out: str | Path, *, title: str = "") -> Path:
-    """Three panels (size MB, tokens/s, bits-per-byte), one bar per model of the trade-off table."""
+    """One panel per column of the trade-off table (parameters, MB, tokens/s at batch 1 and 8,
+    bits-per-byte, seconds spent making the variant), one bar per model (a row per method).
+    Panels with nothing measured (e.g. no batch-8 timing) are left out."""
+    import math
+
     plt = pyplot()
     labels = [str(r["model"]) for r in rows]
-    panels = (("size_mb", "weights (MB)"), ("tokens_per_s", "tokens/s (higher is better)"),
-              ("bits_per_byte", "bits per byte (lower is better)"))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
-    for ax, (key, label) in zip(axes, panels):
-        values = [float(r[key]) for r in rows]  # type: ignore[arg-type]
-        bars = ax.bar(labels, values, color=colors[: len(values)])
+    panels = [("params", "parameters"), ("size_mb", "weights (MB)"),
+              ("tokens_per_s_bs1", "tokens/s, batch 1 (higher is better)"),
+              ("tokens_per_s_bs8", "tokens/s, batch 8 (higher is better)"),
+              ("bits_per_byte", "bits per byte (lower is better)"), ("time_s", "time to make (s)")]
+
+    def value(r: Mapping[str, object], key: str) -> float:
+        v = r.get(key)
+        return float(v) if isinstance(v, (int, float)) else float("nan")  # type: ignore[arg-type]
+
+    panels = [(k, t) for k, t in panels if any(math.isfinite(value(r, k)) and value(r, k) > 0 for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [value(r, key) for r in rows]
+        shown = [v if math.isfinite(v) else 0.0 for v in values]
+        bars = ax.bar(labels, shown, color=[colors[i % len(colors)] for i in range(len(shown))])
         for bar, v in zip(bars, values):
-            ax.annotate(f"{v:.4g}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
-        ax.set_title(label)
-        ax.set_ylim(0, max(values + [1e-9]) * 1.18)
-        ax.tick_params(axis="x", labelrotation=15)
+            ax.annotate(f"{v:.4g}" if math.isfinite(v) else "n/a",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, max(shown + [1e-9]) * 1.18)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     return save_png(fig, out, title=title)

@@ -16,6 +16,10 @@ config) plus ``lifecycle_variant.json`` naming the method. Every loader of the p
   it the same way and puts the stored integers back, so the result is the saved model exactly.
   The tied output head stays a float copy of the embedding: quantising it would untie it and
   make the file larger, not smaller.
+* ``prune`` / ``distill``: a smaller dense GPT-2 (fewer layers, a narrower MLP, or a smaller
+  preset) in fp32 safetensors, made by :mod:`lifecycle.optimize.structural`. Its config matches
+  its weights, so it loads like any Hugging Face folder; the variant file only records how it
+  was made (amount, importance, dropped layers, teacher).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from lifecycle.errors import ConfigError, DataError
 
 VARIANT_FILE = "lifecycle_variant.json"
 INT8_WEIGHTS = "model.int8.safetensors"
-METHODS = ("int8-dynamic", "fp16", "bf16")
+METHODS = ("int8-dynamic", "fp16", "bf16", "prune", "distill")
+#: Methods whose folder is a plain fp32 model of a smaller shape.
+STRUCTURAL = ("prune", "distill")
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 #: Methods whose kernels exist on CPU only.
 CPU_ONLY = ("int8-dynamic",)
@@ -252,7 +258,8 @@ def load_variant(model_dir: str | Path, device: Any) -> Any | None:
         return load_int8(model_dir)
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, HALF_DTYPES[meta["method"]]) if kind == "cuda" else torch.float32
+    half = HALF_DTYPES.get(meta["method"])
+    dtype = getattr(torch, half) if half and kind == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     return model.to(device).eval()
 

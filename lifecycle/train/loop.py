@@ -28,6 +28,9 @@ from lifecycle.train.distributed import DistContext
 log = logging.getLogger(__name__)
 
 LogFn = Callable[[Mapping[str, float], int], None]
+#: A training objective other than the model's own LM loss: ``(model, batch) -> scalar loss``.
+#: Distillation uses it to add a teacher term (lifecycle.optimize.distill); validation stays the LM loss.
+LossFn = Callable[[Any, Mapping[str, Any]], Any]
 
 
 class TrainingInterrupted(Exception):
@@ -113,8 +116,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: Any, data: PreparedData, *, ctx: DistContext,
                  log: LogFn | None = None, checkpoints: CheckpointManager | None = None,
-                 resume_from: Path | Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None):
-        """``resume_from``: a checkpoint folder, or what :meth:`CheckpointManager.load` read from one."""
+                 resume_from: Path | Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None,
+                 loss_fn: LossFn | None = None):
+        """``resume_from``: a checkpoint folder, or what :meth:`CheckpointManager.load` read from one.
+        ``loss_fn``: the training objective of a micro-batch (default: the model's LM loss)."""
         import torch
 
         self.cfg = cfg
@@ -123,6 +128,7 @@ class Trainer:
         self.log = log or (lambda metrics, step: None)
         self.checkpoints = checkpoints
         self.extra_state = dict(extra_state or {})
+        self.loss_fn = loss_fn
         self.device = ctx.device if ctx.device is not None else torch.device("cpu")
         cuda = self.device.type == "cuda"
         # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer), only while
@@ -341,7 +347,8 @@ class Trainer:
                     ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
                     with ctx:
                         with self._autocast():
-                            loss = self.forward_model(**batch).loss / cfg.grad_accum
+                            loss = (self.loss_fn(self.forward_model, batch) if self.loss_fn is not None
+                                    else self.forward_model(**batch).loss) / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
                 if cfg.max_grad_norm > 0:
