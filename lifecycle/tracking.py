@@ -215,13 +215,13 @@ class AsyncMetricLogger:
         self._thread = threading.Thread(target=self._loop, name="lifecycle-metrics", daemon=True)
         self._thread.start()
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step``; returns immediately."""
+    def log(self, metrics: Mapping[str, float], step: int, model_id: str | None = None) -> None:
+        """Queue ``metrics`` at ``step`` (also the metrics of logged model ``model_id``); returns immediately."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._queue.put(Metric(key, float(value), ts, int(step)))
+            self._queue.put(Metric(key, float(value), ts, int(step), model_id=model_id))
 
     def _drain(self) -> None:
         while True:
@@ -418,3 +418,17 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
         return Path(text)  # hub id: resolved by transformers
     raise NotFoundError(f"model not found: {text} "
                         "(give a local folder, runs:/<run_id>/<path> or models:/<name>@<alias>)")
+
+
+def version_model_id(version: Any) -> str | None:
+    """The MLflow 3 logged-model id behind a registered version.
+
+    SQL registries do not store ``model_id`` (MLflow 3.17 returns None for it); the version's
+    ``source`` is ``models:/<model_id>`` for every version made from a logged model.
+    """
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None

@@ -181,11 +181,15 @@ def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tu
 
 
 def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineage, base_model: str,
-             best_val: float) -> tuple[str, str]:
-    """Log the model as the project's pyfunc model and register a version with lineage tags."""
+             best_val: float, chosen: Any = None) -> tuple[str, str]:
+    """Log the model as the project's pyfunc model and register a version with lineage tags.
+
+    ``chosen`` (checkpoint, rule): package into that checkpoint's logged model, tagged with the rule.
+    """
     from mlflow.tracking import MlflowClient
 
     from lifecycle.serving import log_model
+    from lifecycle.train.logged_models import registration_args
 
     lineage_tags = tracking.mask_mapping({
         tracking.TAG_DATA_DIGEST: lineage.digest,
@@ -193,9 +197,13 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
         tracking.TAG_TRAIN_RUN: run_id,
         tracking.TAG_BASE_MODEL: base_model or f"scratch:{cfg.preset}",
     })
-    info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=lineage_tags)
+    extra = registration_args(chosen)
+    tags = {**lineage_tags, **extra.pop("tags", {})}
+    info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=tags, **extra)
     version = str(info.registered_model_version)
-    client = MlflowClient()  # log_model already put lineage_tags on the version
+    client = MlflowClient()  # log_model already put the tags on the version
+    if extra:
+        client.set_logged_model_tags(extra["model_id"], tags)  # a checkpoint's model was made without them
     origin = (f"fine-tuned from {tracking.mask_secrets(base_model)}" if base_model
               else f"trained from scratch ({cfg.preset} preset)")
     data_from = f"data run {lineage.run_id}" if lineage.run_id else f"data {tracking.mask_secrets(lineage.uri)}"
@@ -346,6 +354,11 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
             if resume_state:
                 replay(logger, resume_state.get("history", {}), already)
             sink = MetricSink(logger, already)
+            if cfg.log_checkpoints:
+                from lifecycle.train.logged_models import CheckpointModels
+
+                sink = CheckpointModels(sink, run_id=run_id, model=start.model, tokenizer=start.tokenizer,
+                                        tags={tracking.TAG_DATA_DIGEST: lineage.digest}, resumed=bool(resume_state))
 
         from lifecycle.train.loop import Trainer
 
@@ -361,7 +374,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         ctx.close()  # rank 0 alone from here: model logging must not hold the process group open
         logger.close()
         logger = None
-        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model)
+        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model,
+                          sink if cfg.log_checkpoints else None)
         outcome.resumed_from = resume_state["step"] if resume_state else None
         outcome.checkpoint_dir = str(folder)
         if own_run:
@@ -376,7 +390,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
 
 
 def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: DataLineage,
-            finalize_model: Any) -> TrainOutcome:
+            finalize_model: Any, checkpoints: Any = None) -> TrainOutcome:
     """Rank 0 after the loop: summary metrics, curves PNG, model folder, registration."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -400,8 +414,16 @@ def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: Dat
             mlflow.log_artifacts(str(Path(tmp) / "lora_adapter"), artifact_path="lora_adapter")
         model_uri, version = None, None
         if cfg.log_model:
-            model_dir = save_model_dir(model.to("cpu"), start.tokenizer, Path(tmp) / "model")
-            model_uri, version = register(model_dir, cfg, run_id, lineage, start.base_model, result.best_val_loss)
+            chosen = checkpoints.choose(cfg.register_checkpoint, result.best_step) if checkpoints else None
+            held = result.best_step if result.best_step >= 0 else result.steps  # the weights the loop ended with
+            if chosen is not None and chosen[0].step != held:
+                from lifecycle.train.logged_models import download_weights
+
+                model_dir = download_weights(chosen[0].model_id, Path(tmp) / "chosen")
+            else:
+                model_dir = save_model_dir(model.to("cpu"), start.tokenizer, Path(tmp) / "model")
+            model_uri, version = register(model_dir, cfg, run_id, lineage, start.base_model, result.best_val_loss,
+                                          chosen)
             mlflow.set_tag("registered_model_version", model_uri)
     return TrainOutcome(run_id=run_id, model_uri=model_uri, version=version, steps=result.steps,
                         best_val_loss=result.best_val_loss, best_step=result.best_step,
