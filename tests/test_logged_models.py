@@ -1,14 +1,25 @@
 """MLflow 3 logged models against a real `mlflow server`: every evaluated checkpoint of a training run is a
 logged model with its val/ metrics, ranked by `search_logged_models`; the registered version is the best
-(or the last) of them and says which; a checkpoint never registered loads and registers later."""
+(or the last) of them and says which; evaluation puts its metrics on that model, against the evaluation
+data; the prepared data is a dataset input of both runs; a checkpoint never registered loads and
+registers later."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.cli import cli_output
+from tests.cli import cli, cli_output
 
 ORDER = [{"field_name": "metrics.val/loss", "ascending": True}]
+EVAL_FAST = ["generation.num_prompts=2", "generation.max_new_tokens=4", "latency.requests=2", "latency.warmup=0",
+             "latency.max_new_tokens=4", "compare.bootstrap_samples=200"]
+
+
+def _inputs(client, run_id: str, context: str) -> list:
+    return [d for d in client.get_run(run_id).inputs.dataset_inputs
+            if any(t.key == "mlflow.data.context" and t.value == context for t in d.tags)]
 
 
 def _train(prepared, tmp_path, name: str, experiment: str, *extra: str) -> None:
@@ -57,6 +68,28 @@ def test_three_checkpoints_three_ranked_logged_models_and_the_best_registered(
     assert client.get_logged_model(best.model_id).tags[TAG_REGISTERED] == "best"
     out = mlflow.pyfunc.load_model(f"models:/{unique_name}/1").predict(["def f("], params={"max_new_tokens": 2})
     assert len(out) == 1 and isinstance(out["text"][0], str)
+
+    # The prepared data is the training run's input, with the data card's digest.
+    from lifecycle.lineage import DIGEST_CHARS, TAG_FULL_DIGEST
+
+    digest = json.loads((prepared_tiny / "data_card.json").read_text())["digest"]
+    (train_input,) = _inputs(client, run_id, "training")
+    assert train_input.dataset.digest == digest[:DIGEST_CHARS]
+    assert {t.key: t.value for t in train_input.tags}[TAG_FULL_DIGEST] == digest
+
+    # Evaluating the version puts its eval/ metrics on the version's logged model, against the evaluation data.
+    assert cli("evaluate", "--model", f"models:/{unique_name}/1", "--data", str(prepared_tiny),
+               "--experiment", unique_name, *[a for item in EVAL_FAST for a in ("--set", item)]) == 0
+    version = client.get_model_version(unique_name, "1")
+    eval_run = client.get_run(version.tags["eval_run_id"])
+    (eval_input,) = _inputs(client, eval_run.info.run_id, "evaluation")
+    assert eval_input.dataset.digest == eval_run.data.tags["eval_data_digest"][:DIGEST_CHARS]
+    on_model = {m.key: m for m in client.get_logged_model(best.model_id).metrics}
+    assert on_model["eval/perplexity"].value == eval_run.data.metrics["eval/perplexity"]
+    assert on_model["eval/perplexity"].dataset_digest == eval_input.dataset.digest
+    assert on_model["eval/perplexity"].run_id == eval_run.info.run_id
+    assert float(version.tags["eval/perplexity"]) == pytest.approx(eval_run.data.metrics["eval/perplexity"])
+    assert "val/loss" in on_model  # the checkpoint's own validation metrics stay
 
     # A checkpoint training did not register: its weights load as they are, and it registers later.
     other = ranked[-1]

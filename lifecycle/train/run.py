@@ -348,6 +348,9 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
                 existing = MlflowClient().get_run(run_id).data.params
                 mlflow.log_params({(k if existing.get(k, v) == v else f"resolved.{k}"): v
                                    for k, v in tracking.mask_mapping(params).items()})
+                from lifecycle.lineage import CONTEXT_TRAINING, log_data_input
+
+                log_data_input(lineage.uri, lineage.digest, context=CONTEXT_TRAINING)
             mlflow.set_tag("checkpoint_dir", str(folder))
             logger = tracking.AsyncMetricLogger(run_id)
             already = last_logged_steps(MlflowClient(), run_id) if resume_state else {}
