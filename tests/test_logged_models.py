@@ -139,3 +139,33 @@ def test_register_checkpoint_rule_is_validated():
         TrainConfig(register_checkpoint="newest")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="needs log_checkpoints=true"):
         TrainConfig(register_checkpoint="last", log_checkpoints=False)
+
+
+def test_a_resumed_run_logs_each_checkpoint_once(prepared_tiny, tmp_path, tracking_uri, unique_name,
+                                                 one_torch_thread):
+    """Resuming a run (here: a finished one, for more steps) finds the checkpoints it logged by tag and
+    makes models only for the new evaluations; the version registered after it is still the best one."""
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.tracking import version_model_id
+    from lifecycle.train.logged_models import TAG_REGISTERED, run_checkpoints
+
+    args = ["train", "--data", str(prepared_tiny), "--batch-size", "4", "--output", str(tmp_path / "ck"),
+            "--model-name", unique_name, "--set", "eval_every=3", "--set", "eval_batches=2",
+            "--set", "progress=false", "--set", "system_metrics=false"]
+    code, out = cli_output(*args, "--max-steps", "6")
+    assert code == 0, out
+    client = MlflowClient()
+    run_id = client.get_model_version(unique_name, "1").run_id
+    first = {step: m.model_id for step, m in run_checkpoints(client, run_id).items()}
+    assert sorted(first) == [3, 6]
+    code, out = cli_output(*args, "--max-steps", "9", "--resume")
+    assert code == 0, out
+    v2 = client.get_model_version(unique_name, "2")
+    assert v2.run_id == run_id
+    after = {step: m.model_id for step, m in run_checkpoints(client, run_id).items()}
+    assert sorted(after) == [3, 6, 9] and {s: after[s] for s in (3, 6)} == first
+    assert len(client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'")) == 3
+    best_step = int(client.get_run(run_id).data.metrics["val/best_step"])
+    assert version_model_id(v2) == after[best_step] and v2.tags[TAG_REGISTERED] == "best"
