@@ -357,7 +357,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
             if resume_state:
                 replay(logger, resume_state.get("history", {}), already)
             sink = MetricSink(logger, already)
-            if cfg.log_checkpoints:
+            if cfg.log_checkpoints and cfg.log_model:  # log_model=false (tune's trials): no models at all
                 from lifecycle.train.logged_models import CheckpointModels
 
                 sink = CheckpointModels(sink, run_id=run_id, model=start.model, tokenizer=start.tokenizer,
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         logger.close()
         logger = None
         outcome = _finish(cfg, run_id, result, start, lineage, finalize_model,
-                          sink if cfg.log_checkpoints else None)
+                          sink if cfg.log_checkpoints and cfg.log_model else None)
         outcome.resumed_from = resume_state["step"] if resume_state else None
         outcome.checkpoint_dir = str(folder)
         if own_run:
