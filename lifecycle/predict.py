@@ -288,7 +288,7 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
     saved = {var: os.environ.get(var) for var in settings}
     os.environ.update(settings)
     try:
-        with _mlflow_errors(f"model {model_uri}"):
+        with mlflow_errors(f"model {model_uri}"):
             return mlflow.pyfunc.load_model(model_uri)
     finally:
         for var, value in saved.items():
@@ -299,7 +299,7 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
 
 
 @contextlib.contextmanager
-def _mlflow_errors(what: str) -> Iterator[None]:
+def mlflow_errors(what: str) -> Iterator[None]:
     """MLflow's own exceptions as the project's one-line errors; anything else passes through."""
     from lifecycle.tracking import translate_mlflow_error
 
@@ -315,6 +315,6 @@ def run_batch(model: Any, prompts: list[str], params: Mapping[str, Any]) -> list
     """One pyfunc call on a DataFrame of prompts; one dict of the model's fields per row."""
     import pandas as pd
 
-    with _mlflow_errors("predict"):
+    with mlflow_errors("predict"):
         out = model.predict(pd.DataFrame({"prompt": prompts}), params=dict(params) or None)
     return [{k: _plain(v) for k, v in row.items()} for row in out.to_dict(orient="records")]

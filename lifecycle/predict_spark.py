@@ -53,19 +53,28 @@ def parse_spark_conf(items: Sequence[str]) -> dict[str, str]:
 
 
 def spark_session(master: str, conf: Mapping[str, str] | None = None) -> Any:
-    """A Spark session for one predict job: quiet, no web UI, few shuffle partitions.
+    """A Spark session for one predict job: quiet (fatal JVM messages only), no web UI, few shuffle partitions.
 
     In local mode the Python workers run this very interpreter (so they import the same packages as
     the driver); on a cluster the executors' Python is the cluster's to configure (``--spark-conf``).
     """
+    import warnings
+
+    # pyspark 4.x warns that it does not fully support pandas 3 at every pandas UDF it builds.
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
     try:
         from pyspark.sql import SparkSession
     except ImportError:
         raise ConfigError("--engine spark needs pyspark: pip install 'lifecycle[spark]'") from None
 
     builder = SparkSession.builder.master(master).appName("lifecycle-predict")
-    defaults = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "true", "spark.log.level": "ERROR",
-                "spark.sql.shuffle.partitions": "4", "spark.sql.execution.arrow.pyspark.enabled": "true"}
+    defaults = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "true",
+                "spark.sql.shuffle.partitions": "4", "spark.sql.execution.arrow.pyspark.enabled": "true",
+                # A failed task is reported once, as our one-line error; Spark's own log would add its
+                # JVM and Python stack traces (and start-up chatter) to the terminal.
+                "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_quiet_log4j().as_uri()}",
+                # ... and so does every Python worker.
+                "spark.executorEnv.PYTHONWARNINGS": "ignore::FutureWarning"}
     if master.startswith("local"):
         defaults["spark.pyspark.python"] = sys.executable
         defaults["spark.pyspark.driver.python"] = sys.executable
@@ -76,6 +85,21 @@ def spark_session(master: str, conf: Mapping[str, str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - a JVM that cannot start or a master that cannot be reached
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot start Spark with master {master!r}: {first}") from None
+
+
+def _quiet_log4j() -> Path:
+    """A log4j2 configuration that lets only fatal JVM messages through (written once per process)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"lifecycle-spark-log4j2-{os.getuid()}.properties"
+    if not path.is_file():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("rootLogger.level = fatal\nrootLogger.appenderRef.stderr.ref = console\n"
+                       "appender.console.type = Console\nappender.console.name = console\n"
+                       "appender.console.target = SYSTEM_ERR\nappender.console.layout.type = PatternLayout\n"
+                       "appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n\n")
+        os.replace(tmp, path)
+    return path
 
 
 def _read(spark: Any, path: Path) -> Any:
@@ -150,7 +174,6 @@ def predict_spark(model_uri: str, input_path: str | os.PathLike[str], output: st
     """Generate for every row of ``input_path`` not yet in the Parquet ``output``, on Spark; see the module
     docstring. JSONL output is refused: Spark writes part files in parallel, not one appended file."""
     from lifecycle.data.publish import OutputLock, clean_stale, fsync_dir, temp_folder
-    from lifecycle.predict import _mlflow_errors
 
     input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
     params = check_request(output, batch_size, params)
@@ -171,14 +194,17 @@ def predict_spark(model_uri: str, input_path: str | os.PathLike[str], output: st
             result = PredictResult(written=0, skipped=total - todo, total=total, output=output)
             if not todo:
                 return result
-            write_sidecar(output, job)
-            output.mkdir(exist_ok=True)
             work = temp_folder(output)
-            _run_job(spark, df, model_uri, work / "rows", batch_size, params, device, _mlflow_errors)
-            for part in _parts(work / "rows"):
-                os.replace(part, output / part.name)  # one whole part at a time: a kill leaves whole parts
-            fsync_dir(output)
-            shutil.rmtree(work, ignore_errors=True)
+            try:
+                _run_job(spark, df, model_uri, work / "rows", batch_size, params, device)
+                # The job file and the output folder appear only once there are rows to put in it.
+                write_sidecar(output, job)
+                output.mkdir(exist_ok=True)
+                for part in _parts(work / "rows"):
+                    os.replace(part, output / part.name)  # one whole part at a time: a kill leaves whole parts
+                fsync_dir(output)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
             result.written = todo
             return result
     finally:
@@ -186,12 +212,13 @@ def predict_spark(model_uri: str, input_path: str | os.PathLike[str], output: st
 
 
 def _run_job(spark: Any, df: Any, model_uri: str, dest: Path, batch_size: int, params: Mapping[str, Any],
-             device: str | None, mlflow_errors: Any) -> None:
+             device: str | None) -> None:
     """Score ``df`` with the pyfunc as a Spark UDF and write id, prompt and the model's fields as Parquet."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
 
     from lifecycle.data.publish import fsync_tree
+    from lifecycle.predict import mlflow_errors
 
     # One pyfunc call per Arrow batch: the batch size the in-process engine uses.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
@@ -215,12 +242,15 @@ def _run_job(spark: Any, df: Any, model_uri: str, dest: Path, batch_size: int, p
 
 
 def _spark_error(exc: Exception) -> Exception:
-    """A failed Spark job as one line: the Python error the executor raised, if that is what failed."""
-    text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    cause = next((ln for ln in reversed(lines) if ln.startswith(("mlflow.exceptions.", "lifecycle.errors."))), None)
-    if cause is None and type(exc).__module__.startswith("mlflow"):
-        return exc
+    """A failed Spark job as one line: the model's own refusal (as the in-process engine words it), else
+    the first line of what Spark says."""
     from lifecycle.errors import LifecycleError
 
-    return LifecycleError(f"the Spark job failed: {cause or (lines[0] if lines else type(exc).__name__)}")
+    if type(exc).__module__.startswith("mlflow"):
+        return exc
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        for prefix in ("mlflow.exceptions.MlflowException: ", "lifecycle.errors."):
+            if line.startswith(prefix):
+                return LifecycleError(f"predict: {line[len(prefix):] if prefix.startswith('mlflow') else line}")
+    return LifecycleError(f"the Spark job failed: {lines[0] if lines else type(exc).__name__}")

@@ -99,8 +99,9 @@ def test_csv_without_ids_numbers_rows_like_in_process(logged_uri: str, tmp_path:
 
 
 @pytest.mark.tried("predict", "--engine spark with a missing prompt or id column, an empty file, a non-string "
-                   "prompt column, duplicate ids, a .jsonl output, a malformed --spark-conf, --master without spark",
-                   "one-line error, exit 2 or 4, no output, no job file, no lock file left")
+                   "prompt column, duplicate ids, a .jsonl output, a malformed --spark-conf, --master without spark, "
+                   "a prompt the model refuses", "one-line error, exit 1, 2 or 4, no output, no job file, no lock "
+                   "file or temporary folder left")
 def test_spark_errors_are_one_line_and_write_nothing(pyfunc_dir: Path, tmp_path: Path):  # noqa: F811
     model = str(pyfunc_dir)
     out = tmp_path / "out.parquet"
@@ -134,8 +135,13 @@ def test_spark_errors_are_one_line_and_write_nothing(pyfunc_dir: Path, tmp_path:
     assert code == 2 and "expected KEY=VALUE" in text, text
     code, text = cli_output("predict", model, "--input", str(src), "--output", str(out), "--master", "local[1]")
     assert code == 2 and "go with --engine spark" in text, text
+    # A row the model refuses fails the Spark job: the model's own one-line message, nothing kept.
+    long = write_input(tmp_path / "long.jsonl", n=2)
+    long.write_text(long.read_text().replace('"prompt": "the"', '"prompt": "' + "the " * 3000 + '"'))
+    code, text = run("--input", str(long), "--max-new-tokens", "2")
+    assert code == 1 and text.startswith("Error: predict: prompt has 30") and "--truncate" not in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["in.jsonl", "empty.jsonl", "blank.csv", "ints.parquet", "dup.jsonl"])
+        ["in.jsonl", "empty.jsonl", "blank.csv", "ints.parquet", "dup.jsonl", "long.jsonl"])
 
 
 @pytest.mark.e2e
