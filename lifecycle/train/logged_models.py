@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -67,19 +70,23 @@ def run_checkpoints(client: Any, run_id: str) -> dict[int, Any]:
             return found
 
 
-def save_weights(model: Any, tokenizer: Any, out: Path) -> Path:
-    """The model as it is now, as a Hugging Face folder, without moving or changing the training copy.
-
-    A LoRA model is merged in a copy (every later stage loads plain weights).
-    """
+def snapshot(model: Any) -> Any:
+    """The model's weights as they are now, on the host: a CPU state dict, or for LoRA a merged CPU copy
+    (every later stage loads plain weights). The loop goes on changing the originals."""
     from lifecycle.train.finetune import is_lora
 
-    out.mkdir(parents=True, exist_ok=True)
     if is_lora(model):
-        copy.deepcopy(model).to("cpu").merge_and_unload().save_pretrained(out, safe_serialization=True)
+        return copy.deepcopy(model).to("cpu").merge_and_unload()
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_weights(model: Any, weights: Any, tokenizer: Any, out: Path) -> Path:
+    """A :func:`snapshot` of ``model`` as a Hugging Face folder (``model`` gives only its config)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(weights, dict):
+        model.save_pretrained(out, state_dict=weights, safe_serialization=True)
     else:
-        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        weights.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 
@@ -87,13 +94,20 @@ def save_weights(model: Any, tokenizer: Any, out: Path) -> Path:
 class CheckpointModels:
     """The loop's metric sink, wrapped: an evaluation's metrics go out linked to a new checkpoint model.
 
-    ``sink(metrics, step, model_id=...)`` is :class:`~lifecycle.train.callbacks.MetricSink`; steps it
-    would skip on a resume (MLflow has them already) find their logged model by tag instead of making
-    a second one, and a model left ``PENDING`` by a killed run gets its weights again.
+    At an evaluation the weights are copied to the host on the loop's thread; one writer thread
+    creates the logged model, uploads the folder and then queues the metrics with its id to
+    ``sink(metrics, step, model_id=...)`` (:class:`~lifecycle.train.callbacks.MetricSink`). So the
+    loop never waits on the tracking server: an outage is retried with backoff, as metrics are, and
+    at most one snapshot waits behind the one being uploaded (the next evaluation waits for it).
+    :meth:`close` waits (bounded) for what is in flight and raises
+    :class:`~lifecycle.errors.TrackingUnavailableError` if a checkpoint could not be delivered; its
+    metrics still go out, unlinked, rather than being lost. Steps a resumed run already logged find
+    their model by tag instead of making a second one; a model left ``PENDING`` by a killed run gets
+    its weights again.
     """
 
     def __init__(self, sink: Callable[..., None], *, run_id: str, model: Any, tokenizer: Any,
-                 tags: Mapping[str, str] | None = None, resumed: bool = False):
+                 tags: Mapping[str, str] | None = None, resumed: bool = False, max_wait_on_close: float = 120.0):
         from mlflow.tracking import MlflowClient
 
         self._sink = sink
@@ -102,39 +116,78 @@ class CheckpointModels:
         self._model = model
         self._tokenizer = tokenizer
         self._tags = dict(tags or {})
+        self._max_wait = max_wait_on_close
+        self._deadline: float | None = None
+        self._error: Exception | None = None
         self.models: dict[int, Checkpoint] = {}
+        self._ids: dict[int, str] = {}
         self._known = run_checkpoints(self._client, run_id) if resumed else {}
         for step, found in self._known.items():
+            self._ids[step] = found.model_id  # made by this run before it was killed: reused, never doubled
             loss = (found.metrics and next((m.value for m in found.metrics if m.key == VAL_LOSS), None))
             if loss is not None and str(found.status).endswith("READY"):
                 self.models[step] = Checkpoint(found.model_id, step, float(loss))
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._work, name="lifecycle-checkpoint-models", daemon=True)
+        self._thread.start()
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        """Forward ``metrics``; at an evaluation, first log the checkpoint and link the metrics to it."""
+        """Forward ``metrics``; an evaluation's go out once its checkpoint model exists, linked to it."""
         if VAL_LOSS not in metrics:
             self._sink(metrics, step)
             return
         ready = self.models.get(step)
-        model_id = ready.model_id if ready else self._log(step)
-        self.models[step] = Checkpoint(model_id, step, float(metrics[VAL_LOSS]))
-        self._sink(metrics, step, model_id=model_id)
+        if ready is not None:
+            self._sink(metrics, step, model_id=ready.model_id)
+            return
+        self._queue.put((step, dict(metrics), snapshot(self._model)))
 
-    def _log(self, step: int) -> str:
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            step, metrics, weights = item
+            model_id, delay = None, 1.0
+            while model_id is None:
+                try:
+                    model_id = self._log(step, weights)
+                except Exception as exc:  # noqa: BLE001 - retried like metrics; surfaced by close()
+                    if self._deadline is not None and time.monotonic() > self._deadline:
+                        self._error = exc
+                        break
+                    log.warning("checkpoint model for step %d not logged yet (%s); retrying", step, exc)
+                    time.sleep(delay)
+                    delay = min(30.0, delay * 2)
+            if model_id is not None:
+                self.models[step] = Checkpoint(model_id, step, float(metrics[VAL_LOSS]))
+            self._sink(metrics, step, model_id=model_id)
+
+    def _log(self, step: int, weights: Any) -> str:
         from mlflow.entities import LoggedModelStatus
 
-        pending = self._known.get(step)
-        if pending is not None:
-            model_id = pending.model_id  # made by a run killed before its weights were all uploaded
-        else:
-            model_id = self._client.create_logged_model(
+        if step not in self._ids:
+            self._ids[step] = self._client.create_logged_model(
                 experiment_id=self._client.get_run(self.run_id).info.experiment_id, name=f"checkpoint-{step}",
                 source_run_id=self.run_id, model_type=KIND_CHECKPOINT,
                 tags={**self._tags, TAG_KIND: KIND_CHECKPOINT, TAG_STEP: str(step)}).model_id
+        model_id = self._ids[step]
         with tempfile.TemporaryDirectory(prefix="lifecycle-checkpoint-") as tmp:
-            folder = save_weights(self._model, self._tokenizer, Path(tmp) / "model")
+            folder = save_weights(self._model, weights, self._tokenizer, Path(tmp) / "model")
             self._client.log_model_artifacts(model_id, str(folder), artifact_path=WEIGHTS_PATH)
         self._client.finalize_logged_model(model_id, LoggedModelStatus.READY)
         return model_id
+
+    def close(self) -> None:
+        """Deliver the checkpoints in flight (waiting at most ``max_wait_on_close`` for the server)."""
+        if self._thread.is_alive():
+            self._deadline = time.monotonic() + self._max_wait
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            from lifecycle.errors import TrackingUnavailableError
+
+            raise TrackingUnavailableError(f"checkpoint models could not be logged: {self._error}")
 
     def choose(self, rule: str, best_step: int) -> tuple[Checkpoint, str] | None:
         """The checkpoint to register under ``rule``, and the rule; None when no evaluation was logged.

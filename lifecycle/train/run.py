@@ -306,7 +306,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         # serving renders chat requests the same way.
         start.tokenizer.chat_template = data.tokenizer.chat_template
     run_id = resume_state.get("run_id") if resume_state else None
-    mlrun, own_run, logger, sink = None, False, None, None
+    mlrun, own_run, logger, sink, ckpt_models = None, False, None, None, None
     if ctx.is_main:
         tags = {tracking.TAG_STAGE: "train", tracking.TAG_CODE_VERSION: tracking.code_version(),
                 tracking.TAG_DATA_DIGEST: lineage.digest, tracking.TAG_DATA_RUN: lineage.run_id,
@@ -360,8 +360,9 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
             if cfg.log_checkpoints and cfg.log_model:  # log_model=false (tune's trials): no models at all
                 from lifecycle.train.logged_models import CheckpointModels
 
-                sink = CheckpointModels(sink, run_id=run_id, model=start.model, tokenizer=start.tokenizer,
-                                        tags={tracking.TAG_DATA_DIGEST: lineage.digest}, resumed=bool(resume_state))
+                sink = ckpt_models = CheckpointModels(sink, run_id=run_id, model=start.model, tokenizer=start.tokenizer,
+                                                      tags={tracking.TAG_DATA_DIGEST: lineage.digest},
+                                                      resumed=bool(resume_state))
 
         from lifecycle.train.loop import Trainer
 
@@ -375,10 +376,11 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
             return TrainOutcome(None, None, None, result.steps, result.best_val_loss, result.best_step,
                                 result.stopped_early, resume_state["step"] if resume_state else None)
         ctx.close()  # rank 0 alone from here: model logging must not hold the process group open
+        if ckpt_models is not None:
+            ckpt_models.close()  # its metrics go through the logger: first
         logger.close()
         logger = None
-        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model,
-                          sink if cfg.log_checkpoints and cfg.log_model else None)
+        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model, ckpt_models)
         outcome.resumed_from = resume_state["step"] if resume_state else None
         outcome.checkpoint_dir = str(folder)
         if own_run:
@@ -388,7 +390,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         return outcome
     except BaseException as exc:
         if ctx.is_main:
-            _fail_run(exc, logger, own_run)
+            _fail_run(exc, logger, own_run, ckpt_models)
         raise
 
 
@@ -433,12 +435,17 @@ def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: Dat
                         stopped_early=result.stopped_early, resumed_from=None)
 
 
-def _fail_run(exc: BaseException, logger: Any, own_run: bool) -> None:
-    """Deliver queued metrics, then end the run KILLED (signal) or FAILED (anything else)."""
+def _fail_run(exc: BaseException, logger: Any, own_run: bool, ckpt_models: Any = None) -> None:
+    """Deliver queued checkpoint models and metrics, then end the run KILLED (signal) or FAILED (anything else)."""
     import mlflow
 
     from lifecycle.train.loop import TrainingInterrupted
 
+    try:
+        if ckpt_models is not None:
+            ckpt_models.close()
+    except Exception as close_exc:  # noqa: BLE001 - the original error matters more
+        log.error("checkpoint models could not be delivered: %s", close_exc)
     try:
         if logger is not None:
             logger.close()
