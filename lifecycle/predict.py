@@ -174,7 +174,9 @@ class _Writer:
             os.close(self.fd)
 
 
-def _job(model_uri: str, input_path: Path, prompt_column: str, id_field: str, params: Mapping[str, Any]) -> dict:
+def job_record(model_uri: str, input_path: Path, prompt_column: str, id_field: str,
+               params: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a job (not the engine nor the batch size: they do not change greedy outputs)."""
     return {"model_uri": model_uri, "input_digest": file_digest(input_path), "prompt_column": prompt_column,
             "id_column": id_field, "params": dict(sorted(params.items()))}
 
@@ -204,7 +206,8 @@ def prepare_output(output: Path, job: dict[str, Any], *, overwrite: bool) -> set
     return _parquet_done(output, job["id_column"]) if output.is_dir() else _jsonl_done(output, job["id_column"])
 
 
-def _write_sidecar(output: Path, job: dict[str, Any]) -> None:
+def write_sidecar(output: Path, job: dict[str, Any]) -> None:
+    """Record ``job`` beside ``output`` (temp name + rename: whole or absent)."""
     side = sidecar_path(output)
     side.parent.mkdir(parents=True, exist_ok=True)
     tmp = side.with_name(side.name + ".tmp")
@@ -217,15 +220,14 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start:start + size]
 
 
-def predict_file(model_uri: str, input_path: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                 prompt_column: str = "prompt", id_column: str | None = None, batch_size: int = 16,
-                 params: Mapping[str, Any] | None = None, device: str | None = None,
-                 overwrite: bool = False, progress: bool = True) -> PredictResult:
-    """Generate for every row of ``input_path`` not yet in ``output``; see the module docstring."""
+def check_request(output: Path, batch_size: int, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Refuse a bad output extension, batch size or generation param before anything is read or written.
+
+    Returns the params that were given (``None`` values dropped).
+    """
     from lifecycle.serving.requests import parse_params
     from lifecycle.serving.settings import ServingConfig
 
-    input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--output {output}: unknown extension {output.suffix or '(none)'}; "
                           f"use one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -236,15 +238,25 @@ def predict_file(model_uri: str, input_path: str | os.PathLike[str], output: str
     # The model checks params again per call; checking here refuses a bad one before anything is written.
     parse_params(params, max_new_tokens_cap=defaults.max_new_tokens_cap,
                  default_max_new_tokens=defaults.default_max_new_tokens)
+    return params
+
+
+def predict_file(model_uri: str, input_path: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                 prompt_column: str = "prompt", id_column: str | None = None, batch_size: int = 16,
+                 params: Mapping[str, Any] | None = None, device: str | None = None,
+                 overwrite: bool = False, progress: bool = True) -> PredictResult:
+    """Generate for every row of ``input_path`` not yet in ``output``; see the module docstring."""
+    input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
+    params = check_request(output, batch_size, params)
     ids, prompts, id_field = read_rows(input_path, prompt_column, id_column)
-    job = _job(model_uri, input_path, prompt_column, id_field, params)
+    job = job_record(model_uri, input_path, prompt_column, id_field, params)
     done = prepare_output(output, job, overwrite=overwrite)
     todo = [n for n, row_id in enumerate(ids) if _key(row_id) not in done]
     result = PredictResult(written=0, skipped=len(ids) - len(todo), total=len(ids), output=output)
     if not todo:
         return result
     model = load_pyfunc(model_uri, device=device, batch_size=batch_size)
-    _write_sidecar(output, job)
+    write_sidecar(output, job)
     writer = _Writer(output)
     from tqdm import tqdm
 
@@ -276,7 +288,7 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
     saved = {var: os.environ.get(var) for var in settings}
     os.environ.update(settings)
     try:
-        with _mlflow_errors(f"model {model_uri}"):
+        with mlflow_errors(f"model {model_uri}"):
             return mlflow.pyfunc.load_model(model_uri)
     finally:
         for var, value in saved.items():
@@ -287,7 +299,7 @@ def load_pyfunc(model_uri: str, *, device: str | None = None, batch_size: int = 
 
 
 @contextlib.contextmanager
-def _mlflow_errors(what: str) -> Iterator[None]:
+def mlflow_errors(what: str) -> Iterator[None]:
     """MLflow's own exceptions as the project's one-line errors; anything else passes through."""
     from lifecycle.tracking import translate_mlflow_error
 
@@ -303,6 +315,6 @@ def run_batch(model: Any, prompts: list[str], params: Mapping[str, Any]) -> list
     """One pyfunc call on a DataFrame of prompts; one dict of the model's fields per row."""
     import pandas as pd
 
-    with _mlflow_errors("predict"):
+    with mlflow_errors("predict"):
         out = model.predict(pd.DataFrame({"prompt": prompts}), params=dict(params) or None)
     return [{k: _plain(v) for k, v in row.items()} for row in out.to_dict(orient="records")]

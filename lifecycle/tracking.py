@@ -2,9 +2,10 @@
 
 Tracking follows MLflow's own default (``sqlite:///mlflow.db`` in the working directory in
 MLflow 3.x) unless ``MLFLOW_TRACKING_URI`` is set; nothing here ever calls
-``set_tracking_uri`` or creates ``./mlruns``: with a database URI and no server, MLflow would put
-artifacts under ``./mlruns`` of whatever directory the command runs in, so the CLI points them at
-``mlartifacts`` beside the database instead (:func:`use_local_artifact_root`).
+``set_tracking_uri``. With a database URI and no server, MLflow puts artifacts under ``./mlruns``
+of whatever directory the process runs in; the CLI keeps MLflow's layout (``mlruns`` beside
+``mlflow.db``, as ``mlflow run`` makes it) but pins it to the database's folder, so a command run
+from another directory does not scatter artifacts (:func:`use_local_artifact_root`).
 
 MLflow is imported inside the functions that talk to it: the CLI imports this module for every
 command (``lifecycle --help`` included) and must answer without paying MLflow's import time.
@@ -81,12 +82,15 @@ def source_digest() -> str:
 #: It is what ``mlflow server --default-artifact-root`` sets for its own process; MLflow reads it
 #: whenever it builds a sqlite/PostgreSQL store, including the one behind ``MlflowClient``.
 _ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+#: MLflow's default artifact folder for a local store (``mlflow.store.tracking.DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH``).
+ARTIFACT_DIR = "mlruns"
 
 
 def local_artifact_root(uri: str | None = None) -> Path | None:
-    """Where artifacts of a database-backed store with no server belong: ``mlartifacts`` beside
-    the sqlite file (``mlflow server``'s own default folder name), or in the working directory
-    for another database. ``None`` for a tracking server (it decides) or a file store.
+    """Where artifacts of a database-backed store with no server belong: ``mlruns`` beside the sqlite
+    file (MLflow's own default folder, so ``lifecycle`` and ``mlflow run`` give one layout whichever
+    created the database), or in the working directory for another database (as MLflow does).
+    ``None`` for a tracking server (it decides) or a file store.
     """
     if uri is None:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -94,15 +98,15 @@ def local_artifact_root(uri: str | None = None) -> Path | None:
     if scheme == "sqlite":
         db = uri.split(":///", 1)[1] if ":///" in uri else ""
         if not db or db == ":memory:":
-            return Path.cwd() / "mlartifacts"
-        return Path(db).expanduser().resolve().parent / "mlartifacts"
+            return Path.cwd() / ARTIFACT_DIR
+        return Path(db).expanduser().resolve().parent / ARTIFACT_DIR
     if scheme in ("postgresql", "mysql", "mssql"):
-        return Path.cwd() / "mlartifacts"
+        return Path.cwd() / ARTIFACT_DIR
     return None
 
 
 def use_local_artifact_root() -> None:
-    """Keep artifacts out of ``./mlruns`` when tracking to a database without a server.
+    """Pin artifacts to MLflow's ``mlruns`` beside the database when tracking to one without a server.
 
     Called once by the CLI before any store is built. Experiments created afterwards (and the
     Default experiment of a database created afterwards) keep their artifacts in
@@ -215,13 +219,13 @@ class AsyncMetricLogger:
         self._thread = threading.Thread(target=self._loop, name="lifecycle-metrics", daemon=True)
         self._thread.start()
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step``; returns immediately."""
+    def log(self, metrics: Mapping[str, float], step: int, model_id: str | None = None) -> None:
+        """Queue ``metrics`` at ``step`` (also the metrics of logged model ``model_id``); returns immediately."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._queue.put(Metric(key, float(value), ts, int(step)))
+            self._queue.put(Metric(key, float(value), ts, int(step), model_id=model_id))
 
     def _drain(self) -> None:
         while True:
@@ -418,3 +422,17 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
         return Path(text)  # hub id: resolved by transformers
     raise NotFoundError(f"model not found: {text} "
                         "(give a local folder, runs:/<run_id>/<path> or models:/<name>@<alias>)")
+
+
+def version_model_id(version: Any) -> str | None:
+    """The MLflow 3 logged-model id behind a registered version.
+
+    SQL registries do not store ``model_id`` (MLflow 3.17 returns None for it); the version's
+    ``source`` is ``models:/<model_id>`` for every version made from a logged model.
+    """
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None

@@ -98,7 +98,7 @@ def test_readme_has_the_walkthrough_commands():
     for needed in ("prepare", "train", "evaluate", "promote", "rollback", "serve", "monitor"):
         assert needed in subcommands, f"README shows no `lifecycle {needed}`"
     assert any(c.startswith("mlflow run .") for c in readme)
-    assert "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest" in README.read_text()
+    assert "pip install torch==2.13.0 && pip install -e '.[test,spark]' && python -m pytest" in README.read_text()
 
 
 def test_docs_pages_have_commands_the_checks_see():

@@ -21,9 +21,16 @@ from tests.cli import cli
 SECRET = f"pw-{uuid.uuid4().hex[:12]}"
 
 
-def test_default_tracking_keeps_artifacts_out_of_mlruns(tmp_path):
-    """With MLflow's embedded default (sqlite:///mlflow.db, no server), MLflow itself would put
-    artifacts under ./mlruns; the CLI keeps them in ./mlartifacts beside the database."""
+def _experiment_zero_location(db: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{db}").get_experiment("0").artifact_location
+
+
+def test_default_tracking_puts_artifacts_where_mlflow_does(tmp_path):
+    """With MLflow's embedded default (sqlite:///mlflow.db, no server) a `lifecycle` command that creates
+    the database gives MLflow's own layout, the one `mlflow run` gives: artifacts in ./mlruns beside
+    mlflow.db, and no other artifact folder. Run from another directory, they still go beside the database."""
     (tmp_path / "corpus.txt").write_text(
         "\n\n".join(f"Document {i} talks about rivers, mountains and the music of village {i} "
                     "in the early morning, with many more words to pass the quality filters." for i in range(60)),
@@ -37,9 +44,37 @@ def test_default_tracking_keeps_artifacts_out_of_mlruns(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "mlflow.db").exists()
-    assert not (tmp_path / "mlruns").exists()
-    cards = list((tmp_path / "mlartifacts").rglob("data_card.json"))
-    assert cards, "the prepare run's artifacts should be in ./mlartifacts"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlruns", "prepared"]
+    cards = list((tmp_path / "mlruns").rglob("data_card.json"))
+    assert cards and cards[0].relative_to(tmp_path).parts[:2] == ("mlruns", "0"), cards
+
+    # MLflow itself (what `mlflow run` does when it creates the database) lays experiment 0 out the same way.
+    mine = _experiment_zero_location(tmp_path / "mlflow.db")
+    theirs_dir = tmp_path / "by-mlflow"
+    theirs_dir.mkdir()
+    subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient('sqlite:///mlflow.db').get_experiment('0')"],
+                   cwd=theirs_dir, env=env, check=True, capture_output=True, timeout=120)
+    theirs = _experiment_zero_location(theirs_dir / "mlflow.db")
+    assert Path(mine.removeprefix("file://")).relative_to(tmp_path) == Path(theirs).relative_to(theirs_dir)
+
+    # From another directory, against this database: still ./mlruns beside it, nothing where the command ran.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "prepare", "--source", str(tmp_path / "corpus.txt"), "--output",
+         "prepared2", "--vocab-size", "300", "--block-size", "32"],
+        cwd=elsewhere, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            "MLFLOW_EXPERIMENT_NAME": "made-elsewhere"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["prepared2"]
+    from mlflow.tracking import MlflowClient
+
+    made = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("made-elsewhere")
+    assert made is not None and Path(made.artifact_location.removeprefix("file://")).parent == tmp_path / "mlruns"
+    cards = (tmp_path / "mlruns").rglob("data_card.json")
+    assert {c.relative_to(tmp_path / "mlruns").parts[0] for c in cards} == {"0", made.experiment_id}
 
 
 # -- credentials in URIs ---------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def test_tracking_server_outage_mid_run_loses_no_metrics(prepared_tiny, tmp_path
     server = servers.start_mlflow_server(backend, work)
     port = int(server.url.rsplit(":", 1)[1])
     out = tmp_path / "ck"
-    settings = {**SETTINGS, "max_steps": 60, "checkpoint_every": 5, "eval_every": 20}
+    # log_model: the evaluations' checkpoint models go through the outage too.
+    settings = {**SETTINGS, "max_steps": 60, "checkpoint_every": 5, "eval_every": 20, "log_model": True}
     # MLflow's own HTTP retries would block each log_batch for minutes; few and short ones hand
     # the outage to AsyncMetricLogger's retry loop, which is what is under test.
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1",
@@ -188,6 +189,12 @@ def test_tracking_server_outage_mid_run_loses_no_metrics(prepared_tiny, tmp_path
         for key, every in (("train/loss", 1), ("train/lr", 1), ("val/loss", 20)):
             assert [s for s, _ in _history(client, run_id, key)] == list(range(every, 61, every)), key
         assert client.get_run(run_id).info.status == "FINISHED"
+        # Every evaluation's checkpoint model made it too, with its val/loss linked (retried through the outage).
+        from lifecycle.train.logged_models import run_checkpoints
+
+        models = run_checkpoints(client, run_id)
+        assert sorted(models) == [20, 40, 60]
+        assert all(any(m.key == "val/loss" for m in model.metrics) for model in models.values())
     finally:
         if proc.poll() is None:
             proc.kill()

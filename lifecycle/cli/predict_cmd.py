@@ -24,20 +24,31 @@ import click
 @click.option("--truncate", is_flag=True, default=None, help="Cut prompts over the context instead of refusing.")
 @click.option("--device", help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--overwrite", is_flag=True, help="Replace an output that belongs to another job.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: in this process; spark: mlflow.pyfunc.spark_udf over a Spark DataFrame (Parquet output).")
+@click.option("--master", help="Spark master URL with --engine spark (default: local[*], every core here).")
+@click.option("--spark-conf", multiple=True, metavar="KEY=VALUE",
+              help="Spark setting with --engine spark (repeatable).")
 def predict(model_uri: str, input_path: str, output: str, prompt_column: str, id_column: str | None,
             batch_size: int, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
             top_k: int | None, do_sample: bool | None, seed: int | None, stop: tuple[str, ...],
-            repetition_penalty: float | None, truncate: bool | None, device: str | None, overwrite: bool) -> None:
+            repetition_penalty: float | None, truncate: bool | None, device: str | None, overwrite: bool,
+            engine: str, master: str | None, spark_conf: tuple[str, ...]) -> None:
     """Generate for every row of --input with MODEL_URI (models:/NAME@ALIAS, models:/NAME/V, runs:/..., or a
     local pyfunc folder), writing id, prompt and the model's fields per row to --output.
 
     An interrupted run continues where it stopped when run again; no row is written twice.
-    Exit codes: 2 bad option or output extension, 4 bad input, 5 model not found, 6 output of another job.
+    Exit codes: 2 bad option or output extension (--engine spark: .parquet only), 4 bad input,
+    5 model not found, 6 output of another job.
     """
     from pathlib import Path
 
     from lifecycle.cli import check_writable
+    from lifecycle.errors import ConfigError
     from lifecycle.predict import OUTPUT_SUFFIXES, predict_file
+
+    if engine != "spark" and (master or spark_conf):
+        raise ConfigError("--master and --spark-conf go with --engine spark")
 
     if Path(output).suffix.lower() in OUTPUT_SUFFIXES:
         # An unwritable output is refused (exit 14) before the model is loaded, not at the first batch.
@@ -46,7 +57,14 @@ def predict(model_uri: str, input_path: str, output: str, prompt_column: str, id
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
               "do_sample": do_sample, "seed": seed, "stop": list(stop) or None,
               "repetition_penalty": repetition_penalty, "truncate": truncate}
-    out = predict_file(model_uri, input_path, output, prompt_column=prompt_column, id_column=id_column,
-                       batch_size=batch_size, params=params, device=device, overwrite=overwrite)
+    common = dict(prompt_column=prompt_column, id_column=id_column, batch_size=batch_size, params=params,
+                  device=device, overwrite=overwrite)
+    if engine == "spark":
+        from lifecycle.predict_spark import DEFAULT_MASTER, parse_spark_conf, predict_spark
+
+        out = predict_spark(model_uri, input_path, output, master=master or DEFAULT_MASTER,
+                            spark_conf=parse_spark_conf(spark_conf), **common)
+    else:
+        out = predict_file(model_uri, input_path, output, **common)
     resumed = f" ({out.skipped} already there)" if out.skipped else ""
     click.echo(f"Wrote {out.written} row(s) to {out.output}{resumed}; {out.total} in the input.")

@@ -186,6 +186,10 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                   **{f"config.{k}": v for k, v in flatten(cfg).items()}}
         # Model, data and baseline URIs may carry user:password@: params show only the masked form.
         mlflow.log_params({k: v[:6000] for k, v in mask_mapping(params).items()})
+        from lifecycle.lineage import CONTEXT_EVALUATION, log_data_input, model_id_for
+
+        eval_dataset = log_data_input(eval_data.source, eval_data.digest, context=CONTEXT_EVALUATION,
+                                      split=eval_data.split)
         ch = measure_model("challenger", model, model_dir, eval_data, prompts, suite, cfg, device=device,
                            progress=progress)
         bl = (measure_model("baseline", baseline_uri, baseline_dir, eval_data, prompts, suite, cfg,
@@ -230,7 +234,12 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                        "paired_on": paired_on}
             (tmpdir / "results.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
             mlflow.log_artifact(str(tmpdir / "results.json"), "eval")
-        mlflow.log_metrics(metrics)
+        # The challenger's own results also go on its logged model's page, against the evaluation data.
+        model_id = model_id_for(model)
+        own = {k: v for k, v in metrics.items() if k.startswith("eval/")} if model_id else {}
+        if own:
+            mlflow.log_metrics(own, model_id=model_id, dataset=eval_dataset)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in own})
         outcome = EvalOutcome(run_id=run_id, metrics=ch.metrics, compare=compare_values,
                               data_digest=eval_data.digest, version=version, baseline=baseline_uri,
                               paired_on=paired_on)

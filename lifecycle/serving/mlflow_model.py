@@ -83,8 +83,12 @@ def _stage_code(dest: Path) -> Path:
 
 def log_model(model_dir: str | Path, *, name: str = "model", registered_model_name: str | None = None,
               tags: Mapping[str, str] | None = None, await_registration_for: int = 300,
-              model_config: Mapping[str, Any] | None = None) -> Any:
+              model_config: Mapping[str, Any] | None = None, model_id: str | None = None,
+              step: int = 0) -> Any:
     """Log ``model_dir`` (a Hugging Face folder) as the project's pyfunc model; the ModelInfo.
+
+    ``model_id`` packages into an existing logged model (a training checkpoint) instead of a new one;
+    ``step`` links the run's metrics of that step to the model, as MLflow does.
 
     Logs into the active run (or a new one, as MLflow does). ``tags`` go on the logged model and,
     when ``registered_model_name`` is given, on the new model version too (lineage tags such as
@@ -121,6 +125,8 @@ def log_model(model_dir: str | Path, *, name: str = "model", registered_model_na
             registered_model_name=registered_model_name,
             await_registration_for=await_registration_for,
             tags=dict(tags) if tags else None,
+            model_id=model_id,
+            step=step,
         )
     if registered_model_name and tags and getattr(info, "registered_model_version", None) is not None:
         from mlflow.tracking import MlflowClient

@@ -35,14 +35,14 @@ class MetricSink:
         self._skip = dict(already_logged or {})
         self.skipped = 0
 
-    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` unless MLflow already holds that step of a key."""
+    def __call__(self, metrics: Mapping[str, float], step: int, model_id: str | None = None) -> None:
+        """Queue ``metrics`` at ``step`` (linked to logged model ``model_id``) unless MLflow holds that step."""
         if self._skip:
             fresh = {k: v for k, v in metrics.items() if step > self._skip.get(k, -1)}
             self.skipped += len(metrics) - len(fresh)
             metrics = fresh
         if metrics:
-            self._logger.log(metrics, step)
+            self._logger.log(metrics, step, model_id=model_id)
 
 
 def replay(logger: Any, history: Mapping[str, Any], already_logged: Mapping[str, int]) -> int:

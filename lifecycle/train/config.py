@@ -91,6 +91,10 @@ class TrainConfig:
     experiment: Optional[str] = None
     system_metrics: bool = True
     log_model: bool = True
+    #: Log each evaluated checkpoint's weights as an MLflow logged model of the run, with its val/ metrics.
+    log_checkpoints: bool = True
+    #: Which checkpoint becomes the registered version: the best val/loss, or the last step.
+    register_checkpoint: Literal["best", "last"] = "best"
     model_name: str = DEFAULT_MODEL_NAME
     progress: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -126,10 +130,16 @@ class TrainConfig:
             raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
         if not self.model_name.strip():
             raise ConfigError("model_name must not be empty")
+        if self.register_checkpoint not in ("best", "last"):
+            raise ConfigError(f"register_checkpoint must be best or last, got {self.register_checkpoint!r}")
+        if self.register_checkpoint == "last" and not self.log_checkpoints:
+            raise ConfigError("register_checkpoint=last registers the last logged checkpoint: "
+                              "it needs log_checkpoints=true")
 
 
 #: Keys a resumed run may change (everything else must match the checkpoint's config).
 #: Where and how checkpoints are written does not change the numbers.
 RESUME_MUTABLE_KEYS = frozenset({"max_steps", "progress", "log_model", "model_name", "experiment",
+                                 "log_checkpoints", "register_checkpoint",
                                  "eval_batches", "keep_checkpoints", "system_metrics", "output",
                                  "checkpoint_every", "checkpoint_every_s", "checkpoint_background"})

@@ -181,11 +181,15 @@ def _start_run(cfg: TrainConfig, run_id: str | None, tags: dict[str, str]) -> tu
 
 
 def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineage, base_model: str,
-             best_val: float) -> tuple[str, str]:
-    """Log the model as the project's pyfunc model and register a version with lineage tags."""
+             best_val: float, chosen: Any = None) -> tuple[str, str]:
+    """Log the model as the project's pyfunc model and register a version with lineage tags.
+
+    ``chosen`` (checkpoint, rule): package into that checkpoint's logged model, tagged with the rule.
+    """
     from mlflow.tracking import MlflowClient
 
     from lifecycle.serving import log_model
+    from lifecycle.train.logged_models import registration_args
 
     lineage_tags = tracking.mask_mapping({
         tracking.TAG_DATA_DIGEST: lineage.digest,
@@ -193,9 +197,13 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
         tracking.TAG_TRAIN_RUN: run_id,
         tracking.TAG_BASE_MODEL: base_model or f"scratch:{cfg.preset}",
     })
-    info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=lineage_tags)
+    extra = registration_args(chosen)
+    tags = {**lineage_tags, **extra.pop("tags", {})}
+    info = log_model(model_dir, name="model", registered_model_name=cfg.model_name, tags=tags, **extra)
     version = str(info.registered_model_version)
-    client = MlflowClient()  # log_model already put lineage_tags on the version
+    client = MlflowClient()  # log_model already put the tags on the version
+    if extra:
+        client.set_logged_model_tags(extra["model_id"], tags)  # a checkpoint's model was made without them
     origin = (f"fine-tuned from {tracking.mask_secrets(base_model)}" if base_model
               else f"trained from scratch ({cfg.preset} preset)")
     data_from = f"data run {lineage.run_id}" if lineage.run_id else f"data {tracking.mask_secrets(lineage.uri)}"
@@ -298,7 +306,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         # serving renders chat requests the same way.
         start.tokenizer.chat_template = data.tokenizer.chat_template
     run_id = resume_state.get("run_id") if resume_state else None
-    mlrun, own_run, logger, sink = None, False, None, None
+    mlrun, own_run, logger, sink, ckpt_models = None, False, None, None, None
     if ctx.is_main:
         tags = {tracking.TAG_STAGE: "train", tracking.TAG_CODE_VERSION: tracking.code_version(),
                 tracking.TAG_DATA_DIGEST: lineage.digest, tracking.TAG_DATA_RUN: lineage.run_id,
@@ -340,12 +348,21 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
                 existing = MlflowClient().get_run(run_id).data.params
                 mlflow.log_params({(k if existing.get(k, v) == v else f"resolved.{k}"): v
                                    for k, v in tracking.mask_mapping(params).items()})
+                from lifecycle.lineage import CONTEXT_TRAINING, log_data_input
+
+                log_data_input(lineage.uri, lineage.digest, context=CONTEXT_TRAINING)
             mlflow.set_tag("checkpoint_dir", str(folder))
             logger = tracking.AsyncMetricLogger(run_id)
             already = last_logged_steps(MlflowClient(), run_id) if resume_state else {}
             if resume_state:
                 replay(logger, resume_state.get("history", {}), already)
             sink = MetricSink(logger, already)
+            if cfg.log_checkpoints and cfg.log_model:  # log_model=false (tune's trials): no models at all
+                from lifecycle.train.logged_models import CheckpointModels
+
+                sink = ckpt_models = CheckpointModels(sink, run_id=run_id, model=start.model, tokenizer=start.tokenizer,
+                                                      tags={tracking.TAG_DATA_DIGEST: lineage.digest},
+                                                      resumed=bool(resume_state))
 
         from lifecycle.train.loop import Trainer
 
@@ -359,9 +376,11 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
             return TrainOutcome(None, None, None, result.steps, result.best_val_loss, result.best_step,
                                 result.stopped_early, resume_state["step"] if resume_state else None)
         ctx.close()  # rank 0 alone from here: model logging must not hold the process group open
+        if ckpt_models is not None:
+            ckpt_models.close()  # its metrics go through the logger: first
         logger.close()
         logger = None
-        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model)
+        outcome = _finish(cfg, run_id, result, start, lineage, finalize_model, ckpt_models)
         outcome.resumed_from = resume_state["step"] if resume_state else None
         outcome.checkpoint_dir = str(folder)
         if own_run:
@@ -371,12 +390,12 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         return outcome
     except BaseException as exc:
         if ctx.is_main:
-            _fail_run(exc, logger, own_run)
+            _fail_run(exc, logger, own_run, ckpt_models)
         raise
 
 
 def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: DataLineage,
-            finalize_model: Any) -> TrainOutcome:
+            finalize_model: Any, checkpoints: Any = None) -> TrainOutcome:
     """Rank 0 after the loop: summary metrics, curves PNG, model folder, registration."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -400,20 +419,33 @@ def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: Dat
             mlflow.log_artifacts(str(Path(tmp) / "lora_adapter"), artifact_path="lora_adapter")
         model_uri, version = None, None
         if cfg.log_model:
-            model_dir = save_model_dir(model.to("cpu"), start.tokenizer, Path(tmp) / "model")
-            model_uri, version = register(model_dir, cfg, run_id, lineage, start.base_model, result.best_val_loss)
+            chosen = checkpoints.choose(cfg.register_checkpoint, result.best_step) if checkpoints else None
+            held = result.best_step if result.best_step >= 0 else result.steps  # the weights the loop ended with
+            if chosen is not None and chosen[0].step != held:
+                from lifecycle.train.logged_models import download_weights
+
+                model_dir = download_weights(chosen[0].model_id, Path(tmp) / "chosen")
+            else:
+                model_dir = save_model_dir(model.to("cpu"), start.tokenizer, Path(tmp) / "model")
+            model_uri, version = register(model_dir, cfg, run_id, lineage, start.base_model, result.best_val_loss,
+                                          chosen)
             mlflow.set_tag("registered_model_version", model_uri)
     return TrainOutcome(run_id=run_id, model_uri=model_uri, version=version, steps=result.steps,
                         best_val_loss=result.best_val_loss, best_step=result.best_step,
                         stopped_early=result.stopped_early, resumed_from=None)
 
 
-def _fail_run(exc: BaseException, logger: Any, own_run: bool) -> None:
-    """Deliver queued metrics, then end the run KILLED (signal) or FAILED (anything else)."""
+def _fail_run(exc: BaseException, logger: Any, own_run: bool, ckpt_models: Any = None) -> None:
+    """Deliver queued checkpoint models and metrics, then end the run KILLED (signal) or FAILED (anything else)."""
     import mlflow
 
     from lifecycle.train.loop import TrainingInterrupted
 
+    try:
+        if ckpt_models is not None:
+            ckpt_models.close()
+    except Exception as close_exc:  # noqa: BLE001 - the original error matters more
+        log.error("checkpoint models could not be delivered: %s", close_exc)
     try:
         if logger is not None:
             logger.close()
