@@ -24,6 +24,17 @@ _UNLIMITED = 10**12
 SAMPLE_BYTES_PER_ENTRY = 256
 
 
+def choose_vocab(corpus_bytes: int) -> int:
+    """``--vocab-size auto``: 32 x sqrt(KB of train text), a multiple of 64 in [512, 32768].
+
+    Fitted on the budget benchmark (docs/training-and-evaluation.md): on 1 MB of English, 1024
+    entries beat 512, 2048 and 8192 for the models a few minutes of CPU can train; a larger corpus
+    affords more merges (each is seen often enough to learn its embedding), growing as the square root.
+    """
+    raw = 32.0 * (max(corpus_bytes, 1) / 1024.0) ** 0.5
+    return int(min(32768, max(512, 64 * round(raw / 64))))
+
+
 def sample_bytes(configured: int | None, vocab_size: int) -> int | None:
     """Bytes of train text to train a tokenizer on: ``None`` means all of it.
 
