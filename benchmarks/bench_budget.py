@@ -233,6 +233,9 @@ def main() -> None:
     ap.add_argument("--corpus-bytes", type=int, default=None, help="corpus size (default 1 MB; --quick: 200 KB)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for our `lifecycle train` (repeatable)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both (default 1: on a shared 2-core machine 1 thread ran 3.3x faster "
+                         "than 2, bench_train.py --switches)")
     ap.add_argument("--skip-reference", action="store_true", help="only train ours (for sweeps)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -242,7 +245,7 @@ def main() -> None:
     limit = args.corpus_bytes or (200_000 if args.quick else 1_000_000)
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-budget-"))
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
 
     docs = corpus_documents(limit)
     heldout = "\n\n".join(d for i, d in enumerate(docs) if i % 20 == 10)
@@ -252,7 +255,8 @@ def main() -> None:
     print(f"corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes; held-out "
           f"{len(heldout.encode()):,} bytes; budget {budget}", flush=True)
 
-    model, tok, ours, prepared = train_ours(train_file, budget, work, [f"--set={s}" for s in args.extra])
+    extra = [f"--set=threads={args.threads}", *(f"--set={s}" for s in args.extra)]
+    model, tok, ours, prepared = train_ours(train_file, budget, work, extra)
     ids = [tok.eos_token_id, *tok(heldout, add_special_tokens=False)["input_ids"]]
     ours["bits_per_byte"] = round(bits_per_byte(lambda x: model(input_ids=x).logits, ids, heldout,
                                                 ours["block_size"]), 4)

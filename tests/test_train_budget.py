@@ -20,7 +20,7 @@ from lifecycle.errors import ConfigError
 from lifecycle.train.auto import choose_shape, parameters, resolve_shape
 from lifecycle.train.budget import TARGET, BudgetPlanner, Schedule, parse_duration
 from lifecycle.train.checkpoint import CheckpointManager
-from lifecycle.train.config import TrainConfig
+from lifecycle.train.config import ModelShape, TrainConfig
 from lifecycle.train.data import load_prepared
 from lifecycle.train.distributed import DistContext
 from lifecycle.train.finetune import load_starting_point
@@ -61,7 +61,8 @@ def test_anything_else_is_refused(text):
 
 @pytest.mark.parametrize("text", ["10min", "1h30m", " 90s", "-5s", "0", "0s", "1e3", "inf", "nan", "5 m", "٣s"])
 def test_cli_refuses_a_bad_budget_with_one_line(prepared_tiny, tmp_path, text):
-    code, out = cli_output("train", "--data", str(prepared_tiny), "--time-budget", text, "--output", str(tmp_path / "o"))
+    code, out = cli_output("train", "--data", str(prepared_tiny), "--time-budget", text,
+                           "--output", str(tmp_path / "o"))
     assert code == 2, out
     assert len(out.strip().splitlines()) == 1 and "time_budget" in out
     assert not (tmp_path / "o").exists()
@@ -114,7 +115,7 @@ def test_budgeted_run_plans_its_steps_and_ends_at_the_minimum_lr(data, tmp_path)
     # The schedule was fitted to the steps that ran: its last step is at the floor.
     assert trainer.schedule(result.steps - 1) == pytest.approx(cfg.min_lr_ratio)
     last_replan = trainer.budget.history[-1][0]
-    if last_replan < result.steps - 1:  # (unless the planner had to stop at once on its last step)
+    if last_replan < result.steps:  # (unless the planner had to stop at once after the last step)
         assert logged["train/lr"][-1][1] == pytest.approx(cfg.learning_rate * cfg.min_lr_ratio)
     assert result.time_used_s <= 8.0 * 1.5, "loose bound: catches a loop that ignores its budget"
     assert CheckpointManager(tmp_path / "ck").latest().name.endswith(f"{result.steps:08d}")
@@ -153,12 +154,14 @@ def test_auto_shape_grows_with_the_budget_and_is_a_pure_function():
 
 
 def test_custom_shape_overrides_the_preset_and_is_refused_when_inconsistent():
-    cfg = TrainConfig(preset="tiny", model={"n_layer": 3, "n_embd": 96, "n_head": 3})
+    cfg = TrainConfig(preset="tiny", model=ModelShape(n_layer=3, n_embd=96, n_head=3))
     shape, params = resolve_shape(cfg, vocab=512, block_size=64, train_tokens=10**5)
     assert (shape.n_layer, shape.n_head, shape.n_embd) == (3, 3, 96)
     assert params["shape.source"] == "tiny+model.*" and params["shape.n_layer"] == "3"
-    with pytest.raises(ConfigError, match="multiple of model.n_head"):
-        resolve_shape(TrainConfig(preset="tiny", model={"n_embd": 100}), vocab=512, block_size=64,
+    with pytest.raises(ConfigError, match="multiple of model.n_head"):  # refused as a section already
+        ModelShape(n_embd=100, n_head=3)
+    with pytest.raises(ConfigError, match="multiple of model.n_head"):  # 66 wide over the small preset's 4 heads
+        resolve_shape(TrainConfig(preset="small", model=ModelShape(n_embd=66)), vocab=512, block_size=64,
                       train_tokens=10**5)
 
 
@@ -190,7 +193,7 @@ def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):
     raw = Path(tmp_path / "p" / "raw" / "train.jsonl")
     train_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
     assert card["vocab_size"] == choose_vocab(train_bytes)
-    assert [choose_vocab(b) for b in (1, 10**6, 10**8, 10**12)] == [512, 1024, 10112, 32768]
+    assert [choose_vocab(b) for b in (1, 10**6, 10**8, 10**12)] == [512, 1024, 9984, 32768]
     code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "q"),
                            "--vocab-size", "lots")
     assert code == 2 and "--vocab-size" in out and not (tmp_path / "q").exists()

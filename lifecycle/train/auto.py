@@ -23,10 +23,12 @@ from typing import Any
 
 from lifecycle.train.model import Preset, get_preset
 
-#: Effective training FLOP/s of one process on the 2-core CPUs the rule was fitted on (fp32).
-CPU_FLOPS = 6.0e9
-#: Tokens seen per parameter that gave the lowest validation loss in the fitted budget sweeps.
-TOKENS_PER_PARAM = 8.0
+#: Effective training FLOP/s of one process on the 2-core CPUs the rule was fitted on (fp32, one
+#: thread, machine shared): 2.27e10 (2 x 64), 1.76e10 (2 x 96), 2.6e10 (the nanoGPT reference).
+CPU_FLOPS = 2.2e10
+#: Tokens seen per parameter: at T=2m on 1 MB the 2 x 64 model that saw 12.3 per parameter beat
+#: the 2 x 96 one that saw 2.7 (2.389 vs 2.484 bits/byte) and the 3 x 128 one that saw 0.4 (2.901).
+TOKENS_PER_PARAM = 10.0
 #: At most this many parameters per token of the training split.
 MAX_PARAMS_PER_CORPUS_TOKEN = 4.0
 

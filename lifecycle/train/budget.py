@@ -69,18 +69,24 @@ class Schedule:
 
     def __call__(self, step: int) -> float:
         """The factor of the peak LR at optimizer step ``step`` (0-based)."""
-        if self.warmup > 0 and step < self.warmup:
-            return (step + 1) / self.warmup
         last = self.total - 1 if self.end_on_last_step else self.total
+        warmup = self.warmup
+        if self.end_on_last_step:
+            if step >= last:
+                return self.min_ratio
+            if self.total < 2 * warmup:  # a plan shorter than twice the warmup: warm up over a fifth of it
+                warmup = max(1, self.total // 5)
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
         if self.kind == "wsd":
-            decay_steps = max(1, round((last - self.warmup) * self.decay_fraction))
+            decay_steps = max(1, round((last - warmup) * self.decay_fraction))
             start = last - decay_steps
             if step < start:
                 return 1.0
             progress = min(1.0, (step - start) / decay_steps)
             return 1.0 - (1.0 - self.min_ratio) * progress  # linear to the floor (the WSD papers' choice)
-        span = max(1, last - self.warmup)
-        progress = min(1.0, max(0.0, step - self.warmup) / span)
+        span = max(1, last - warmup)
+        progress = min(1.0, max(0.0, step - warmup) / span)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -217,6 +223,8 @@ def probe_step(cfg: Any, model: Any, data: Any, device: Any) -> tuple[float, flo
     """
     import torch
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model.to(device).train()
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -231,7 +239,7 @@ def probe_step(cfg: Any, model: Any, data: Any, device: Any) -> tuple[float, flo
                 with amp:
                     loss = model(**batch).loss
                 loss.backward()
-            float(loss)
+            float(loss.detach())
             step_s = time.perf_counter() - t0
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()

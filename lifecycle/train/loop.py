@@ -172,8 +172,8 @@ class Trainer:
             planned = (self.budget.affordable(self.step, self.time_used_before) if self.step
                        else self.budget.first_plan())
             self.schedule.total = max(planned, self.step)
-            if self.schedule.total < 2 * self.schedule.warmup:
-                self.schedule.warmup = min(cfg.warmup_steps, max(1, self.schedule.total // 5))
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * self.schedule(self.scheduler.last_epoch)  # the fitted schedule from now on
         else:
             self.schedule.total = cfg.max_steps  # max_steps may grow on resume
         self.forward_model = self.model
