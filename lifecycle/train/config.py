@@ -79,8 +79,8 @@ class TrainConfig:
 
     # What to train ("auto": a shape sized for the data and the time budget, lifecycle.train.auto).
     preset: str = "tiny"
-    model: ModelShape = field(default_factory=ModelShape)
     base_model: Optional[str] = None
+    model: ModelShape = field(default_factory=ModelShape)
     dropout: float = 0.0
     # Optimisation (batch_size is the micro-batch per process; the global batch per optimizer
     # step is batch_size * grad_accum * world_size).

@@ -172,8 +172,7 @@ class Trainer:
             planned = (self.budget.affordable(self.step, self.time_used_before) if self.step
                        else self.budget.first_plan())
             self.schedule.total = max(planned, self.step)
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                group["lr"] = base * self.schedule(self.scheduler.last_epoch)  # the fitted schedule from now on
+            self._refit_lr()
         else:
             self.schedule.total = cfg.max_steps  # max_steps may grow on resume
         self.forward_model = self.model
@@ -317,8 +316,14 @@ class Trainer:
         new = self.budget.replan(self.step, self.time_used(), self.limit)
         if new != self.limit:
             self.schedule.total = new
+            self._refit_lr()
             bar.total = new
             bar.refresh()
+
+    def _refit_lr(self) -> None:
+        """Set the next step's LR from the (re-)fitted schedule now, not one scheduler step later."""
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
 
     def _progress(self) -> Any:
         from tqdm.auto import tqdm
@@ -422,7 +427,7 @@ class Trainer:
                         f"last good checkpoint: {self.finished_checkpoint() or last_ckpt or 'none'}; "
                         f"lower --learning-rate "
                         f"(now {cfg.learning_rate:g}) or raise warmup_steps")
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's (a re-plan may have refitted it)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
