@@ -192,7 +192,8 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
     return res.stdout
 
 
-def train_ours(train_file: Path, budget: str, work: Path, extra: list[str]) -> tuple[Any, Any, dict, Path]:
+def train_ours(train_file: Path, budget: str, work: Path, extra: list[str],
+               vocab: str = "auto") -> tuple[Any, Any, dict, Path]:
     """prepare + train through the CLI; returns the registered model, its tokenizer, figures, prepared dir."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +203,7 @@ def train_ours(train_file: Path, budget: str, work: Path, extra: list[str]) -> t
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1"}
     prepared = work / "prepared"
-    _cli(["prepare", "--source", str(train_file), "--output", str(prepared), "--vocab-size", "auto",
+    _cli(["prepare", "--source", str(train_file), "--output", str(prepared), "--vocab-size", vocab,
           "--set", "split.test=0.01", "--set", "split.validation=0.03"], env, work)
     t0 = time.perf_counter()
     out = _cli(["train", "--data", str(prepared), "--preset", "auto", "--time-budget", budget,
@@ -236,6 +237,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both (default 1: on a shared 2-core machine 1 thread ran 3.3x faster "
                          "than 2, bench_train.py --switches)")
+    ap.add_argument("--vocab", default="auto", help="prepare --vocab-size for ours (default auto)")
     ap.add_argument("--skip-reference", action="store_true", help="only train ours (for sweeps)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -256,7 +258,7 @@ def main() -> None:
           f"{len(heldout.encode()):,} bytes; budget {budget}", flush=True)
 
     extra = [f"--set=threads={args.threads}", *(f"--set={s}" for s in args.extra)]
-    model, tok, ours, prepared = train_ours(train_file, budget, work, extra)
+    model, tok, ours, prepared = train_ours(train_file, budget, work, extra, args.vocab)
     ids = [tok.eos_token_id, *tok(heldout, add_special_tokens=False)["input_ids"]]
     ours["bits_per_byte"] = round(bits_per_byte(lambda x: model(input_ids=x).logits, ids, heldout,
                                                 ours["block_size"]), 4)

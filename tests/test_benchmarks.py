@@ -75,3 +75,19 @@ def test_bench_budget_quick_scores_both_models_with_one_function(tmp_path):
     # Both scored on the same held-out bytes: an untrained model is near log2(vocab) bits per token.
     assert 0 < ours["bits_per_byte"] < 8 and 0 < ref["bits_per_byte"] < 8
     assert "bits/byte: ours" in res.stdout
+
+
+def test_bench_train_switches_compare_each_config_key_on_real_text(tmp_path):
+    """Issue #17: every CPU switch runs through the project's loop and reports its ratio and final loss."""
+    out = tmp_path / "switches.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick",
+                          "--switches", "reference,fused_adamw,threads_1", "--steps", "2", "--warmup", "1",
+                          "--vocab", "512", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]["switches"]
+    assert set(figures) == {"reference", "fused_adamw", "threads_1"}
+    assert figures["reference"]["vs_reference"] == 1.0
+    for fig in figures.values():
+        assert fig["tokens_per_s"] > 0 and 0 < fig["final_loss"] < 10
+    # Fused AdamW is the same algorithm: the same loss after the same steps (to float rounding).
+    assert abs(figures["fused_adamw"]["loss_delta"]) < 1e-3

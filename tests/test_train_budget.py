@@ -181,6 +181,8 @@ def test_auto_choices_are_logged_and_reproducible(prepared_tiny, tmp_path, track
     assert {"shape.n_layer", "shape.n_head", "shape.n_embd", "shape.n_positions", "shape.auto_rule",
             "shape.auto_tokens_per_parameter"} <= set(shape[0])
     assert params[0]["model.parameters"] == params[1]["model.parameters"]
+    # Without --learning-rate, auto picks the peak LR for the width too, and logs it as the run's param.
+    assert params[0]["learning_rate"] == shape[0]["shape.auto_learning_rate"] == params[1]["learning_rate"]
 
 
 def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):

@@ -27,9 +27,8 @@ SAMPLE_BYTES_PER_ENTRY = 256
 def choose_vocab(corpus_bytes: int) -> int:
     """``--vocab-size auto``: 32 x sqrt(KB of train text), a multiple of 64 in [512, 32768].
 
-    Fitted on the budget benchmark (docs/training-and-evaluation.md): on 1 MB of English, 1024
-    entries beat 512, 2048 and 8192 for the models a few minutes of CPU can train; a larger corpus
-    affords more merges (each is seen often enough to learn its embedding), growing as the square root.
+    A larger corpus affords more merges (each seen often enough to learn its embedding), growing
+    as the square root; the budget benchmark's measurements at 1 MB are in docs/training-and-evaluation.md.
     """
     raw = 32.0 * (max(corpus_bytes, 1) / 1024.0) ** 0.5
     return int(min(32768, max(512, 64 * round(raw / 64))))

@@ -90,7 +90,8 @@ class TrainConfig:
     time_budget: Optional[str] = None
     batch_size: int = 8
     grad_accum: int = 1
-    learning_rate: float = 1e-3
+    #: Peak LR; unset: 1e-3, or with ``--preset auto`` the auto rule's for the chosen width.
+    learning_rate: Optional[float] = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}, auto")
         if self.base_model is not None and self.model.given:
             raise ConfigError("model.* shapes a model trained from scratch; a --base-model has its own shape")
+        if self.learning_rate is None and not (self.preset == "auto" and self.base_model is None):
+            self.learning_rate = 1e-3
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         elif self.max_steps is None:
@@ -158,7 +161,7 @@ class TrainConfig:
                               f"got {self.checkpoint_every_s}")
         if self.output is not None and not str(self.output).strip():
             raise ConfigError("output must not be empty (leave it unset for checkpoints/<run_id>/)")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         for name in ("warmup_steps", "eval_batches", "early_stopping_patience"):
             if getattr(self, name) < 0:
@@ -179,4 +182,5 @@ class TrainConfig:
 #: Where and how checkpoints are written does not change the numbers.
 RESUME_MUTABLE_KEYS = frozenset({"max_steps", "progress", "log_model", "model_name", "experiment",
                                  "eval_batches", "keep_checkpoints", "system_metrics", "output",
-                                 "checkpoint_every", "checkpoint_every_s", "checkpoint_background"})
+                                 "checkpoint_every", "checkpoint_every_s", "checkpoint_background",
+                                 "threads", "time_budget"})

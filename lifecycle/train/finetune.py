@@ -58,6 +58,8 @@ def load_starting_point(cfg: TrainConfig, data_tokenizer: Any, block_size: int, 
 
         shape, params = resolve_shape(cfg, vocab=len(data_tokenizer), block_size=block_size,
                                       train_tokens=train_tokens, world_size=world_size)
+        if cfg.learning_rate is None:  # --preset auto without --learning-rate: the rule's, logged as the param
+            cfg.learning_rate = float(params["shape.auto_learning_rate"])
         model = build_model(shape, data_tokenizer, dropout=cfg.dropout, seed=cfg.seed)
         return StartingPoint(model=model, tokenizer=data_tokenizer, base_model="", base_dir=None, shape_params=params)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lifecycle.errors import AcceleratorOutOfMemoryError, TrainingDivergedError
+from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError, TrainingDivergedError
 from lifecycle.precision import tf32
 from lifecycle.train.budget import BudgetPlanner, Schedule, autocast_dtype, parse_duration, probe_step
 from lifecycle.train.checkpoint import CheckpointManager, set_rng_state
@@ -142,6 +142,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused AdamW is one kernel per step (CUDA, and CPU since torch 2.4); measured in bench_train.py.
         fused = cfg.fused_adamw if cfg.fused_adamw is not None else True
+        if cfg.learning_rate is None:
+            raise ConfigError("learning_rate is unset: --preset auto resolves it in load_starting_point")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
         self.budget: BudgetPlanner | None = None

@@ -91,8 +91,10 @@ def resolve_data(uri: str, *, search_runs: bool = True) -> tuple[PreparedData, D
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """Refuse to resume with a config that would change the numbers (max_steps may grow)."""
     now, before = flatten(to_dict(cfg)), flatten(saved)
+    # An unset learning_rate (--preset auto) is resolved later by the same pure rule as before.
     changed = sorted(k for k in set(now) | set(before)
-                     if k.split(".")[0] not in RESUME_MUTABLE_KEYS and now.get(k) != before.get(k))
+                     if k.split(".")[0] not in RESUME_MUTABLE_KEYS and now.get(k) != before.get(k)
+                     and not (k == "learning_rate" and now.get(k) == ""))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"--resume with a different config ({diffs}); resume with the original settings, "
@@ -202,7 +204,7 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
     client.update_model_version(
         cfg.model_name, version,
         description=(f"Causal LM {origin} by training run {run_id} on {data_from} (digest {lineage.digest[:16]}); "
-                     f"{cfg.max_steps if cfg.time_budget is None else 'time budget ' + cfg.time_budget} steps"
+                     f"{f'{cfg.max_steps} steps' if cfg.time_budget is None else 'time budget ' + cfg.time_budget}"
                      f", best val/loss {best_val:.4f}."))
     return f"models:/{cfg.model_name}/{version}", version
 
