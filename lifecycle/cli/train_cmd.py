@@ -19,7 +19,7 @@ import click
 @click.option("--time-budget", help="Wall-clock budget of the training loop, evaluations and checkpoints included "
                                     "(90s, 10m, 1h or seconds); steps and LR schedule are fitted to it.")
 @click.option("--batch-size", type=int, help="Micro-batch per process (global = batch * grad_accum * processes).")
-@click.option("--learning-rate", type=float, help="Peak learning rate.")
+@click.option("--learning-rate", type=float, help="Peak learning rate (default 1e-3; --preset auto: chosen by width).")
 @click.option("--seed", type=int, help="Seed of model init and data order.")
 @click.option("--output", help="Checkpoint folder (default: checkpoints/<run_id>/, one folder per run).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output, or without --output "
