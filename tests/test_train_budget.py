@@ -199,3 +199,22 @@ def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):
     code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "q"),
                            "--vocab-size", "lots")
     assert code == 2 and "--vocab-size" in out and not (tmp_path / "q").exists()
+
+
+def test_mlproject_time_budget_reaches_train_and_main(tmp_path):
+    """`mlflow run . -e train -P time_budget=90s` and `-e main -P time_budget=90s` pass the flag through,
+    and the pipeline's own 300-step default gives way to the budget."""
+    import yaml
+
+    from lifecycle.config import load_config
+    from lifecycle.pipeline import PipelineConfig
+    from tests.test_cli import to_cli_args
+
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())["entry_points"]
+    for entry in ("train", "main"):
+        assert "time_budget" in project[entry]["parameters"]
+        assert "time_budget={time_budget}" in project[entry]["command"]
+    assert "--time-budget=90s" in to_cli_args("train", ["data=d", "time_budget=90s", "max_steps="])
+    assert "--time-budget=90s" in to_cli_args("pipeline", ["time_budget=90s"])
+    cfg = load_config(PipelineConfig, None, ("train.max_steps=",), **{"train.time_budget": "90s"})
+    assert (cfg.train.max_steps, cfg.train.time_budget) == (None, "90s")
