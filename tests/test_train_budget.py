@@ -195,7 +195,7 @@ def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):
     raw = Path(tmp_path / "p" / "raw" / "train.jsonl")
     train_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
     assert card["vocab_size"] == choose_vocab(train_bytes)
-    assert [choose_vocab(b) for b in (1, 10**6, 10**8, 10**12)] == [512, 1024, 9984, 32768]
+    assert [choose_vocab(b) for b in (1, 10**6, 10**8, 10**12)] == [512, 2240, 22528, 32768]
     code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "q"),
                            "--vocab-size", "lots")
     assert code == 2 and "--vocab-size" in out and not (tmp_path / "q").exists()
