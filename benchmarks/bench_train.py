@@ -8,6 +8,13 @@ Where ``mlflow`` is not installed the project's loop runs with its metrics kept 
 output says ``tracking=off``); HF Trainer is fed a plain torch dataset (no ``datasets`` needed).
 
     python benchmarks/bench_train.py --quick            # CPU, about a minute
+    python benchmarks/bench_train.py --switches         # the CPU throughput switches side by side
+
+``--switches`` runs the project's loop once per TrainConfig switch (``fused_adamw``, ``precision=bf16``
+autocast, ``compile`` with inductor, ``threads=1``) against the reference settings (plain AdamW, fp32,
+eager, torch's default threads) and prints tokens/s, the ratio and the final loss of each, so a
+switch that is faster but changes the numbers shows it. The data is in-memory token blocks indexed
+per step (no loader worker to tune: a batch is one tensor gather).
     python benchmarks/bench_train.py --preset gpt2 --steps 300 --batch-size 16 --seq-len 1024
 """
 
@@ -185,6 +192,62 @@ def run_hf(args: Any, model: Any, data: PreparedData, device: torch.device) -> f
     return timer.tokens_per_s(args.batch_size * args.seq_len)
 
 
+#: --switches: each variant is the reference settings plus these TrainConfig keys.
+SWITCHES: dict[str, dict[str, Any]] = {
+    "reference": {"fused_adamw": False},
+    "fused_adamw": {"fused_adamw": True},
+    "bf16_autocast": {"fused_adamw": False, "precision": "bf16"},
+    "threads_1": {"fused_adamw": False, "threads": 1},
+    "compile": {"fused_adamw": False, "compile": True},
+}
+
+
+def corpus_blocks(args: Any) -> tuple[PreparedData, Any]:
+    """The built-in corpus, BPE-encoded with ``--vocab`` entries and cut into ``--seq-len`` blocks."""
+    from benchmarks._models import corpus, corpus_tokenizer
+
+    tok = corpus_tokenizer(args.vocab)
+    ids = [i for doc in corpus() for i in (*tok(doc, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    rows = torch.tensor(ids[: len(ids) // args.seq_len * args.seq_len]).view(-1, args.seq_len)
+    return PreparedData(root=Path("."), train=rows[8:], validation=rows[:8], tokenizer=tok, card={}), tok
+
+
+def run_switches(args: Any, data: PreparedData, vocab: Any, names: list[str]) -> dict[str, dict[str, float]]:
+    """The project's Trainer once per switch (same seed, model and batches); tokens/s and final loss."""
+    from lifecycle.train.loop import Trainer
+
+    out: dict[str, dict[str, float]] = {}
+    threads = torch.get_num_threads()
+    for name in names:
+        torch.set_num_threads(threads)
+        model = build_on(torch.device("cpu"), args.preset, vocab, seed=0,
+                         n_positions=max(args.seq_len, get_preset(args.preset).n_positions))
+        timer = Timer(torch.device("cpu"), args.warmup)
+        losses: list[float] = []
+
+        def log(metrics: Any, step: int) -> None:
+            if "train/loss" in metrics:
+                timer.step(step)
+                losses.append(float(metrics["train/loss"]))
+
+        cfg = TrainConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, eval_every=10**9,
+                          eval_batches=1, checkpoint_every=10**9, progress=False, warmup_steps=2, seed=0,
+                          **SWITCHES[name])
+        Trainer(cfg, model, data, ctx=DistContext(device=torch.device("cpu")), log=log).fit()
+        out[name] = {"tokens_per_s": round(timer.tokens_per_s(args.batch_size * args.seq_len), 1),
+                     "final_loss": round(losses[-1], 4)}
+        print(f"{name:14s} {out[name]['tokens_per_s']:10,.0f} tokens/s   final loss {losses[-1]:.4f}", flush=True)
+    torch.set_num_threads(threads)
+    base = out.get("reference")
+    if base:
+        print(f"\npreset={args.preset} batch={args.batch_size} seq={args.seq_len} steps={args.steps} threads={threads}")
+        for name, fig in out.items():
+            fig["vs_reference"] = round(fig["tokens_per_s"] / base["tokens_per_s"], 3)
+            fig["loss_delta"] = round(fig["final_loss"] - base["final_loss"], 4)
+            print(f"  {name:14s} {fig['vs_reference']:.3f}x reference   loss {fig['loss_delta']:+.4f}")
+    return out
+
+
 def main() -> None:
     """Run the loops in turn and print tokens/s, ratios and (GPU) MFU and peak memory."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +264,8 @@ def main() -> None:
     ap.add_argument("--only", default="project,bare,hf", help="comma list of project,bare,hf")
     ap.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/run_all.py)")
+    ap.add_argument("--switches", nargs="?", const=",".join(SWITCHES), default=None, metavar="LIST",
+                    help=f"compare the CPU switches instead (comma list of {', '.join(SWITCHES)})")
     args = ap.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - {"project", "bare", "hf"})
@@ -226,6 +291,18 @@ def main() -> None:
                         validation=torch.randint(0, args.vocab - 1, (args.batch_size, args.seq_len), generator=gen),
                         tokenizer=vocab, card={})
 
+    if args.switches:
+        from benchmarks._report import write_json
+
+        chosen = [n.strip() for n in args.switches.split(",") if n.strip()]
+        if set(chosen) - set(SWITCHES):
+            ap.error(f"unknown switch(es) in --switches; choose from {', '.join(SWITCHES)}")
+        text_data, tok = corpus_blocks(args)  # real text: a final loss that means something
+        figures = run_switches(args, text_data, tok, chosen)
+        write_json("train_switches", {"switches": figures, "preset": args.preset, "batch_size": args.batch_size,
+                                      "seq_len": args.seq_len, "steps": args.steps},
+                   ratios={k: v.get("vs_reference") for k, v in figures.items()}, path=args.json)
+        return
     loops: dict[str, Callable[..., float]] = {"project": run_project, "bare": run_bare, "hf": run_hf}
     results: dict[str, float] = {}
     peak_gib: dict[str, float] = {}

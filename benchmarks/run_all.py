@@ -38,6 +38,7 @@ BENCHMARKS = {
     "monitor": "bench_monitor.py",
     "compress": "bench_compress.py",
     "predict": "bench_predict.py",
+    "budget": "bench_budget.py",
 }
 
 #: Readable names and targets of the headline ratios (others are shown under their own key).

@@ -75,3 +75,38 @@ def test_bench_compress_quick_compares_every_method(tmp_path):
     # The pruned variant really is smaller (amount 0.3 of the block parameters), the others keep every parameter.
     assert ratios["prune_params_vs_parent"] < 0.9 and ratios["int8_dynamic_params_vs_parent"] == 1.0
     assert "Summary (tiny preset" in res.stdout
+
+
+def test_bench_budget_quick_scores_both_models_with_one_function(tmp_path):
+    """Issue #17's headline benchmark in its quick mode: both models trained, both scored on the
+    same held-out text, the budget's figures handed over as JSON (the 2-minute figures are in
+    docs/benchmarks.md; a time or quality threshold here would fail on a loaded machine)."""
+    out = tmp_path / "budget.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_budget.py"), "--quick",
+                          "--keep", str(tmp_path / "work"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    ours, ref = figures["ours"], figures["reference"]
+    assert ours["steps"] == ours["planned_steps"] >= 1 and 0 < ours["time_used_s"]
+    assert figures["budget_s"] == 10.0 and ours["vocab"] >= 512 and ours["shape"]["n_layer"] >= 2
+    assert ref["iterations"] >= 1 and ref["seconds"] >= 9.9 or ref["iterations"] == 2000
+    # Both scored on the same held-out bytes: an untrained model is near log2(vocab) bits per token.
+    assert 0 < ours["bits_per_byte"] < 8 and 0 < ref["bits_per_byte"] < 8
+    assert "bits/byte: ours" in res.stdout
+
+
+def test_bench_train_switches_compare_each_config_key_on_real_text(tmp_path):
+    """Issue #17: every CPU switch runs through the project's loop and reports its ratio and final loss."""
+    out = tmp_path / "switches.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick",
+                          "--switches", "reference,fused_adamw,threads_1", "--steps", "2", "--warmup", "1",
+                          "--vocab", "512", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]["switches"]
+    assert set(figures) == {"reference", "fused_adamw", "threads_1"}
+    assert figures["reference"]["vs_reference"] == 1.0
+    for fig in figures.values():
+        assert fig["tokens_per_s"] > 0 and 0 < fig["final_loss"] < 10
+    # Fused AdamW is the same algorithm: the same loss after the same steps (to float rounding).
+    assert abs(figures["fused_adamw"]["loss_delta"]) < 1e-3

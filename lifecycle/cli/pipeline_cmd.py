@@ -13,22 +13,26 @@ import click
 @click.option("--source", help="Corpus to prepare (default: builtin:pydoc).")
 @click.option("--model-name", help="Registered model name (default: lifecycle-lm).")
 @click.option("--preset", help="Model size: tiny, small or gpt2 (default: tiny).")
-@click.option("--max-steps", type=int, help="Training steps (default: 300).")
+@click.option("--max-steps", type=int, help="Training steps (default: 300; with --time-budget: no limit but the time).")
+@click.option("--time-budget", help="Wall-clock budget of the training step (90s, 10m, 1h or seconds).")
 @click.option("--workdir", help="Folder for prepared data and checkpoints (default: outputs).")
 @click.option("--policy", help="Promotion policy file (default: registry_policies/default.yaml).")
 @click.option("--promote-to", type=click.Choice(["none", "staging", "production"]),
               help="How far to promote (production only where the policy allows it without a person).")
 @click.option("--force", is_flag=True, help="Rerun every step even when an identical earlier step exists.")
 def pipeline(config_path: str | None, overrides: tuple[str, ...], source: str | None, model_name: str | None,
-             preset: str | None, max_steps: int | None, workdir: str | None, policy: str | None,
-             promote_to: str | None, force: bool) -> None:
+             preset: str | None, max_steps: int | None, time_budget: str | None, workdir: str | None,
+             policy: str | None, promote_to: str | None, force: bool) -> None:
     """Run the whole lifecycle as child runs of one parent MLflow run, reusing unchanged steps."""
     from lifecycle.cli import check_writable
     from lifecycle.config import load_config
     from lifecycle.pipeline import PipelineConfig, run_pipeline
 
     flags = {"prepare.source.uri": source, "model_name": model_name, "train.preset": preset,
-             "train.max_steps": max_steps, "workdir": workdir, "policy": policy, "promote_to": promote_to}
+             "train.max_steps": max_steps, "train.time_budget": time_budget, "workdir": workdir, "policy": policy,
+             "promote_to": promote_to}
+    if time_budget is not None and max_steps is None:
+        overrides = ("train.max_steps=", *overrides)  # the budget alone decides, unless --set says otherwise
     cfg = load_config(PipelineConfig, config_path, overrides, **flags)
     check_writable(cfg.workdir, "--workdir")
     outcome = run_pipeline(cfg, force=force, echo=lambda msg: click.echo(msg))

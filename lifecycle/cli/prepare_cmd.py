@@ -7,6 +7,15 @@ import json
 import click
 
 
+def _vocab_size(text: str | None) -> int | None:
+    """``--vocab-size``: a whole number (the config checks its range) or ``auto``."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise click.BadParameter(f"{text!r} is neither a whole number nor auto", param_hint="--vocab-size")
+    return int(text)
+
+
 @click.command("prepare")
 @click.option("--source", default=None,
               help="File, folder, hf:NAME[:CONFIG], saved dataset, runs:/ URI or builtin:pydoc (default).")
@@ -17,7 +26,8 @@ import click
               help="Override a config key, e.g. --set quality.min_words=20 (repeatable).")
 @click.option("--tokenizer", default=None,
               help="Reuse a tokenizer: folder, model, prepared data, runs:/ or models:/ URI.")
-@click.option("--vocab-size", type=int, default=None, help="Vocabulary size of a trained BPE tokenizer.")
+@click.option("--vocab-size", default=None, metavar="N|auto",
+              help="Vocabulary size of a trained BPE tokenizer, or auto (sized by the train split).")
 @click.option("--block-size", type=int, default=None, help="Tokens per packed block.")
 @click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
 @click.option("--text-column", default=None, help="Column holding the text (jsonl/json/csv/parquet/datasets).")
@@ -38,7 +48,7 @@ import click
 @click.option("--num-proc", type=int, default=None, help="Worker processes for the per-document steps.")
 @click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
 def prepare(source: str | None, output: str, config_path: str | None, overrides: tuple[str, ...],
-            tokenizer: str | None, vocab_size: int | None, block_size: int | None, max_documents: int | None,
+            tokenizer: str | None, vocab_size: str | None, block_size: int | None, max_documents: int | None,
             text_column: str | None, data_format: str | None, prompt_column: str | None,
             response_column: str | None, messages_column: str | None, document_per_file: bool,
             dedup_against: str | None, pii: str | None,
@@ -63,7 +73,8 @@ def prepare(source: str | None, output: str, config_path: str | None, overrides:
             "source.max_documents": max_documents,
             "source.errors": errors,
             "tokenizer.name_or_path": tokenizer,
-            "tokenizer.vocab_size": vocab_size,
+            "tokenizer.vocab_size": None if vocab_size == "auto" else _vocab_size(vocab_size),
+            "tokenizer.auto_vocab": True if vocab_size == "auto" else None,
             "pack.block_size": block_size,
             "dedup.against": dedup_against,
             "pii.mode": pii,

@@ -12,11 +12,14 @@ import click
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of TrainConfig keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--model-name", help="Registered model name (default: lifecycle-lm).")
-@click.option("--preset", help="Model size when training from scratch: tiny, small or gpt2.")
+@click.option("--preset", help="Model size when training from scratch: tiny, small, gpt2, or auto (sized for the "
+                              "data and the time budget).")
 @click.option("--base-model", help="Fine-tune this model: folder, hub name, runs:/ or models:/NAME@ALIAS.")
-@click.option("--max-steps", type=int, help="Optimizer steps.")
+@click.option("--max-steps", type=int, help="Optimizer steps (default 200; with --time-budget: no limit but the time).")
+@click.option("--time-budget", help="Wall-clock budget of the training loop, evaluations and checkpoints included "
+                                    "(90s, 10m, 1h or seconds); steps and LR schedule are fitted to it.")
 @click.option("--batch-size", type=int, help="Micro-batch per process (global = batch * grad_accum * processes).")
-@click.option("--learning-rate", type=float, help="Peak learning rate.")
+@click.option("--learning-rate", type=float, help="Peak learning rate (default 1e-3; --preset auto: chosen by width).")
 @click.option("--seed", type=int, help="Seed of model init and data order.")
 @click.option("--output", help="Checkpoint folder (default: checkpoints/<run_id>/, one folder per run).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output, or without --output "
@@ -25,7 +28,8 @@ import click
                                                                    "checkpoints/RUN_ID/ (same MLflow run).")
 @click.option("--overwrite", is_flag=True, help="Delete existing checkpoints in --output and start over.")
 def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_name: str | None,
-          preset: str | None, base_model: str | None, max_steps: int | None, batch_size: int | None,
+          preset: str | None, base_model: str | None, max_steps: int | None, time_budget: str | None,
+          batch_size: int | None,
           learning_rate: float | None, seed: int | None, output: str | None, resume: bool,
           resume_run: str | None, overwrite: bool) -> None:
     """Train a causal LM on prepared data, log it to one MLflow run and register it.
@@ -42,8 +46,8 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
     from lifecycle.train.run import train as run_train
 
     cfg = load_config(TrainConfig, config_path, overrides, preset=preset, base_model=base_model,
-                      max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                      output=output, model_name=model_name)
+                      max_steps=max_steps, time_budget=time_budget, batch_size=batch_size,
+                      learning_rate=learning_rate, seed=seed, output=output, model_name=model_name)
     # Unset, checkpoints go to checkpoints/<run_id>/ under the working directory, probed there.
     check_writable(cfg.output if cfg.output is not None else DEFAULT_CHECKPOINT_ROOT, "--output")
     try:

@@ -166,6 +166,9 @@ class TokenizerConfig:
     #: reuse: a tokenizer/model/prepared folder, runs:/ or models:/ URI, or a hub name.
     name_or_path: Optional[str] = None
     vocab_size: int = 8192
+    #: Choose vocab_size from the train split's size instead (``--vocab-size auto``; the tokenizer is
+    #: then trained on the whole train split): see lifecycle.data.tokenizer.choose_vocab.
+    auto_vocab: bool = False
     min_frequency: int = 2
     #: train the BPE on the first this-many bytes of the train split; null: 256 per vocab entry
     #: (2 MB for 8192), 0: the whole train split.

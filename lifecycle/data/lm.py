@@ -96,10 +96,12 @@ class LmFormat:
         """Open the packer: with ``submit`` (a worker pool's), workers encode while this process filters."""
         cfg = self.cfg
         # The tokenizer is trained on the train split only, so validation/test stay unseen.
+        auto = cfg.tokenizer.auto_vocab
         self.packer = StreamingPacker(workdir, SPLITS, block_size=cfg.pack.block_size, batch_size=cfg.batch_size,
-                                      tokenizer=self.tokenizer, vocab_size=cfg.tokenizer.vocab_size,
+                                      tokenizer=self.tokenizer, vocab_size=0 if auto else cfg.tokenizer.vocab_size,
                                       min_frequency=cfg.tokenizer.min_frequency,
-                                      sample_bytes=sample_bytes(cfg.tokenizer.sample_bytes, cfg.tokenizer.vocab_size),
+                                      sample_bytes=None if auto else sample_bytes(cfg.tokenizer.sample_bytes,
+                                                                                  cfg.tokenizer.vocab_size),
                                       submit=submit, max_pending=max_pending)
 
     def add(self, split: str, texts: list[str], sizes: Sequence[int]) -> None:

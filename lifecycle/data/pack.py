@@ -208,11 +208,13 @@ class StreamingPacker:
             sink.abort()
 
     def _train(self) -> None:
-        from lifecycle.data.tokenizer import batched, train_tokenizer
+        from lifecycle.data.tokenizer import batched, choose_vocab, train_tokenizer
 
         t = time.perf_counter()
         self.sample_used = self._train_bytes
-        self.tokenizer = train_tokenizer(batched(self._waiting["train"], 1000), vocab_size=self.vocab_size,
+        # vocab_size 0: --vocab-size auto, sized by the train text read so far (all of it: no sample).
+        vocab = self.vocab_size or choose_vocab(self._train_bytes)
+        self.tokenizer = train_tokenizer(batched(self._waiting["train"], 1000), vocab_size=vocab,
                                          min_frequency=self.min_frequency)
         self.seconds["tokenizer"] += time.perf_counter() - t
         self._ready()

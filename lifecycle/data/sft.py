@@ -40,7 +40,7 @@ from lifecycle.data.quality import first_failure, words_of
 from lifecycle.data.sources import SourceStats, first_record_keys, iter_records
 from lifecycle.data.split import SPLITS
 from lifecycle.data.tally import FormatResult, FormatTerms, pii_safe_sample
-from lifecycle.data.tokenizer import batched, train_tokenizer
+from lifecycle.data.tokenizer import batched, choose_vocab, train_tokenizer
 from lifecycle.errors import DataError
 
 #: Filters only instruction data has (next to the quality filters of FILTER_NAMES and "pii").
@@ -249,8 +249,11 @@ class SftFormat:
         t = time.perf_counter()
         tokenizer, trained = self.tokenizer, self.tokenizer is None
         if trained:
+            vocab = cfg.tokenizer.vocab_size
+            if cfg.tokenizer.auto_vocab:  # --vocab-size auto: sized by the train split's bytes
+                vocab = choose_vocab((raw_dir / "train.jsonl").stat().st_size)
             tokenizer = train_tokenizer(batched((r["text"] for r in read_rows(raw_dir / "train.jsonl")), 1000),
-                                        vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency)
+                                        vocab_size=vocab, min_frequency=cfg.tokenizer.min_frequency)
         if not self.renderer.from_tokenizer:
             # Written into the tokenizer folder: training saves it with the model and serving's
             # apply_chat_template then renders chat requests exactly as these examples were rendered.

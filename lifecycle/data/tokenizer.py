@@ -24,6 +24,16 @@ _UNLIMITED = 10**12
 SAMPLE_BYTES_PER_ENTRY = 256
 
 
+def choose_vocab(corpus_bytes: int) -> int:
+    """``--vocab-size auto``: 72 x sqrt(KB of train text), a multiple of 64 in [512, 32768].
+
+    A larger corpus affords more merges (each seen often enough to learn its embedding), growing
+    as the square root; the budget benchmark's measurements at 1 MB are in docs/training-and-evaluation.md.
+    """
+    raw = 72.0 * (max(corpus_bytes, 1) / 1024.0) ** 0.5
+    return int(min(32768, max(512, 64 * round(raw / 64))))
+
+
 def sample_bytes(configured: int | None, vocab_size: int) -> int | None:
     """Bytes of train text to train a tokenizer on: ``None`` means all of it.
 

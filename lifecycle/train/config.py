@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from lifecycle.errors import ConfigError
+from lifecycle.train.budget import parse_duration
 from lifecycle.train.model import PRESETS
 
 #: The registered model name used when ``--model-name`` is not given.
@@ -49,24 +50,57 @@ class LoraConfig:
 
 
 @dataclass
+class ModelShape:
+    """Shape overrides over the preset (``--set model.n_layer=6``); unset keys keep the preset's."""
+
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    #: Context length (position embeddings); at least the data's block size in any case.
+    n_positions: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value}")
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+
+    @property
+    def given(self) -> bool:
+        """Whether any key is set."""
+        return any(v is not None for v in (self.n_layer, self.n_head, self.n_embd, self.n_positions))
+
+
+@dataclass
 class TrainConfig:
     """Everything that decides what is trained and how (logged as the run's params)."""
 
-    # What to train.
+    # What to train ("auto": a shape sized for the data and the time budget, lifecycle.train.auto).
     preset: str = "tiny"
     base_model: Optional[str] = None
+    model: ModelShape = field(default_factory=ModelShape)
     dropout: float = 0.0
     # Optimisation (batch_size is the micro-batch per process; the global batch per optimizer
     # step is batch_size * grad_accum * world_size).
-    max_steps: int = 200
+    #: Optimizer steps; unset: 200, or as many as ``time_budget`` allows (with both, the first limit wins).
+    max_steps: Optional[int] = None
+    #: Wall-clock budget of the training loop, evaluations and checkpoints included: 90s, 10m, 1h or seconds.
+    time_budget: Optional[str] = None
     batch_size: int = 8
     grad_accum: int = 1
-    learning_rate: float = 1e-3
+    #: Peak LR; unset: 1e-3, or with ``--preset auto`` the auto rule's for the chosen width.
+    learning_rate: Optional[float] = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    #: ``cosine``: warmup then cosine decay to min_lr_ratio; ``wsd``: warmup, constant, then a linear
+    #: decay over the last ``decay_fraction`` of the steps.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
     max_grad_norm: float = 1.0
     seed: int = 42
     # Validation, early stopping and checkpoints.
@@ -86,6 +120,10 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    #: Fused AdamW (one kernel per step on CUDA and CPU); unset: on (see benchmarks/bench_train.py).
+    fused_adamw: Optional[bool] = None
+    #: torch intra-op threads for this process; 0: torch's default (one per core).
+    threads: int = 0
     # Tracking and registration.
     log_every: int = 1
     experiment: Optional[str] = None
@@ -100,22 +138,34 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        if self.base_model is None and self.preset not in PRESETS:
-            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.base_model is None and self.preset not in PRESETS and self.preset != "auto":
+            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}, auto")
+        if self.base_model is not None and self.model.given:
+            raise ConfigError("model.* shapes a model trained from scratch; a --base-model has its own shape")
+        if self.learning_rate is None and not (self.preset == "auto" and self.base_model is None):
+            self.learning_rate = 1e-3
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        elif self.max_steps is None:
+            self.max_steps = 200
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.lora.enabled and self.base_model is None:
             raise ConfigError("LoRA fine-tunes an existing model: give --base-model (or set lora.r=0)")
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
                     "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
         for name, value in positive.items():
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
         if not (self.checkpoint_every_s >= 0 and self.checkpoint_every_s != float("inf")):
             raise ConfigError("checkpoint_every_s must be a number of seconds >= 0 (0: off), "
                               f"got {self.checkpoint_every_s}")
         if self.output is not None and not str(self.output).strip():
             raise ConfigError("output must not be empty (leave it unset for checkpoints/<run_id>/)")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         for name in ("warmup_steps", "eval_batches", "early_stopping_patience"):
             if getattr(self, name) < 0:
@@ -142,4 +192,5 @@ class TrainConfig:
 RESUME_MUTABLE_KEYS = frozenset({"max_steps", "progress", "log_model", "model_name", "experiment",
                                  "log_checkpoints", "register_checkpoint",
                                  "eval_batches", "keep_checkpoints", "system_metrics", "output",
-                                 "checkpoint_every", "checkpoint_every_s", "checkpoint_background"})
+                                 "checkpoint_every", "checkpoint_every_s", "checkpoint_background",
+                                 "threads", "time_budget"})

@@ -8,13 +8,13 @@ is checked here before any step is taken.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import ConfigError, DataError, NotFoundError
 from lifecycle.train.config import LoraConfig, TrainConfig
-from lifecycle.train.model import build_model, get_preset
+from lifecycle.train.model import build_model
 
 #: Strings whose encodings must agree between the data's tokenizer and the base model's.
 PROBES = (
@@ -32,6 +32,8 @@ class StartingPoint:
     tokenizer: Any
     base_model: str  # "" when trained from scratch
     base_dir: Path | None
+    #: The shape built from scratch (``shape.*`` params: preset or auto choice, model.* overrides).
+    shape_params: dict[str, str] = field(default_factory=dict)
 
 
 def tokenizer_mismatch(data_tok: Any, base_tok: Any) -> str | None:
@@ -48,13 +50,18 @@ def tokenizer_mismatch(data_tok: Any, base_tok: Any) -> str | None:
     return None
 
 
-def load_starting_point(cfg: TrainConfig, data_tokenizer: Any, block_size: int) -> StartingPoint:
-    """Build the preset from scratch or load ``cfg.base_model`` (with LoRA when asked)."""
+def load_starting_point(cfg: TrainConfig, data_tokenizer: Any, block_size: int, *, train_tokens: int = 0,
+                        world_size: int = 1) -> StartingPoint:
+    """Build the preset (or the ``auto`` shape for ``train_tokens``) from scratch, or load ``cfg.base_model``."""
     if cfg.base_model is None:
-        shape = get_preset(cfg.preset)
-        model = build_model(cfg.preset, data_tokenizer, n_positions=max(shape.n_positions, block_size),
-                            dropout=cfg.dropout, seed=cfg.seed)
-        return StartingPoint(model=model, tokenizer=data_tokenizer, base_model="", base_dir=None)
+        from lifecycle.train.auto import resolve_shape
+
+        shape, params = resolve_shape(cfg, vocab=len(data_tokenizer), block_size=block_size,
+                                      train_tokens=train_tokens, world_size=world_size)
+        if cfg.learning_rate is None:  # --preset auto without --learning-rate: the rule's, logged as the param
+            cfg.learning_rate = float(params["shape.auto_learning_rate"])
+        model = build_model(shape, data_tokenizer, dropout=cfg.dropout, seed=cfg.seed)
+        return StartingPoint(model=model, tokenizer=data_tokenizer, base_model="", base_dir=None, shape_params=params)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

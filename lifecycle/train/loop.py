@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lifecycle.errors import AcceleratorOutOfMemoryError, TrainingDivergedError
+from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError, TrainingDivergedError
 from lifecycle.precision import tf32
+from lifecycle.train.budget import BudgetPlanner, Schedule, autocast_dtype, parse_duration, probe_step
 from lifecycle.train.checkpoint import CheckpointManager, set_rng_state
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import PreparedData, SampleOrder
@@ -57,15 +58,14 @@ class TrainResult:
     tokens_per_s: float
     checkpoint: Path | None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: Seconds the loop took (evaluations and checkpoints included), and the budget it had (None: none).
+    time_used_s: float = 0.0
+    time_budget_s: float | None = None
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return Schedule("cosine", warmup, total, min_ratio)(step)
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -117,9 +117,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: Any, data: PreparedData, *, ctx: DistContext,
                  log: LogFn | None = None, checkpoints: CheckpointManager | None = None,
                  resume_from: Path | Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, probe: tuple[float, float] | None = None):
         """``resume_from``: a checkpoint folder, or what :meth:`CheckpointManager.load` read from one.
-        ``loss_fn``: the training objective of a micro-batch (default: the model's LM loss)."""
+
+        ``loss_fn``: the training objective of a micro-batch (default: the model's LM loss).
+        ``probe``: :func:`probe_step`'s timings, for a run with ``time_budget`` (timed here when not given).
+        """
         import torch
 
         self.cfg = cfg
@@ -130,23 +133,37 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.loss_fn = loss_fn
         self.device = ctx.device if ctx.device is not None else torch.device("cpu")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         cuda = self.device.type == "cuda"
         # TF32 for the fp32 matmuls that remain outside autocast (Ampere and newer), only while
         # training runs (see fit): evaluation in the same process must stay fp32.
         self.use_tf32 = cuda
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast_dtype = autocast_dtype(cfg, self.device)
         self.model = model.to(self.device)
         self.module = self.model  # the unwrapped model: saved, evaluated and returned
         self.order = SampleOrder(len(data.train), seed=cfg.seed, micro_batch=cfg.batch_size,
                                  grad_accum=cfg.grad_accum, world_size=ctx.world_size, rank=ctx.rank)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = cuda  # fused AdamW is one kernel per step on CUDA; CPU keeps the reference path
+        # Fused AdamW is one kernel per step (CUDA, and CPU since torch 2.4); measured in bench_train.py.
+        fused = cfg.fused_adamw if cfg.fused_adamw is not None else True
+        if cfg.learning_rate is None:
+            raise ConfigError("learning_rate is unset: --preset auto resolves it in load_starting_point")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
-        warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, warmup=warmup, total=total, min_ratio=floor))
+        self.budget: BudgetPlanner | None = None
+        self.time_used_before = 0.0
+        if cfg.time_budget is not None:
+            self.budget = BudgetPlanner(parse_duration(cfg.time_budget), cfg.eval_every, cfg.checkpoint_every,
+                                        max_steps=cfg.max_steps)
+            step_s, eval_s = probe if probe is not None else probe_step(cfg, self.model, data, self.device)
+            self.budget.observe_step(step_s * 1.1)  # 1.1: the optimizer step, not timed by the probe
+            self.budget.eval_s = eval_s
+            n_bytes = sum(p.numel() * p.element_size() for p in self.params) * 4  # weights, 2 Adam moments, best
+            self.budget.checkpoint_s = self.budget.final_write_s = 0.05 + n_bytes / 200e6
+        self.schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.max_steps or 1, cfg.min_lr_ratio,
+                                 cfg.decay_fraction, end_on_last_step=self.budget is not None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.step = 0
         self.best_val = math.inf
         self.best_step = -1
@@ -156,6 +173,15 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = {}
         if resume_from is not None:
             self._restore(resume_from)
+        if self.budget is not None:
+            # Planned before step 1 (or again on resume, with the time already used): the schedule
+            # decays over the steps that fit, not over a guess.
+            planned = (self.budget.affordable(self.step, self.time_used_before) if self.step
+                       else self.budget.first_plan())
+            self.schedule.total = max(planned, self.step)
+            self._refit_lr()
+        else:
+            self.schedule.total = cfg.max_steps  # max_steps may grow on resume
         self.forward_model = self.model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,6 +208,7 @@ class Trainer:
         self.last_val = float(st["last_val_loss"]) if st.get("last_val_loss") is not None else math.nan
         self.best_state = ck["best"]
         self.history = {k: [tuple(x) for x in v] for k, v in st.get("history", self.history).items()}
+        self.time_used_before = float(st.get("time_used_s", 0.0))
 
     def trainer_state(self) -> dict[str, Any]:
         """The JSON part of a checkpoint: position, early-stopping state and lineage."""
@@ -199,6 +226,7 @@ class Trainer:
             "last_val_loss": None if math.isnan(self.last_val) else self.last_val,
             "config": to_dict(self.cfg),
             "history": self.history,
+            "time_used_s": self.time_used(),
             **self.extra_state,
         }
 
@@ -280,10 +308,34 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    @property
+    def limit(self) -> int:
+        """The step the run ends at: ``max_steps``, or what the budget planner set."""
+        return self.schedule.total
+
+    def time_used(self) -> float:
+        """Seconds of training so far (before a resume included)."""
+        start = getattr(self, "_t_start", None)
+        return self.time_used_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    def _replan(self, bar: Any) -> None:
+        """After each step of a budgeted run: move the planned end so that the loop ends in time."""
+        new = self.budget.replan(self.step, self.time_used(), self.limit)
+        if new != self.limit:
+            self.schedule.total = new
+            self._refit_lr()
+            bar.total = new
+            bar.refresh()
+
+    def _refit_lr(self) -> None:
+        """Set the next step's LR from the (re-)fitted schedule now, not one scheduler step later."""
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+
     def _progress(self) -> Any:
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+        return tqdm(total=self.limit, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not (self.cfg.progress and self.ctx.is_main), mininterval=0.5)
 
     def fit(self) -> TrainResult:
@@ -291,6 +343,7 @@ class Trainer:
 
         Returns (or raises) only after the last checkpoint write has finished.
         """
+        self._t_start = time.perf_counter()
         try:
             with tf32(self.use_tf32):
                 result = self._fit()
@@ -304,6 +357,12 @@ class Trainer:
         self._close_checkpoints(failing=False)
         if self.checkpoints is not None and self.checkpoints.last_saved is not None:
             result.checkpoint = self.checkpoints.last_saved
+        result.time_used_s = self.time_used()
+        if self.budget is not None:
+            result.time_budget_s = self.budget.budget_s
+            self._emit({"train/time_used_s": result.time_used_s, "train/time_budget_s": self.budget.budget_s,
+                        "train/planned_steps": float(self.limit), "train/step_s": self.budget.step_s,
+                        "train/eval_s": self.budget.eval_s})
         return result
 
     def _close_checkpoints(self, *, failing: bool) -> None:
@@ -334,7 +393,7 @@ class Trainer:
         every_s = cfg.checkpoint_every_s
         last_save_t = time.monotonic()
         with _StopSignal() as stop, self._progress() as bar:
-            while self.step < cfg.max_steps:
+            while self.step < self.limit:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.device)
                 step_tokens = 0
@@ -376,27 +435,37 @@ class Trainer:
                         f"last good checkpoint: {self.finished_checkpoint() or last_ckpt or 'none'}; "
                         f"lower --learning-rate "
                         f"(now {cfg.learning_rate:g}) or raise warmup_steps")
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's (a re-plan may have refitted it)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 dt = time.perf_counter() - t0
+                if self.budget is not None:
+                    self.budget.observe_step(dt)
+                    self._replan(bar)
                 # sft rows differ in length: count the step's real tokens (this rank's, times ranks).
                 tps = (step_tokens if self.data.sft else tokens_per_step) / dt if dt > 0 else 0.0
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or self.step == self.limit:
                     self._emit({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": gn,
                                 "train/tokens_per_s": tps})
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.eval_every == 0 or self.step == self.limit:
+                    t_eval = time.perf_counter()
                     stopped_early = self._after_eval(self.evaluate())
+                    if self.budget is not None:
+                        self.budget.observe_eval(time.perf_counter() - t_eval)
+                        self._replan(bar)
                     bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.last_val:.4f}", refresh=False)
-                if (self.step % cfg.checkpoint_every == 0 or time_due or self.step == cfg.max_steps or stopped_early
+                if (self.step % cfg.checkpoint_every == 0 or time_due or self.step == self.limit or stopped_early
                         or stop_now):
                     # The signal's checkpoint is written before the process exits: no background.
+                    t_save = time.perf_counter()
                     last_ckpt = self.save_checkpoint(background=False if stop_now else None) or last_ckpt
                     last_save_t = time.monotonic()
+                    if self.budget is not None and self.step != self.limit:
+                        self.budget.observe_checkpoint(time.perf_counter() - t_save)
                 if stop_now:
                     raise TrainingInterrupted(self.step, last_ckpt, stop.signame or "SIGTERM")
                 if stopped_early:

@@ -38,9 +38,9 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
 
 
-def build_model(preset: str, tokenizer: Any, *, n_positions: int | None = None, dropout: float = 0.0,
+def build_model(preset: str | Preset, tokenizer: Any, *, n_positions: int | None = None, dropout: float = 0.0,
                 seed: int | None = None) -> Any:
-    """A freshly initialised ``GPT2LMHeadModel`` of ``preset`` with ``tokenizer``'s vocabulary.
+    """A freshly initialised ``GPT2LMHeadModel`` of ``preset`` (a name or a shape) with ``tokenizer``'s vocabulary.
 
     bos/eos/pad ids come from the tokenizer (transformers 5.x warns when GPT-2's default 50256
     lies outside a smaller vocabulary).
@@ -48,7 +48,7 @@ def build_model(preset: str, tokenizer: Any, *, n_positions: int | None = None, 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    shape = get_preset(preset)
+    shape = preset if isinstance(preset, Preset) else get_preset(preset)
     if seed is not None:
         torch.manual_seed(seed)
     eos = tokenizer.eos_token_id

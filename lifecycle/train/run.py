@@ -91,8 +91,10 @@ def resolve_data(uri: str, *, search_runs: bool = True) -> tuple[PreparedData, D
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """Refuse to resume with a config that would change the numbers (max_steps may grow)."""
     now, before = flatten(to_dict(cfg)), flatten(saved)
+    # An unset learning_rate (--preset auto) is resolved later by the same pure rule as before.
     changed = sorted(k for k in set(now) | set(before)
-                     if k.split(".")[0] not in RESUME_MUTABLE_KEYS and now.get(k) != before.get(k))
+                     if k.split(".")[0] not in RESUME_MUTABLE_KEYS and now.get(k) != before.get(k)
+                     and not (k == "learning_rate" and now.get(k) == ""))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"--resume with a different config ({diffs}); resume with the original settings, "
@@ -210,7 +212,8 @@ def register(model_dir: Path, cfg: TrainConfig, run_id: str, lineage: DataLineag
     client.update_model_version(
         cfg.model_name, version,
         description=(f"Causal LM {origin} by training run {run_id} on {data_from} (digest {lineage.digest[:16]}); "
-                     f"{cfg.max_steps} steps, best val/loss {best_val:.4f}."))
+                     f"{f'{cfg.max_steps} steps' if cfg.time_budget is None else 'time budget ' + cfg.time_budget}"
+                     f", best val/loss {best_val:.4f}."))
     return f"models:/{cfg.model_name}/{version}", version
 
 
@@ -299,7 +302,20 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
 
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
-    start = load_starting_point(cfg, data.tokenizer, data.block_size)
+    start = load_starting_point(cfg, data.tokenizer, data.block_size, train_tokens=int(data.train.numel()),
+                                world_size=ctx.world_size)
+    probe = None
+    if cfg.time_budget is not None:
+        # Timed before any run or checkpoint exists: a budget too small for one step changes nothing.
+        from lifecycle.train.budget import parse_duration, probe_step, too_small
+
+        if ctx.world_size > 1:
+            # Every rank would have to agree on each re-plan; not built yet.
+            raise ConfigError("--time-budget trains in one process; under torchrun give --max-steps instead")
+        probe = ctx.broadcast_object(probe_step(cfg, start.model, data, ctx.device or _cpu()) if ctx.is_main else None)
+        refused = too_small(parse_duration(cfg.time_budget), *probe, cfg.time_budget)
+        if refused is not None:
+            raise refused
     if (data.sft and getattr(data.tokenizer, "chat_template", None)
             and not getattr(start.tokenizer, "chat_template", None)):
         # The examples were rendered with the data's chat template: the model must carry it, so
@@ -342,7 +358,8 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
                 params = {**flatten(cfg), "data.block_size": data.block_size, "data.train_blocks": len(data.train),
                           "data.validation_blocks": len(data.validation), "world_size": ctx.world_size,
                           "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world_size,
-                          "model.parameters": n_params, "model.trainable_parameters": n_train}
+                          "model.parameters": n_params, "model.trainable_parameters": n_train,
+                          **start.shape_params}
                 # `mlflow run` already logged the MLproject parameters, empty ones as ''; MLflow
                 # refuses to change a param, so a resolved value that differs goes under resolved.*
                 existing = MlflowClient().get_run(run_id).data.params
@@ -367,7 +384,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
         from lifecycle.train.loop import Trainer
 
         trainer = Trainer(cfg, start.model, data, ctx=ctx, log=_chain(sink, callbacks if ctx.is_main else ()),
-                          checkpoints=ckpts, resume_from=resume_ck,
+                          checkpoints=ckpts, resume_from=resume_ck, probe=probe,
                           extra_state={"run_id": run_id, "data_digest": lineage.digest, "data_run_id": lineage.run_id,
                                        "base_model": start.base_model})
         result = trainer.fit()
@@ -433,6 +450,12 @@ def _finish(cfg: TrainConfig, run_id: str, result: Any, start: Any, lineage: Dat
     return TrainOutcome(run_id=run_id, model_uri=model_uri, version=version, steps=result.steps,
                         best_val_loss=result.best_val_loss, best_step=result.best_step,
                         stopped_early=result.stopped_early, resumed_from=None)
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
 
 
 def _fail_run(exc: BaseException, logger: Any, own_run: bool, ckpt_models: Any = None) -> None:
