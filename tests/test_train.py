@@ -22,12 +22,13 @@ from lifecycle.errors import (
     OutputExistsError,
     TrainingDivergedError,
 )
+from lifecycle.train.budget import Schedule
 from lifecycle.train.checkpoint import CheckpointManager
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import SampleOrder, load_prepared
 from lifecycle.train.distributed import DistContext
 from lifecycle.train.finetune import load_starting_point, tokenizer_mismatch
-from lifecycle.train.loop import Trainer, lr_lambda, oom_error
+from lifecycle.train.loop import Trainer, oom_error
 
 #: Small, fast settings shared by the tests (few validation batches keep evaluation cheap).
 FAST = dict(max_steps=8, batch_size=4, eval_every=4, eval_batches=2, checkpoint_every=4, warmup_steps=2,
@@ -81,7 +82,7 @@ def test_cli_unknown_key_is_a_usage_error(prepared_tiny, tmp_path):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    lam = [lr_lambda(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    lam = [Schedule("cosine", 4, 20, 0.1)(s) for s in range(21)]
     assert lam[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lam[4:], lam[5:]))
     assert lam[20] == pytest.approx(0.1)

@@ -63,11 +63,6 @@ class TrainResult:
     time_budget_s: float | None = None
 
 
-def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
-    return Schedule("cosine", warmup, total, min_ratio)(step)
-
-
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases and norm weights (1-D) are not regularised (GPT-2 practice)."""
     decay, no_decay = [], []
