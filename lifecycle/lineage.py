@@ -63,30 +63,3 @@ def log_data_input(uri: str, digest: str, *, context: str, name: str | None = No
     tags = {TAG_FULL_DIGEST: digest, **({"lifecycle.split": split} if split else {})}
     mlflow.log_input(dataset, context=context, tags=tags)
     return dataset
-
-
-def model_id_for(model_uri: str) -> str | None:
-    """The logged-model id behind ``models:/m-...``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``;
-    None for paths, ``runs:/`` URIs and versions registered before MLflow 3."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from lifecycle.tracking import parse_model_uri, version_model_id
-
-    text = os.fspath(model_uri)
-    if not text.startswith("models:/"):
-        return None
-    name, version, alias = parse_model_uri(text)
-    if name.startswith("m-"):
-        return name
-    client = MlflowClient()
-    try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version:
-            mv = client.get_model_version(name, version)
-        else:
-            return None
-    except MlflowException:
-        return None
-    return version_model_id(mv)

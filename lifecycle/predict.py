@@ -70,6 +70,18 @@ def _key(value: Any) -> str:
     return json.dumps(_plain(value), sort_keys=True, default=str)
 
 
+def id_field(path: Path, present: list[str], prompt_column: str, id_column: str | None) -> str | None:
+    """The input's id column (``--id-column``, else ``id`` when present; None: row numbers), after
+    checking that the named columns exist (both engines refuse the same way)."""
+    if prompt_column not in present:
+        raise DataError(f"{path}: no prompt column {prompt_column!r}; columns present: {', '.join(present)} "
+                        "(use --prompt-column)")
+    if id_column is not None and id_column not in present:
+        raise DataError(f"{path}: no id column {id_column!r}; columns present: {', '.join(present)} "
+                        "(use --id-column)")
+    return id_column or ("id" if "id" in present else None)
+
+
 def read_rows(input_path: Path, prompt_column: str, id_column: str | None) -> tuple[list[Any], list[str], str]:
     """The input's ids and prompts, and the output's id field; DataError on any problem, before any output."""
     from lifecycle.data.config import SourceConfig
@@ -83,14 +95,7 @@ def read_rows(input_path: Path, prompt_column: str, id_column: str | None) -> tu
     records = list(iter_records(SourceConfig(uri=str(input_path), text_column=prompt_column)))
     if not records:
         raise DataError(f"{input_path}: empty input (no rows)")
-    present = list(records[0])
-    if prompt_column not in present:
-        raise DataError(f"{input_path}: no prompt column {prompt_column!r}; columns present: {', '.join(present)} "
-                        "(use --prompt-column)")
-    if id_column is not None and id_column not in present:
-        raise DataError(f"{input_path}: no id column {id_column!r}; columns present: {', '.join(present)} "
-                        "(use --id-column)")
-    field = id_column or ("id" if "id" in present else None)
+    field = id_field(input_path, list(records[0]), prompt_column, id_column)
     ids = [_plain(r.get(field)) for r in records] if field else list(range(len(records)))
     prompts = [r.get(prompt_column) for r in records]
     for n, (row_id, prompt) in enumerate(zip(ids, prompts)):

@@ -30,6 +30,7 @@ from lifecycle.predict import (
     ROW_FIELD,
     PredictResult,
     check_request,
+    id_field,
     job_record,
     prepare_output,
     write_sidecar,
@@ -138,13 +139,7 @@ def load_input(spark: Any, path: Path, prompt_column: str, id_column: str | None
     total = df.count()
     if total == 0 or not present:
         raise DataError(f"{path}: empty input (no rows)")
-    if prompt_column not in present:
-        raise DataError(f"{path}: no prompt column {prompt_column!r}; columns present: {', '.join(present)} "
-                        "(use --prompt-column)")
-    if id_column is not None and id_column not in present:
-        raise DataError(f"{path}: no id column {id_column!r}; columns present: {', '.join(present)} "
-                        "(use --id-column)")
-    field = id_column or ("id" if "id" in present else None)
+    field = id_field(path, present, prompt_column, id_column)
     if field is None:
         # Row numbers in file order, as the in-process engine counts them.
         schema = StructType([*df.schema.fields, StructField(ROW_FIELD, LongType(), False)])

@@ -20,11 +20,12 @@ TAG_COMPARE_BASELINE = "compare_baseline"
 
 @dataclass(frozen=True)
 class VersionRef:
-    """A registered model version (the alias it was named by, if any)."""
+    """A registered model version (the alias it was named by, if any, and its MLflow 3 logged model)."""
 
     name: str
     version: str
     alias: str | None = None
+    model_id: str | None = None
 
     @property
     def uri(self) -> str:
@@ -38,7 +39,7 @@ def registered_version(uri: str | os.PathLike[str]) -> VersionRef | None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lifecycle.tracking import parse_model_uri, translate_mlflow_error
+    from lifecycle.tracking import parse_model_uri, translate_mlflow_error, version_model_id
 
     text = os.fspath(uri)
     if not text.startswith("models:/"):
@@ -49,16 +50,28 @@ def registered_version(uri: str | os.PathLike[str]) -> VersionRef | None:
     client = MlflowClient()
     try:
         if version:
-            return VersionRef(name, str(client.get_model_version(name, version).version))
+            mv = client.get_model_version(name, version)
+            return VersionRef(name, str(mv.version), model_id=version_model_id(mv))
         if alias:
-            return VersionRef(name, str(client.get_model_version_by_alias(name, alias).version), alias)
+            mv = client.get_model_version_by_alias(name, alias)
+            return VersionRef(name, str(mv.version), alias, version_model_id(mv))
         stage = text[len("models:/"):].split("/", 2)[1] if text.count("/") >= 2 else ""
         latest = client.get_latest_versions(name, stages=[stage] if stage else None)
     except MlflowException as exc:
         raise translate_mlflow_error(exc, f"cannot resolve {text}") from None
     if not latest:
         raise NotFoundError(f"{text}: no version in that stage")
-    return VersionRef(name, str(max(latest, key=lambda v: int(v.version)).version))
+    mv = max(latest, key=lambda v: int(v.version))
+    return VersionRef(name, str(mv.version), model_id=version_model_id(mv))
+
+
+def logged_model_id(uri: str | os.PathLike[str], version: VersionRef | None) -> str | None:
+    """The logged-model id of what ``uri`` names: ``models:/m-...`` itself, else the resolved
+    ``version``'s (None for paths, ``runs:/`` URIs and versions registered before MLflow 3)."""
+    text = os.fspath(uri)
+    if text.startswith("models:/m-"):
+        return text[len("models:/"):].split("/", 1)[0]
+    return version.model_id if version else None
 
 
 def production_version(name: str) -> VersionRef | None:

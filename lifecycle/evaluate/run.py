@@ -186,7 +186,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
                   **{f"config.{k}": v for k, v in flatten(cfg).items()}}
         # Model, data and baseline URIs may carry user:password@: params show only the masked form.
         mlflow.log_params({k: v[:6000] for k, v in mask_mapping(params).items()})
-        from lifecycle.lineage import CONTEXT_EVALUATION, log_data_input, model_id_for
+        from lifecycle.lineage import CONTEXT_EVALUATION, log_data_input
 
         eval_dataset = log_data_input(eval_data.source, eval_data.digest, context=CONTEXT_EVALUATION,
                                       split=eval_data.split)
@@ -235,7 +235,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
             (tmpdir / "results.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
             mlflow.log_artifact(str(tmpdir / "results.json"), "eval")
         # The challenger's own results also go on its logged model's page, against the evaluation data.
-        model_id = model_id_for(model)
+        model_id = results.logged_model_id(model, version)
         own = {k: v for k, v in metrics.items() if k.startswith("eval/")} if model_id else {}
         if own:
             mlflow.log_metrics(own, model_id=model_id, dataset=eval_dataset)
