@@ -19,7 +19,6 @@ from pathlib import Path
 
 POSTGRES_DSN = os.environ.get("LIFECYCLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 #: CI sets this so that PostgreSQL-backed tests run or fail, never skip.
-REQUIRE_POSTGRES = os.environ.get("LIFECYCLE_REQUIRE_POSTGRES", "") not in ("", "0", "false")
 
 
 def fernet_key() -> str:
@@ -148,15 +147,21 @@ def postgres_available() -> str | None:
         return f"PostgreSQL not reachable at {POSTGRES_DSN}: {str(exc).strip().splitlines()[0]}"
 
 
-def require_postgres() -> None:
-    """Skip the calling test when PostgreSQL does not answer; fail instead where CI requires it."""
+def require(flag: str, missing: str | None) -> None:
+    """Skip the calling test for ``missing`` (a service or tool that is not here, None: it is);
+    fail instead where CI requires it by setting env ``flag`` (LIFECYCLE_REQUIRE_POSTGRES ...)."""
     import pytest
 
-    reason = postgres_available()
-    if reason:
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"LIFECYCLE_REQUIRE_POSTGRES is set but {reason}")
-        pytest.skip(reason)
+    if not missing:
+        return
+    if os.environ.get(flag, "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{flag} is set but {missing}")
+    pytest.skip(missing)
+
+
+def require_postgres() -> None:
+    """Skip the calling test when PostgreSQL does not answer; fail instead where CI requires it."""
+    require("LIFECYCLE_REQUIRE_POSTGRES", postgres_available())
 
 
 def create_postgres_database() -> str:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests import servers
 from tests.cli import cli, cli_output
 from tests.test_predict import N_ROWS, logged_uri, prompts, pyfunc_dir, read_jsonl, write_input  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRE_SPARK = os.environ.get("LIFECYCLE_REQUIRE_SPARK", "").strip() in ("1", "true", "yes")
 # Two local cores: the suite shares the machine; the session itself is kept small by the product.
 MASTER = "local[2]"
 
@@ -35,11 +35,7 @@ def _spark_missing() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _needs_spark() -> None:
-    missing = _spark_missing()
-    if missing:
-        if REQUIRE_SPARK:
-            pytest.fail(f"LIFECYCLE_REQUIRE_SPARK is set but {missing}")
-        pytest.skip(missing)
+    servers.require("LIFECYCLE_REQUIRE_SPARK", _spark_missing())
 
 
 def spark_cli(*args: str) -> tuple[int, str]:

@@ -20,12 +20,12 @@ import mlflow
 import pytest
 
 from lifecycle.report.render import SECTIONS
+from tests import servers
 from tests.cli import cli
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = "<script>console.error('injected')</script> <img src=x onerror=alert(1)> R&D"
-REQUIRE_BROWSER = os.environ.get("LIFECYCLE_REQUIRE_BROWSER", "").strip() in ("1", "true", "yes")
 
 
 
@@ -172,10 +172,7 @@ def test_report_in_headless_chromium(report):
             import websocket  # noqa: F401
         except ImportError:
             missing = "websocket-client is not installed (pip install -e '.[test]')"
-    if missing:
-        if REQUIRE_BROWSER:
-            pytest.fail(f"LIFECYCLE_REQUIRE_BROWSER is set but {missing}")
-        pytest.skip(missing)
+    servers.require("LIFECYCLE_REQUIRE_BROWSER", missing)
 
     profile = Path(tempfile.mkdtemp(prefix="lifecycle-chromium-"))
     browser = DevTools(binary, profile)
