@@ -3,8 +3,8 @@
 The reference is nanoGPT's CPU configuration written here in plain PyTorch: char-level, 4 layers,
 4 heads, 128 wide, block 64, batch 12, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1), warmup 100
 and cosine decay to 1e-4 over 2000 iterations, no dropout, stopped after T seconds (or 2000
-iterations). Ours is the real CLI in a subprocess: `lifecycle prepare --vocab-size auto` on the
-benchmark's train text, then `lifecycle train --time-budget T --preset auto`; the reference trains
+iterations). Ours is the real CLI in a subprocess: `lifecycle prepare --vocab-size auto --block-size
+auto` on the benchmark's train text, then `lifecycle train --time-budget T --preset auto`; the reference trains
 on the text of the prepared train split, so both see the same documents. Both are scored by
 :func:`bits_per_byte` on the same held-out text (every 20th document, never given to prepare).
 
@@ -193,7 +193,8 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
 
 
 def train_ours(train_file: Path, budget: str, work: Path, extra: list[str],
-               vocab: str = "auto") -> tuple[Any, Any, dict, Path]:
+               vocab: str = "auto", prepare_extra: tuple[str, ...] = (),
+               block: str = "auto") -> tuple[Any, Any, dict, Path]:
     """prepare + train through the CLI; returns the registered model, its tokenizer, figures, prepared dir."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,7 +205,8 @@ def train_ours(train_file: Path, budget: str, work: Path, extra: list[str],
            "HF_HUB_OFFLINE": "1"}
     prepared = work / "prepared"
     _cli(["prepare", "--source", str(train_file), "--output", str(prepared), "--vocab-size", vocab,
-          "--set", "split.test=0.01", "--set", "split.validation=0.03"], env, work)
+          "--block-size", block,
+          "--set", "split.test=0.01", "--set", "split.validation=0.03", *prepare_extra], env, work)
     t0 = time.perf_counter()
     out = _cli(["train", "--data", str(prepared), "--preset", "auto", "--time-budget", budget,
                 "--output", str(work / "ckpt"), "--set", "progress=false", "--set", "system_metrics=false", *extra],
@@ -237,6 +239,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both (default 1: on a shared 2-core machine 1 thread ran 3.3x faster "
                          "than 2, bench_train.py --switches)")
+    ap.add_argument("--prepare-set", dest="prepare_extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for our `lifecycle prepare` (repeatable), e.g. pack.block_size=128")
+    ap.add_argument("--block", default="auto", help="prepare --block-size for ours (default auto)")
     ap.add_argument("--vocab", default="auto", help="prepare --vocab-size for ours (default auto)")
     ap.add_argument("--skip-reference", action="store_true", help="only train ours (for sweeps)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
@@ -258,7 +263,8 @@ def main() -> None:
           f"{len(heldout.encode()):,} bytes; budget {budget}", flush=True)
 
     extra = [f"--set=threads={args.threads}", *(f"--set={s}" for s in args.extra)]
-    model, tok, ours, prepared = train_ours(train_file, budget, work, extra, args.vocab)
+    model, tok, ours, prepared = train_ours(train_file, budget, work, extra, args.vocab,
+                                           tuple(f"--set={s}" for s in args.prepare_extra), args.block)
     ids = [tok.eos_token_id, *tok(heldout, add_special_tokens=False)["input_ids"]]
     ours["bits_per_byte"] = round(bits_per_byte(lambda x: model(input_ids=x).logits, ids, heldout,
                                                 ours["block_size"]), 4)

@@ -201,6 +201,45 @@ def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):
     assert code == 2 and "--vocab-size" in out and not (tmp_path / "q").exists()
 
 
+@given(st.integers(min_value=0, max_value=10**13), st.integers(min_value=0, max_value=10**13))
+def test_auto_block_is_a_power_of_two_context_that_grows_with_the_corpus(a, b):
+    from lifecycle.data.tokenizer import choose_block
+
+    small, large = sorted((a, b))
+    assert choose_block(small) in (128, 256, 512, 1024)
+    assert choose_block(small) <= choose_block(large)
+
+
+def test_prepare_block_size_auto_packs_by_the_train_split_and_refuses_what_it_cannot_size(tmp_path):
+    from lifecycle.data.tokenizer import choose_block
+
+    assert [choose_block(m * 2**20) for m in (0, 1, 2, 3, 9, 40, 10**6)] == [128, 128, 128, 256, 512, 1024, 1024]
+    code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "p"),
+                           "--vocab-size", "600", "--block-size", "auto", "--max-documents", "200")
+    assert code == 0, out
+    card = json.loads((tmp_path / "p" / "data_card.json").read_text())
+    raw = Path(tmp_path / "p" / "raw" / "train.jsonl")
+    train_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
+    assert card["block_size"] == choose_block(train_bytes) == 128
+    assert card["config"]["pack"]["auto_block"] is True
+    # Training reads the chosen context from the blocks themselves.
+    assert load_prepared(tmp_path / "p").block_size == 128
+    # A reused tokenizer (its packer starts before any text is read), sft records and a word that is
+    # neither a number nor auto are refused with exit 2 before any output exists.
+    refused = {
+        "tok": ["--tokenizer", str(tmp_path / "p")],
+        "sft": ["--format", "sft"],
+        "word": [],
+    }
+    for name, extra in refused.items():
+        size = "lots" if name == "word" else "auto"
+        code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / name),
+                               "--block-size", size, "--max-documents", "50", *extra)
+        # One error line (click adds its usage lines above a bad word), naming the flag.
+        assert code == 2 and "--block-size" in out.strip().splitlines()[-1], (name, out)
+        assert not (tmp_path / name).exists() and "Traceback" not in out, (name, out)
+
+
 def test_mlproject_time_budget_reaches_train_and_main(tmp_path):
     """`mlflow run . -e train -P time_budget=90s` and `-e main -P time_budget=90s` pass the flag through,
     and the pipeline's own 300-step default gives way to the budget."""

@@ -7,12 +7,12 @@ import json
 import click
 
 
-def _vocab_size(text: str | None) -> int | None:
-    """``--vocab-size``: a whole number (the config checks its range) or ``auto``."""
-    if text is None:
+def _whole_or_auto(text: str | None, flag: str) -> int | None:
+    """``--vocab-size`` / ``--block-size``: a whole number (the config checks its range) or ``auto``."""
+    if text is None or text == "auto":
         return None
     if not (text.isascii() and text.isdigit()):
-        raise click.BadParameter(f"{text!r} is neither a whole number nor auto", param_hint="--vocab-size")
+        raise click.BadParameter(f"{text!r} is neither a whole number nor auto", param_hint=flag)
     return int(text)
 
 
@@ -28,7 +28,8 @@ def _vocab_size(text: str | None) -> int | None:
               help="Reuse a tokenizer: folder, model, prepared data, runs:/ or models:/ URI.")
 @click.option("--vocab-size", default=None, metavar="N|auto",
               help="Vocabulary size of a trained BPE tokenizer, or auto (sized by the train split).")
-@click.option("--block-size", type=int, default=None, help="Tokens per packed block.")
+@click.option("--block-size", default=None, metavar="N|auto",
+              help="Tokens per packed block, or auto (sized by the train split; raw text, tokenizer trained here).")
 @click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
 @click.option("--text-column", default=None, help="Column holding the text (jsonl/json/csv/parquet/datasets).")
 @click.option("--format", "data_format", type=click.Choice(["auto", "lm", "sft"]), default=None,
@@ -48,7 +49,7 @@ def _vocab_size(text: str | None) -> int | None:
 @click.option("--num-proc", type=int, default=None, help="Worker processes for the per-document steps.")
 @click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
 def prepare(source: str | None, output: str, config_path: str | None, overrides: tuple[str, ...],
-            tokenizer: str | None, vocab_size: str | None, block_size: int | None, max_documents: int | None,
+            tokenizer: str | None, vocab_size: str | None, block_size: str | None, max_documents: int | None,
             text_column: str | None, data_format: str | None, prompt_column: str | None,
             response_column: str | None, messages_column: str | None, document_per_file: bool,
             dedup_against: str | None, pii: str | None,
@@ -73,9 +74,10 @@ def prepare(source: str | None, output: str, config_path: str | None, overrides:
             "source.max_documents": max_documents,
             "source.errors": errors,
             "tokenizer.name_or_path": tokenizer,
-            "tokenizer.vocab_size": None if vocab_size == "auto" else _vocab_size(vocab_size),
+            "tokenizer.vocab_size": _whole_or_auto(vocab_size, "--vocab-size"),
             "tokenizer.auto_vocab": True if vocab_size == "auto" else None,
-            "pack.block_size": block_size,
+            "pack.block_size": _whole_or_auto(block_size, "--block-size"),
+            "pack.auto_block": True if block_size == "auto" else None,
             "dedup.against": dedup_against,
             "pii.mode": pii,
             "num_proc": num_proc,

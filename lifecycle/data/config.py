@@ -189,6 +189,9 @@ class PackConfig:
     """Fixed-length blocks of token ids, EOS between documents."""
 
     block_size: int = 256
+    #: Choose block_size from the train split's size instead (``--block-size auto``, raw text with a
+    #: tokenizer trained here): see lifecycle.data.tokenizer.choose_block.
+    auto_block: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -249,3 +252,9 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _check_min("", self, {"num_proc": 1, "batch_size": 1, "drop_samples": 0})
+        if self.pack.auto_block and self.tokenizer.name_or_path is not None:
+            raise ConfigError("pack.auto_block (--block-size auto) sizes blocks by the text a tokenizer is trained on "
+                              "here; with --tokenizer give --block-size a number")
+        if self.pack.auto_block and self.format == "sft":
+            raise ConfigError("pack.auto_block (--block-size auto) is for raw text; sft examples need --block-size "
+                              "as a number")

@@ -97,11 +97,16 @@ class LmFormat:
         cfg = self.cfg
         # The tokenizer is trained on the train split only, so validation/test stay unseen.
         auto = cfg.tokenizer.auto_vocab
-        self.packer = StreamingPacker(workdir, SPLITS, block_size=cfg.pack.block_size, batch_size=cfg.batch_size,
+        # block_size 0: --block-size auto, chosen by the packer with the vocabulary from the whole
+        # train split (so no tokenizer sample; config refuses it with a reused tokenizer, whose
+        # packer starts before any text is read).
+        whole = auto or cfg.pack.auto_block
+        self.packer = StreamingPacker(workdir, SPLITS, block_size=0 if cfg.pack.auto_block else cfg.pack.block_size,
+                                      batch_size=cfg.batch_size,
                                       tokenizer=self.tokenizer, vocab_size=0 if auto else cfg.tokenizer.vocab_size,
                                       min_frequency=cfg.tokenizer.min_frequency,
-                                      sample_bytes=None if auto else sample_bytes(cfg.tokenizer.sample_bytes,
-                                                                                  cfg.tokenizer.vocab_size),
+                                      sample_bytes=None if whole else sample_bytes(cfg.tokenizer.sample_bytes,
+                                                                                   cfg.tokenizer.vocab_size),
                                       submit=submit, max_pending=max_pending)
 
     def add(self, split: str, texts: list[str], sizes: Sequence[int]) -> None:
@@ -120,7 +125,7 @@ class LmFormat:
         t = time.perf_counter()
         packed = self.packer.finish()
         finish_seconds = time.perf_counter() - t
-        packer, block = self.packer, self.cfg.pack.block_size
+        packer, block = self.packer, self.packer.block_size
         tokens: dict[str, int] = {}
         blocks: dict[str, int] = {}
         tail: dict[str, int] = {}
@@ -138,6 +143,7 @@ class LmFormat:
         return FormatResult(
             tokenizer=packer.tokenizer, trained=packer.trained, splits=dict(split_docs), tokens=tokens, blocks=blocks,
             dropped_tail=tail, raw_hash=raw_hash, digest_settings=f"block_size={block}", warnings=warnings,
+            block_size=block,
             # trained_on_bytes: the train text the BPE learned from (the first bytes, up to tokenizer.sample_bytes).
             tokenizer_extra={"trained_on_bytes": packer.sample_used},
             seconds={"tokenizer": packer.seconds["tokenizer"], "tokenize_pack": packer.seconds["tokenize_pack"]},

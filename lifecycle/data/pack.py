@@ -208,12 +208,15 @@ class StreamingPacker:
             sink.abort()
 
     def _train(self) -> None:
-        from lifecycle.data.tokenizer import batched, choose_vocab, train_tokenizer
+        from lifecycle.data.tokenizer import batched, choose_block, choose_vocab, train_tokenizer
 
         t = time.perf_counter()
         self.sample_used = self._train_bytes
-        # vocab_size 0: --vocab-size auto, sized by the train text read so far (all of it: no sample).
+        # vocab_size 0: --vocab-size auto, sized by the train text read so far (all of it: no sample);
+        # block_size 0: --block-size auto, the same way (a tokenizer trained here always reads all of it).
         vocab = self.vocab_size or choose_vocab(self._train_bytes)
+        if not self.block_size:
+            self.block_size = choose_block(self._train_bytes)
         self.tokenizer = train_tokenizer(batched(self._waiting["train"], 1000), vocab_size=vocab,
                                          min_frequency=self.min_frequency)
         self.seconds["tokenizer"] += time.perf_counter() - t

@@ -323,7 +323,7 @@ def _card(cfg: PrepareConfig, data_format: str, done: FormatResult, tally: PassT
         "format": data_format,
         "digest": content_digest(done.raw_hash, tok_dir, prefix=done.digest_prefix,
                                  settings=done.digest_settings),
-        "block_size": cfg.pack.block_size,
+        "block_size": done.block_size or cfg.pack.block_size,
         "vocab_size": len(done.tokenizer),
         "source": mask_secrets(source),  # the card is an artifact: no credentials in it
         "counts": tally.card_counts(stats.documents, kept, bytes_read, stats, with_pii),

@@ -77,6 +77,9 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
         cfg = replace(cfg, source=replace(cfg.source, uri=str(local)))
     check_source(cfg.source)
     fmt = detect_format(cfg)
+    if fmt == "sft" and cfg.pack.auto_block:  # format auto found sft records: refused as format=sft is
+        raise ConfigError("pack.auto_block (--block-size auto) is for raw text; these are sft records, which need "
+                          "--block-size as a number")
     tokenizer_path = _resolve_tokenizer(cfg.tokenizer.name_or_path)
     reference = _resolve(cfg.dedup.against, "--dedup-against folder") if cfg.dedup.against else None
 

@@ -62,6 +62,8 @@ class FormatResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: seconds the format spent inside the pass loop (not filtering).
     in_pass: float = 0.0
+    #: tokens per block as packed (``--block-size auto`` chooses it during the pass); None: the config's.
+    block_size: int | None = None
 
 
 @dataclass

@@ -34,6 +34,21 @@ def choose_vocab(corpus_bytes: int) -> int:
     return int(min(32768, max(512, 64 * round(raw / 64))))
 
 
+def choose_block(corpus_bytes: int) -> int:
+    """``--block-size auto``: 128 tokens up to 2 MB of train text, doubling per 4x more, at most 1024.
+
+    A small corpus trains a small model in a short time, and for a small model attention over a long
+    context is a large share of each step's FLOPs (12 x layers x width x context per token, against
+    6 x parameters) for dependencies it cannot yet learn. Measured at 1 MB (the budget benchmark,
+    docs/training-and-evaluation.md): context 128 beat 64 and 256; the growth is an assumption.
+    """
+    mb = max(corpus_bytes, 1) / 2**20
+    steps = 0
+    while mb > 2.0 * 4**steps and steps < 3:
+        steps += 1
+    return 128 * 2**steps
+
+
 def sample_bytes(configured: int | None, vocab_size: int) -> int | None:
     """Bytes of train text to train a tokenizer on: ``None`` means all of it.
 
