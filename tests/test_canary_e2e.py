@@ -289,12 +289,18 @@ def test_mlflow_run_entry_point_canary(shadowed):
     import subprocess
     import sys
 
+    from mlflow import MlflowClient
+
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "-e", "canary", "--env-manager", "local",
                            "-P", f"name={shadowed['name']}", "-P", f"records={shadowed['log']}"],
                           capture_output=True, text=True, timeout=300, cwd=root, env=dict(os.environ))
-    assert proc.returncode == 10, proc.stdout[-2000:] + proc.stderr[-3000:]  # 48 copies < min_requests 200
+    # 48 copies < the default policy's min_requests 200: verdict 10, which `mlflow run` reports as a failed run.
+    assert proc.returncode == 1 and "Verdict: 10 (not enough evidence" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-3000:])
     assert f"shadow v{shadowed['v'][1]} (@staging, from canary_start #1)" in proc.stdout
+    last = _events(MlflowClient(), shadowed["name"])[-1]
+    assert (last.action, last.gates[0]["code"], last.challenger_alias) == ("canary_verdict", 10, "staging")
 
 
 def test_stopping_the_server_removes_its_routing_model_folder(shadowed):

@@ -6,8 +6,10 @@ with ``mlflow models serve``. Nothing of ours ran after that server stopped, so 
 folder behind. Now:
 
 * :func:`claim` makes the folder (``lifecycle-router-*``) with an ``owner.lock`` file that stays
-  ``flock``-ed while its server runs. The lock is taken on a temporary name and renamed into
-  place, so a sweeper never finds the lock file of a live claim unlocked.
+  locked while its server runs (the project's one lock primitive,
+  :class:`~lifecycle.filelock.HolderLock`: the kernel drops it when the last holder exits, kill -9
+  included). A sweeper that locks a fresh folder's file first wins it: the claim then starts over
+  in another folder.
 * :func:`run` (``python -m lifecycle.serving.router_folder FOLDER FD -- COMMAND...``, what
   ``lifecycle serve`` becomes) starts the server as its child, which inherits the lock, forwards
   SIGINT, SIGTERM and SIGHUP to it, removes the folder once it exited and exits as it did (its
@@ -20,12 +22,12 @@ folder behind. Now:
   by an older lifecycle, or by a crash between making the folder and locking it) is not judged:
   every start claims a fresh folder, so no leftover can break it.
 
-Only the standard library is imported: the supervisor waits as a small process beside the server.
+Only the standard library (and the lock) is imported: the supervisor waits as a small process
+beside the server.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import shutil
@@ -37,29 +39,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lifecycle.filelock import HolderLock
+
 PREFIX = "lifecycle-router-"
 LOCK = "owner.lock"
 #: Signals a supervisor passes on to the server (what a terminal, a service manager or a test sends).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+_CLAIM_TRIES = 8
 #: Longest wait for the server's last processes once the child exited (they were sent SIGTERM too).
 DESCENDANTS_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A routing model's folder and the descriptor that holds its lock."""
+    """A routing model's folder and the lock that says it is in use."""
 
     folder: Path
-    fd: int
+    lock: HolderLock
+
+    @property
+    def fd(self) -> int:
+        """The locked descriptor, to hand down to the supervisor and the server."""
+        assert self.lock.fd is not None, "the claim was released"
+        return self.lock.fd
 
     def release(self) -> None:
         """Remove the folder, then drop the lock (so no sweeper judges a half-removed folder stale)."""
         shutil.rmtree(self.folder, ignore_errors=True)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self.lock.release(unlink=True)
 
 
 def _root(root: str | os.PathLike[str] | None) -> Path:
@@ -68,18 +76,18 @@ def _root(root: str | os.PathLike[str] | None) -> Path:
 
 def claim(root: str | os.PathLike[str] | None = None) -> Claim:
     """A fresh ``lifecycle-router-*`` folder under ``root`` (default: the temporary directory), locked."""
-    folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=_root(root)))
-    pending = folder / f"{LOCK}.new"
-    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: nobody else can hold it
-        os.write(fd, f"{os.getpid()}\n".encode())  # for a person looking: which process made it
-        os.rename(pending, folder / LOCK)
-    except BaseException:
-        os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return Claim(folder, fd)
+    for _ in range(_CLAIM_TRIES):
+        folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=_root(root)))
+        lock = HolderLock(folder / LOCK)
+        try:
+            taken = lock.acquire() is not None
+        except FileNotFoundError:  # a sweeper removed the fresh folder first
+            taken = False
+        if taken:
+            lock.write({"pid": os.getpid(), "what": "routing model of lifecycle serve --canary/--shadow"})
+            return Claim(folder, lock)
+        shutil.rmtree(folder, ignore_errors=True)  # a sweeper holds it: it is removing it
+    raise OSError(f"could not claim a routing model folder under {_root(root)} in {_CLAIM_TRIES} tries")
 
 
 def sweep(root: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -93,18 +101,16 @@ def sweep(root: str | os.PathLike[str] | None = None) -> list[Path]:
     except OSError:
         return removed
     for folder in folders:
+        lock = HolderLock(folder / LOCK)
         try:
-            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+            if (folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid()
+                    or not lock.path.is_file()):
                 continue
-            fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+            if lock.acquire() is None:
+                continue  # held: a live server's folder
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)  # held: a live server's folder
-            continue
-        Claim(folder, fd).release()
+        Claim(folder, lock).release()
         removed.append(folder)
     return removed
 
@@ -169,7 +175,7 @@ def run(folder: str | os.PathLike[str], fd: int, command: Sequence[str]) -> int:
             _reap_descendants(DESCENDANTS_WAIT_S)
         return code
     finally:
-        Claim(Path(folder), fd).release()
+        Claim(Path(folder), HolderLock.adopt(Path(folder) / LOCK, fd)).release()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
