@@ -43,6 +43,18 @@ class HolderLock:
         """Whether this object holds the lock."""
         return self._fd is not None
 
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor: a child process that inherits it holds the lock too, until all let go."""
+        return self._fd
+
+    @classmethod
+    def adopt(cls, path: Path, fd: int) -> "HolderLock":
+        """The lock on ``path`` held through ``fd``, a descriptor handed down by the process that took it."""
+        lock = cls(path)
+        lock._fd = fd
+        return lock
+
     def acquire(self) -> dict[str, Any] | None:
         """Take the lock without waiting: the record left in the file, or None when it is taken."""
         while True:

@@ -200,13 +200,61 @@ def test_shadow_agreement_under_the_floor_is_worse():
 def test_split_arms_refuses_a_third_version_and_counts_drops():
     records = [rec(), rec(version="2", role="canary"), rec(version="2", role="shadow", status="dropped")]
     arms = split_arms(records, name="m", production="1", challenger="2")
-    assert (len(arms.production), len(arms.challenger), arms.dropped) == (1, 1, 1)
+    assert (len(arms.production), len(arms.challenger), arms.shadow_dropped) == (1, 1, 1)
     with pytest.raises(DataError, match="m v3"):
         split_arms([*records, rec(version="3")], name="m", production="1", challenger="2")
     # A record of a plain server (or an older file) has no role: it is production's.
     old = {k: v for k, v in rec().items() if k != "role"}
     arms = split_arms([old, *records], name="m", production="1", challenger="2")
     assert len(arms.production) == 2 and arms.roles["production"] == 2
+
+
+def dropped_copies(path, *, name: str, version: str, n: int) -> None:
+    """``n`` shadow copies dropped as a router records them: its own ``_record_drop`` into a real recorder."""
+    from types import SimpleNamespace
+
+    from lifecycle.serving.records import InferenceRecorder
+    from lifecycle.serving.router_model import Arm, RouterModel, _ShadowJob
+
+    recorder = InferenceRecorder(path, model_name=name, model_version=version)
+    arm = Arm(version, SimpleNamespace(recorder=recorder))  # the drop only reaches the arm's recorder
+    for i in range(n):
+        RouterModel()._record_drop(_ShadowJob(arm, ["p"], {}, f"r{i}", ["a"]))
+    recorder.close()
+
+
+def test_dropped_shadow_copies_are_counted_apart_never_as_errors(tmp_path):
+    import json
+    from datetime import datetime, timezone
+
+    from lifecycle.monitoring.records import load_records
+    from lifecycle.monitoring.service import service_metrics
+
+    path = tmp_path / "records.jsonl"
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    ran = [dict(rec(version="2", role="shadow", latency=10.0 + i % 7,
+                    agreement_={"exact_match": 1.0, "token_overlap": 1.0}), ts=now) for i in range(150)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in ran), encoding="utf-8")
+    dropped_copies(path, name="m", version="2", n=300)
+    shadow = [r for r in load_records(path).records if r["model_version"] == "2"]
+    assert len(shadow) == 450 and sum(r["status"] == "dropped" for r in shadow) == 300
+
+    m, alone = service_metrics(shadow), service_metrics(shadow[:150])
+    assert (m["shadow_dropped"], alone["shadow_dropped"]) == (300, 0)
+    assert m["error_rate"] == 0.0 and m["finish_error_rate"] == 0.0 and m["request_count"] == 150
+    assert {k: v for k, v in m.items() if k != "shadow_dropped"} == {k: v for k, v in alone.items()
+                                                                       if k != "shadow_dropped"}
+    prod = [rec(latency=10.0 + i % 7) for i in range(150)]
+    policy = CanaryPolicy(min_requests=100)
+    verdict = compare(prod, shadow, policy)  # the drops left among the records: still no errors
+    assert verdict.code == HOLDS and verdict.shadow_dropped == 300 and verdict.challenger.requests == 150
+    assert verdict.challenger.error_rate == 0.0
+    split = split_arms([*prod, *shadow], name="m", production="1", challenger="2")
+    again = compare(split.production, split.challenger, policy, shadow_dropped=split.shadow_dropped)
+    assert (again.code, again.shadow_dropped, again.challenger) == (HOLDS, 300, verdict.challenger)
+    # Too few copies ran: not enough evidence (never worse), and the reason says why.
+    few = compare(prod, shadow[:40] + shadow[150:], policy)
+    assert few.code == NOT_ENOUGH and "300 shadow copies were dropped" in few.reason
 
 
 # ---------------------------------------------------------------- policy
@@ -327,9 +375,10 @@ def test_canary_command_refuses_bad_input_and_writes_nothing(unique_name, tmp_pa
     records.write_text("", encoding="utf-8")
     bad_policy = tmp_path / "p.yaml"
     bad_policy.write_text("canary: {share_steps: [2]}\n", encoding="utf-8")
-    assert cli("canary", unique_name, "--records", str(records)) == 5  # no @production at all
+    assert cli("canary", unique_name, "--records", str(records), "--challenger", "staging") == 5  # no @production
     cases = [
-        (["--records", str(records)], 5, "no @production alias"),
+        (["--records", str(records)], 2, "no canary in progress"),  # no canary_start in the ledger
+        (["--records", str(records), "--challenger", "staging"], 5, "no @production alias"),
         (["--records", str(tmp_path / "nope.jsonl")], 4, "not found"),
         (["--records", str(records), "--since", "yesterday"], 2, "--since 'yesterday'"),
         (["--records", str(records), "--policy", str(bad_policy)], 2, "share_steps"),
@@ -374,10 +423,12 @@ def test_canary_act_follows_the_policy_mode(unique_name, tmp_path):
 
     from mlflow import MlflowClient
 
+    from lifecycle.registry import canary as registry_canary
     from lifecycle.registry.ledger import Ledger
 
     client = MlflowClient()
     v1, v2 = _registered_pair(client, unique_name, tmp_path)
+    registry_canary.start(unique_name, registry_canary.arms(unique_name, "staging"), mode="canary", share=0.5)
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     lines = [dict(rec(name=unique_name, version=v1), ts=now) for _ in range(60)]
     lines += [dict(rec(name=unique_name, version=v2, role="canary", error=i % 2 == 0), ts=now) for i in range(60)]
@@ -393,8 +444,11 @@ def test_canary_act_follows_the_policy_mode(unique_name, tmp_path):
             assert client.get_registered_model(unique_name).aliases.get("staging") is not None
     assert "staging" not in (client.get_registered_model(unique_name).aliases or {})
     actions = [e.action for e in Ledger(client).events(unique_name)]
-    assert actions == ["canary_verdict", "canary_verdict", "canary_rollback"]
-    # The challenger is gone: one line, exit 5, nothing recorded.
+    assert actions == ["canary_start", "canary_verdict", "canary_verdict", "canary_rollback"]
+    # The challenger is gone: no canary in progress (exit 2); named, it is missing (exit 5); nothing recorded.
     code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy))
+    assert code == 2 and "no canary in progress: @staging" in out and "no longer exists" in out, out
+    code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy),
+                           "--challenger", "staging")
     assert code == 5 and "no @staging alias" in out
-    assert len(Ledger(client).events(unique_name)) == 3
+    assert len(Ledger(client).events(unique_name)) == 4

@@ -233,10 +233,12 @@ def shadowed(tiny_model_dir, tmp_path_factory):  # noqa: F811
     client.set_registered_model_alias(name, "production", v1)
     client.set_registered_model_alias(name, "staging", v2)
     log = work / "records.jsonl"
+    tmp = work / "tmp"  # the server's temporary directory: where its routing model's folder lives
+    tmp.mkdir()
     proc, base = servers.start_lifecycle_serve(
         name, work, ["--shadow", "staging", "--shadow-queue", "2", "--inference-log", str(log)],
-        env={"LIFECYCLE_CPU_THREADS": "1"})
-    yield {"name": name, "url": f"{base}/invocations", "log": log, "v": (v1, v2), "proc": proc}
+        env={"LIFECYCLE_CPU_THREADS": "1", "TMPDIR": str(tmp)})
+    yield {"name": name, "url": f"{base}/invocations", "log": log, "v": (v1, v2), "proc": proc, "tmp": tmp}
     servers.stop_process(proc)
 
 
@@ -274,5 +276,36 @@ def test_shadow_never_changes_production_answers_and_drops_under_load(shadowed, 
     assert any(r["agreement"]["exact_match"] < 1.0 for r in done)  # the shadow did answer differently
     code, out = cli_output("canary", shadowed["name"], "--records", str(shadowed["log"]))
     assert code == 10 and "shadow v" in out and f"shadow copies dropped {len(dropped)}" in out, out
+    assert "(@staging, from canary_start #1)" in out  # no --challenger: the canary in progress
     assert "shadow_exact_match" in out or "shadow_token_overlap" in out
     assert cli("history", shadowed["name"]) == 0
+    # Dropped copies are not the challenger's errors: its error rate is that of the copies that ran.
+    assert f"challenger {len(done)}, shadow copies dropped {len(dropped)} (queue full; not errors)" in out
+    assert all(r["status"] != "error" for r in shadow)
+
+
+def test_mlflow_run_entry_point_canary(shadowed):
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "-e", "canary", "--env-manager", "local",
+                           "-P", f"name={shadowed['name']}", "-P", f"records={shadowed['log']}"],
+                          capture_output=True, text=True, timeout=300, cwd=root, env=dict(os.environ))
+    # 48 copies < the default policy's min_requests 200: verdict 10, which `mlflow run` reports as a failed run.
+    assert proc.returncode == 1 and "Verdict: 10 (not enough evidence" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-3000:])
+    assert f"shadow v{shadowed['v'][1]} (@staging, from canary_start #1)" in proc.stdout
+    last = _events(MlflowClient(), shadowed["name"])[-1]
+    assert (last.action, last.gates[0]["code"], last.challenger_alias) == ("canary_verdict", 10, "staging")
+
+
+def test_stopping_the_server_removes_its_routing_model_folder(shadowed):
+    folders = list(shadowed["tmp"].glob("lifecycle-router-*"))
+    assert len(folders) == 1 and (folders[0] / "model" / "MLmodel").is_file()
+    servers.stop_process(shadowed["proc"])  # SIGTERM to the whole group, as a service manager stops it
+    assert shadowed["proc"].returncode is not None
+    assert list(shadowed["tmp"].glob("lifecycle-router-*")) == []

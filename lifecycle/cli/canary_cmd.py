@@ -14,8 +14,9 @@ from lifecycle.cli.monitor_cmd import records_option, since_option
 
 @click.command("canary")
 @click.argument("name")
-@click.option("--challenger", "challenger_alias", default="staging", show_default=True,
-              help="Alias of the challenger (what `lifecycle serve --canary/--shadow` was given).")
+@click.option("--challenger", "challenger_alias", default=None,
+              help="Alias of the challenger (what `lifecycle serve --canary/--shadow` was given). Default: the one "
+                   "the newest canary_start in NAME's ledger recorded; exit 2 when no canary is in progress.")
 @since_option
 @records_option
 @click.option("--policy", type=click.Path(dir_okay=False),
@@ -24,9 +25,12 @@ from lifecycle.cli.monitor_cmd import records_option, since_option
 @click.option("--act", is_flag=True, default=False,
               help="Act on the verdict when the policy's canary mode is enabled: 0 -> next share step, or promote "
                    "the challenger to production; 11 -> delete the challenger alias (canary_rollback).")
-def canary(name: str, challenger_alias: str, since: str | None, records: str | None, policy: str | None,
+def canary(name: str, challenger_alias: str | None, since: str | None, records: str | None, policy: str | None,
            act: bool) -> None:
     """Compare NAME's challenger with production on the records of a window, and print a verdict.
+
+    The challenger is --challenger ALIAS, by default the alias of the canary in progress (the newest
+    canary_start of NAME's ledger; exit 2 when there is none, or its alias was rolled back or promoted).
 
     The window starts at --since; by default 24h ago, but not before the challenger's newest canary_start.
     Exits 0 (the challenger holds: ready for the next step or promotion), 10 (not enough evidence
@@ -43,6 +47,10 @@ def canary(name: str, challenger_alias: str, since: str | None, records: str | N
     rules = pol.canary or CanaryPolicy()
     start = parse_since(since or "24h")
     path = records_path(records)
+    origin = ""
+    if challenger_alias is None:
+        progress = registry_canary.current_challenger(name)
+        challenger_alias, origin = progress.challenger_alias, f", from canary_start #{progress.start.seq}"
     arms = registry_canary.arms(name, challenger_alias)
     began = registry_canary.started_at(name, arms.challenger) if since is None else None
     if began is not None:
@@ -51,20 +59,23 @@ def canary(name: str, challenger_alias: str, since: str | None, records: str | N
         start = max(start, began_at)
     read = load_records(path)
     split = split_arms(read.records, name=name, production=arms.production, challenger=arms.challenger, since=start)
-    verdict = compare(split.production, split.challenger, rules, dropped=split.dropped)
+    verdict = compare(split.production, split.challenger, rules, shadow_dropped=split.shadow_dropped)
     shadow = split.roles.get("shadow", 0) > 0
+    window = start.isoformat(timespec="seconds") if start else "the beginning"
     click.echo(f"{name}: production v{arms.production} vs {'shadow' if shadow else 'canary'} v{arms.challenger} "
-               f"(@{challenger_alias}) since {start.isoformat(timespec='seconds') if start else 'the beginning'}")
+               f"(@{challenger_alias}{origin}) since {window}")
     for c in verdict.comparisons:
         click.echo(f"  {c.metric:<22} production {_f(c.production):>10}  challenger {_f(c.challenger):>10}  "
                    f"excess {_f(c.excess):>9} [{_f(c.low)}, {_f(c.high)}] allowed {_f(c.allowed)}  {c.status}")
     click.echo(f"  requests: production {verdict.production.requests}, challenger {verdict.challenger.requests}"
-               + (f", shadow copies dropped {split.dropped}" if split.dropped else "")
+               + (f", shadow copies dropped {verdict.shadow_dropped} (queue full; not errors)"
+                  if verdict.shadow_dropped else "")
                + (f", damaged lines skipped {len(read.skipped)}" if read.skipped else ""))
     gates = [dict(c.to_gate(), mode=rules.mode) for c in verdict.comparisons]
     event = registry_canary.record_verdict(name, arms, code=verdict.code, reason=verdict.reason, gates=gates,
                                            policy=pol, requests=(verdict.production.requests,
-                                                                 verdict.challenger.requests))
+                                                                 verdict.challenger.requests),
+                                           shadow_dropped=verdict.shadow_dropped)
     click.echo(f"Verdict: {verdict.code} ({verdict.word}: {verdict.reason}) [ledger #{event.seq}]")
     if act:
         _act(name, arms, verdict, gates, pol, shadow=shadow)

@@ -47,7 +47,8 @@ def monitor(name: str, alias: str, version: str | None, since: str | None, recor
             retrain_with: str | None, retrain_config: str | None) -> None:
     """Measure NAME's inference records of a window against its training data, in one MLflow run.
 
-    Logs monitor/request_count, monitor/error_rate, monitor/latency_p50|p95|p99_ms, token totals,
+    Logs monitor/request_count, monitor/shadow_dropped (shadow copies dropped under load: not requests, not
+    errors), monitor/error_rate, monitor/latency_p50|p95|p99_ms, token totals,
     the finish-reason mix, monitor/input_drift_psi, monitor/input_drift_ks, monitor/token_js,
     monitor/unknown_token_rate, monitor/semantic_drift_bpb_delta, monitor/completion_length_psi and
     monitor/finish_reason_shift, with drift and latency plots. Prints the verdict and exits

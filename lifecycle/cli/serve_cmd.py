@@ -10,7 +10,9 @@ With ``--canary ALIAS --canary-share S`` or ``--shadow ALIAS`` it serves the rou
 (:mod:`lifecycle.serving.router_model`) instead, saved to a fresh temporary folder: production and
 the version behind ALIAS in one endpoint. Bad input (a share outside (0, 1), a missing alias, the
 same version on both arms) is refused before anything is written; then ``canary_start`` is
-recorded in the ledger.
+recorded in the ledger. It then becomes a small supervisor of ``mlflow models serve``
+(:mod:`lifecycle.serving.router_folder`) that removes the folder when the server stops; folders
+that crashed servers left behind are swept at the next start.
 """
 
 from __future__ import annotations
@@ -169,23 +171,34 @@ def _router_settings(name: str, alias: str, version: str | None, canary: str | N
 
 
 def _exec_router(name: str, alias: str, router: dict, host: str, port: int, workers: int, env: dict) -> None:
-    """Check both arms, save the routing model, record ``canary_start`` and become ``mlflow models serve``."""
-    import tempfile
-
+    """Check both arms, save the routing model, record ``canary_start`` and become the supervisor of
+    ``mlflow models serve`` (which removes the routing model's folder when the server stops)."""
     from lifecycle.registry import canary as registry_canary
+    from lifecycle.serving import router_folder
     from lifecycle.serving.mlflow_model import save_router_model
 
     arms = registry_canary.arms(name, router["challenger_alias"], production_alias=alias)
-    folder = tempfile.mkdtemp(prefix="lifecycle-router-")
-    path = save_router_model(f"{folder}/model", router)
-    canary = router["mode"] == "canary"
-    registry_canary.start(name, arms, mode=router["mode"], share=router["share"] if canary else None)
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(path), "--env-manager", "local",
-           "-h", host, "-p", str(port), "-w", str(workers)]
+    router_folder.sweep()  # folders of servers that died without cleaning up
+    held = router_folder.claim()
+    try:
+        path = save_router_model(held.folder / "model", router)
+        canary = router["mode"] == "canary"
+        registry_canary.start(name, arms, mode=router["mode"], share=router["share"] if canary else None)
+    except BaseException:
+        held.release()
+        raise
+    serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(path), "--env-manager", "local",
+             "-h", host, "-p", str(port), "-w", str(workers)]
+    os.set_inheritable(held.fd, True)  # the lock travels into the supervisor (and from it into the server)
+    cmd = [sys.executable, "-m", "lifecycle.serving.router_folder", str(held.folder), str(held.fd), "--", *serve]
     what = (f"canary v{arms.challenger} (@{router['challenger_alias']}) at share {router['share']:g}"
             if canary else f"shadow v{arms.challenger} (@{router['challenger_alias']})")
     click.echo(f"serving {name} production v{arms.production} with {what} at http://{host}:{port}/invocations",
                err=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, env)
+    try:
+        os.execve(sys.executable, cmd, env)
+    except BaseException:
+        held.release()
+        raise

@@ -58,6 +58,9 @@ def analyse(window: Window, segments: Sequence[str], tokenizer: Any, *, psi_bins
     m: dict[str, float] = {PREFIX + k: v for k, v in service.service_metrics(window.records).items()}
     m[PREFIX + "other_version_records"] = float(sum(window.others.values()))
     m[PREFIX + "baseline_request_count"] = float(len(window.baseline))
+    if m[PREFIX + "shadow_dropped"]:
+        notes.append(f"{m[PREFIX + 'shadow_dropped']:.0f} shadow copies were dropped under load (queue full): counted "
+                     "in monitor/shadow_dropped, not as requests or errors")
 
     ref_ids = ref_mod.token_ids(tokenizer, list(segments))
     ref_len = ref_mod.lengths(ref_ids)

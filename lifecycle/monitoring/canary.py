@@ -18,6 +18,10 @@ delta:
 Verdict: fewer than ``min_requests`` on either arm is ``10`` (not enough evidence); an interval
 entirely above its allowance is ``11`` (worse: roll back); every interval within its allowance is
 ``0`` (the challenger holds); anything else ``10`` (undecided yet).
+
+A shadow copy the router dropped because its queue was full (``status`` ``dropped``) never reached
+the challenger: it is counted apart (``shadow_dropped``), never as a request or an error of either
+arm, so drops alone can never make the verdict 11.
 """
 
 from __future__ import annotations
@@ -33,13 +37,11 @@ import numpy as np
 from lifecycle.errors import DataError
 from lifecycle.monitoring.drift import percentile
 from lifecycle.monitoring.records import identity
-from lifecycle.monitoring.service import is_error
+from lifecycle.monitoring.service import is_dropped, is_error, served
 from lifecycle.policies.schema import CanaryPolicy
 
 HOLDS, NOT_ENOUGH, WORSE = 0, 10, 11
 VERDICT_WORDS = {HOLDS: "holds", NOT_ENOUGH: "not enough evidence", WORSE: "worse"}
-#: Records of a shadow copy dropped under load: counted, never measured.
-DROPPED = "dropped"
 _SEED = 20260131
 
 
@@ -49,7 +51,7 @@ class Arms:
 
     production: list[dict[str, Any]]
     challenger: list[dict[str, Any]]
-    dropped: int = 0
+    shadow_dropped: int = 0
     roles: Counter = field(default_factory=Counter)
 
 
@@ -73,7 +75,7 @@ def split_arms(records: Iterable[dict[str, Any]], *, name: str, production: str,
         if rec.get("model_name") != name or version not in (production, challenger):
             others[identity(rec)] += 1
             continue
-        if rec.get("status") == DROPPED:
+        if is_dropped(rec):
             dropped += 1
             continue
         roles[rec.get("role") or "production"] += 1
@@ -82,7 +84,7 @@ def split_arms(records: Iterable[dict[str, Any]], *, name: str, production: str,
         found = ", ".join(f"{k} ({n})" for k, n in others.most_common())
         raise DataError(f"the window holds records of other versions than {name} v{production} (production) and "
                         f"v{challenger} (challenger): {found}; narrow it with --since")
-    return Arms(production=prod, challenger=chal, dropped=dropped, roles=roles)
+    return Arms(production=prod, challenger=chal, shadow_dropped=dropped, roles=roles)
 
 
 @dataclass
@@ -131,7 +133,8 @@ class CanaryVerdict:
     production: ArmFigures
     challenger: ArmFigures
     comparisons: list[Comparison]
-    dropped: int = 0
+    #: Shadow copies dropped under load (queue full): not requests, not errors.
+    shadow_dropped: int = 0
 
     @property
     def word(self) -> str:
@@ -153,6 +156,7 @@ def _ok(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _samples(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Per-request arrays of one arm: errors, latencies, completion lengths, finish, agreement."""
+    records = served(records)
     ok = _ok(records)
     lengths = [float(sum(row.get("completion_tokens", 0) for row in rows)) / max(len(rows), 1)
                for rows in (r.get("rows") or [] for r in ok)]
@@ -172,9 +176,12 @@ def _mean(x: np.ndarray) -> float:
 
 
 def arm_figures(records: Sequence[dict[str, Any]]) -> ArmFigures:
-    """Requests, error rate, latency p50/p95 (successful requests), mean completion tokens, finish mix, agreement."""
+    """Requests, error rate, latency p50/p95 (successful requests), mean completion tokens, finish mix, agreement.
+
+    Dropped shadow copies are no requests: they are left out here (:func:`compare` counts them).
+    """
     s = _samples(records)
-    return ArmFigures(requests=len(records), error_rate=_mean(s["error"]),
+    return ArmFigures(requests=len(served(records)), error_rate=_mean(s["error"]),
                       latency_p50_ms=percentile(s["latency"], 50), latency_p95_ms=percentile(s["latency"], 95),
                       completion_tokens_mean=_mean(s["length"]), finish_length_rate=_mean(s["finish_length"]),
                       shadow_pairs=int(s["exact_match"].size), exact_match=_mean(s["exact_match"]),
@@ -217,8 +224,13 @@ def _relative_increase(chal: np.ndarray | float, prod: np.ndarray | float) -> An
 
 
 def compare(production: Sequence[dict[str, Any]], challenger: Sequence[dict[str, Any]], policy: CanaryPolicy, *,
-            dropped: int = 0) -> CanaryVerdict:
-    """Compare the arms' records under ``policy`` (see the module docstring for the verdict rules)."""
+            shadow_dropped: int = 0) -> CanaryVerdict:
+    """Compare the arms' records under ``policy`` (see the module docstring for the verdict rules).
+
+    ``shadow_dropped`` counts drops :func:`split_arms` already took out; dropped copies still among
+    the records are left out and counted too.
+    """
+    shadow_dropped += sum(is_dropped(r) for r in [*production, *challenger])
     rng = np.random.default_rng(_SEED)
     B, conf = policy.bootstrap_resamples, policy.confidence
     p, c = _samples(production), _samples(challenger)
@@ -257,14 +269,18 @@ def compare(production: Sequence[dict[str, Any]], challenger: Sequence[dict[str,
         if c[key].size:
             mean = _mean(c[key])
             add(f"shadow_{key}", 1.0, mean, floor - mean, floor - _boot(c[key], _means, B, rng), 0.0)
-    code, reason = _decide(fp.requests, fc.requests, comps, policy.min_requests)
-    return CanaryVerdict(code=code, reason=reason, production=fp, challenger=fc, comparisons=comps, dropped=dropped)
+    code, reason = _decide(fp.requests, fc.requests, comps, policy.min_requests, shadow_dropped)
+    return CanaryVerdict(code=code, reason=reason, production=fp, challenger=fc, comparisons=comps,
+                         shadow_dropped=shadow_dropped)
 
 
-def _decide(n_prod: int, n_chal: int, comps: list[Comparison], min_requests: int) -> tuple[int, str]:
+def _decide(n_prod: int, n_chal: int, comps: list[Comparison], min_requests: int,
+            shadow_dropped: int = 0) -> tuple[int, str]:
     if min(n_prod, n_chal) < min_requests:
-        return NOT_ENOUGH, (f"{n_chal} challenger and {n_prod} production request(s) in the window; the policy wants "
-                            f"at least {min_requests} of each")
+        drops = (f" ({shadow_dropped} shadow copies were dropped, queue full: a larger --shadow-queue keeps more)"
+                 if shadow_dropped and n_chal < min_requests else "")
+        return NOT_ENOUGH, (f"{n_chal} challenger and {n_prod} production request(s) in the window{drops}; the "
+                            f"policy wants at least {min_requests} of each")
     worse = [c for c in comps if c.status == "worse"]
     if worse:
         return WORSE, "worse beyond the allowed delta: " + "; ".join(

@@ -26,7 +26,7 @@ from lifecycle.errors import (
     PermissionDeniedError,
     TrackingUnavailableError,
 )
-from lifecycle.monitoring import plots
+from lifecycle.monitoring import plots, service
 from lifecycle.monitoring.analysis import Analysis, analyse, finite
 from lifecycle.monitoring.config import MonitorConfig
 from lifecycle.monitoring.records import load_records, parse_since, records_path, select_window
@@ -118,6 +118,7 @@ def _naive_utc(ts: datetime) -> datetime:
 
 
 def _write_plots(out: Path, window: Any, an: Analysis) -> list[Path]:
+    ran = service.served(window.records)  # a dropped shadow copy has no latency to plot
     paths = [
         plots.histogram(out / "prompt_length_drift.png", an.reference_lengths, an.prompt_lengths,
                         title="prompt length (tokens): reference vs window", xlabel="tokens"),
@@ -125,9 +126,8 @@ def _write_plots(out: Path, window: Any, an: Analysis) -> list[Path]:
                         an.baseline_completion_lengths if an.baseline_completion_lengths.size else None,
                         an.completion_lengths, title="completion length (tokens): earlier vs window",
                         xlabel="tokens", labels=("earlier records", "window")),
-        plots.latency_over_time(out / "latency_over_time.png", [_naive_utc(r["_ts"]) for r in window.records],
-                                [float(r.get("latency_ms", 0.0)) for r in window.records],
-                                [bool(r.get("error")) or r.get("status", "ok") != "ok" for r in window.records]),
+        plots.latency_over_time(out / "latency_over_time.png", [_naive_utc(r["_ts"]) for r in ran],
+                                [float(r.get("latency_ms", 0.0)) for r in ran], [service.is_error(r) for r in ran]),
     ]
     return paths
 

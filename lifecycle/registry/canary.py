@@ -2,6 +2,8 @@
 
 * :func:`arms` resolves production and the challenger alias to versions (a missing alias, the same
   version on both arms: one-line errors, nothing written);
+* :func:`current_challenger` is the alias of the canary in progress, as its newest ``canary_start``
+  recorded it (what ``lifecycle canary`` compares when ``--challenger`` is not given);
 * :func:`start` records ``canary_start`` and sets the share the router reads
   (:data:`~lifecycle.serving.router.SHARE_TAG`); :func:`step` raises it to the policy's next step
   (``canary_step``);
@@ -81,7 +83,7 @@ def _held(client: Any, name: str, expected: ArmVersions) -> Any:
 
 def _event(name: str, action: str, a: ArmVersions, seq: int, reason: str, **kw: Any) -> L.Event:
     return L.Event(model=name, action=action, target=TARGET, seq=seq, from_version=a.production,
-                   to_version=a.challenger, actor=actor(), reason=reason, **kw)
+                   to_version=a.challenger, actor=actor(), reason=reason, challenger_alias=a.challenger_alias, **kw)
 
 
 def _record(name: str, a: ArmVersions, action: str, reason: str, *, share: float | None = None,
@@ -117,12 +119,13 @@ def step(name: str, a: ArmVersions, share: float, *, client: Any = None) -> L.Ev
 
 
 def record_verdict(name: str, a: ArmVersions, *, code: int, reason: str, gates: list[dict[str, Any]],
-                   policy: Any, requests: tuple[int, int] = (0, 0), client: Any = None) -> L.Event:
-    """Record ``canary_verdict``: the code (and each arm's request count) as the first gate entry (``kind``
-    canary_verdict), then the figures."""
+                   policy: Any, requests: tuple[int, int] = (0, 0), shadow_dropped: int = 0,
+                   client: Any = None) -> L.Event:
+    """Record ``canary_verdict``: the code, each arm's request count and the shadow copies dropped under
+    load (counted apart, never as errors) as the first gate entry (``kind`` canary_verdict), then the figures."""
     head = {"gate": "canary verdict", "kind": "canary_verdict", "mode": policy.canary.mode if policy.canary else
             "disabled", "status": {0: "pass", 11: "fail"}.get(code, "undecided"), "reason": reason, "code": code,
-            "production": requests[0], "challenger": requests[1]}
+            "production": requests[0], "challenger": requests[1], "shadow_dropped": shadow_dropped}
     return _record(name, a, L.CANARY_VERDICT, f"verdict {code}: {reason}", client=client, gates=[head, *gates],
                    policy_path=policy.path, policy_digest=policy.digest)
 
@@ -139,11 +142,49 @@ def rollback(name: str, a: ArmVersions, *, reason: str, gates: list[dict[str, An
         event = L.Event(model=name, action=L.CANARY_ROLLBACK, target=a.challenger_alias, seq=led.next_seq(name),
                         from_version=a.challenger, to_version=None, effective=True, actor=actor(),
                         reason=reason, gates=gates, policy_path=policy.path, policy_digest=policy.digest,
-                        detail=f"production v{a.production} kept; @{a.challenger_alias} deleted")
+                        detail=f"production v{a.production} kept; @{a.challenger_alias} deleted",
+                        challenger_alias=a.challenger_alias)
         move_alias(client, led, lock, event)
     finally:
         lock.release()
     return event
+
+
+@dataclass(frozen=True)
+class InProgress:
+    """The canary in progress: its challenger alias and the ``canary_start`` event that named it."""
+
+    challenger_alias: str
+    start: L.Event
+
+
+def current_challenger(name: str, *, production_alias: str = "production", client: Any = None) -> InProgress:
+    """The challenger alias of ``name``'s canary in progress, as its newest ``canary_start`` recorded it.
+
+    In progress means what the router does: that alias still exists and names another version than
+    production (a canary rollback deletes it; a promotion makes both name one version). Otherwise, or
+    without any ``canary_start``, :class:`ConfigError` (exit 2) saying so; a missing model is
+    :class:`NotFoundError` (exit 5), as with an explicit alias.
+    """
+    facts.check_name(name)
+    client = client or get_client()
+    model = facts.get_model(client, name)
+    start_event = L.Ledger(client).last_action(name, L.CANARY_START)
+    if start_event is None:
+        raise ConfigError(f"{name} has no canary in progress (its ledger holds no canary_start): start one with "
+                          f"`lifecycle serve {name} --canary ALIAS`, or name the challenger with --challenger ALIAS")
+    alias = start_event.challenger_alias
+    if not alias:
+        raise ConfigError(f"{name}'s newest canary_start (#{start_event.seq}) does not name its challenger alias "
+                          "(recorded by an older lifecycle): name it with --challenger ALIAS")
+    chal, prod = facts.alias_version(model, alias), facts.alias_version(model, production_alias)
+    if chal is None:
+        raise ConfigError(f"{name} has no canary in progress: @{alias}, the challenger of canary_start "
+                          f"#{start_event.seq}, no longer exists (rolled back?)")
+    if chal == prod:
+        raise ConfigError(f"{name} has no canary in progress: @{alias}, the challenger of canary_start "
+                          f"#{start_event.seq}, names production's version v{prod} (promoted)")
+    return InProgress(challenger_alias=alias, start=start_event)
 
 
 def started_at(name: str, challenger: str, *, client: Any = None) -> float | None:

@@ -87,7 +87,7 @@ def _typed(data: dict[str, Any]) -> None:
     for key in ("model", "action", "target"):
         need(key, (str,))
     need("seq", (int,))
-    for key in ("from_version", "to_version", "policy_path", "policy_digest"):
+    for key in ("from_version", "to_version", "policy_path", "policy_digest", "challenger_alias"):
         need(key, (str,), nullable=True, required=False)
     need("reverts", (int,), nullable=True, required=False)
     need("effective", (bool,), required=False)
@@ -129,6 +129,8 @@ class Event:
     run_id: str | None = None
     #: What the command decided and why, in its own words (the user's ``reason`` is kept verbatim).
     detail: str = ""
+    #: Canary events: the challenger's alias (``lifecycle canary`` defaults to the newest canary_start's).
+    challenger_alias: str | None = None
     state: str = DONE
 
     @property

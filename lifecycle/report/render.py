@@ -270,6 +270,7 @@ def _canary(d: ReportData) -> str:
                      f"v{escape(str(e.to_version))}", _status(str(head.get("status", "?"))),
                      escape(str(head.get("code", "?"))),
                      f"{_fmt(head.get('production'))} / {_fmt(head.get('challenger'))}",
+                     _fmt(head.get("shadow_dropped")),  # "-" for verdicts recorded before it was
                      pair("error_rate"), pair("latency_p95"), pair("completion_length")))
     other = [e for e in d.events if e.action in ("canary_start", "canary_step", "canary_rollback")]
     steps = _table(("#", "time", "action", "from → to", "reason"),
@@ -278,9 +279,10 @@ def _canary(d: ReportData) -> str:
                      escape(e.reason[:300])) for e in other]) if other else ""
     return (_img(charts.canary_arms(d.events), "canary arms over time")
             + '<p class="muted">Each <code>lifecycle canary</code> run: production / challenger on the same '
-              "traffic.</p>"
-            + _table(("#", "time", "production", "challenger", "result", "code", "requests", "error rate",
-                      "latency p95 ms", "completion tokens"), rows) + steps)
+              "traffic. Shadow copies dropped under load (queue full) never reached the challenger: they are "
+              "counted apart, not as requests or errors.</p>"
+            + _table(("#", "time", "production", "challenger", "result", "code", "requests", "shadow dropped",
+                      "error rate", "latency p95 ms", "completion tokens"), rows) + steps)
 
 
 def render(d: ReportData) -> str:

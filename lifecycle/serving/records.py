@@ -26,8 +26,9 @@ Behind the canary/shadow router (:mod:`lifecycle.serving.router`) records also c
 (``production`` | ``canary`` | ``shadow``: which arm answered) and ``request_id`` (shared by a
 production record and the shadow record of the same request); a shadow record carries
 ``agreement`` (``exact_match`` and ``token_overlap`` of the shadow's answer with production's, the
-mean over rows), and a shadow copy dropped under load is recorded with ``status`` ``dropped``.
-Records without ``role`` (a plain server, older files) are production's.
+mean over rows), and a shadow copy dropped under load is recorded with ``status`` ``dropped``
+(:data:`DROPPED`): it was never run, so it says nothing about the challenger and readers count it
+apart, never as an error. Records without ``role`` (a plain server, older files) are production's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from typing import Any, Callable, Mapping, Sequence
 from lifecycle.secrets import mask_secrets
 
 LOG_ENV = "LIFECYCLE_INFERENCE_LOG"
+#: ``status`` of a shadow copy the router dropped because its queue was full (never run).
+DROPPED = "dropped"
 TEXT_ENV = "LIFECYCLE_INFERENCE_LOG_TEXT"
 
 Scrubber = Callable[[str], "tuple[str, Mapping[str, int]]"]

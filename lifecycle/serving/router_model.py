@@ -34,6 +34,7 @@ from lifecycle.config import from_mapping
 from lifecycle.errors import ConfigError
 from lifecycle.serving import body_limit
 from lifecycle.serving.model import _ENGINES, _install_strict_params, _widen_scoring_server_threads, answer
+from lifecycle.serving.records import DROPPED
 from lifecycle.serving.router import (
     CANARY,
     PRODUCTION,
@@ -275,7 +276,7 @@ class RouterModel(mlflow.pyfunc.PythonModel):
     def _record_drop(self, job: _ShadowJob) -> None:
         recorder = job.arm.engine.recorder
         if recorder is not None:
-            recorder.record(latency_ms=0.0, status="dropped", error="shadow queue full: copy dropped",
+            recorder.record(latency_ms=0.0, status=DROPPED, error="shadow queue full: copy dropped",
                             extra=_fields(SHADOW, job.request_id))
 
 
