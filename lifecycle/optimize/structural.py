@@ -3,10 +3,11 @@
 parent pruned, or from another model's weights: :mod:`lifecycle.optimize.student`).
 
 :func:`check` runs before any MLflow run or version exists (everything a user can get wrong is
-refused there: amount, preset, data, tokenizer); :func:`make` writes the variant folder inside the
-compress run, logging the student's training under ``distill/...``. Both variants are ordinary
-Hugging Face GPT-2 folders (config matching weights), plus ``lifecycle_variant.json`` saying how
-they were made; any runtime loads them with ``from_pretrained``.
+refused there: amount, how the student starts, the ``--student`` model, data, tokenizer);
+:func:`make` writes the variant folder inside the compress run, logging the student's training
+under ``distill/...``. Both variants are ordinary Hugging Face folders (config matching weights),
+plus ``lifecycle_variant.json`` saying how they were made; any runtime loads them with
+``from_pretrained``.
 """
 
 from __future__ import annotations
