@@ -131,6 +131,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: 1 if item.module.__name__ in slow_modules else 0)
 
 
+@pytest.fixture(scope="module")
+def compress_parent(prepared_tiny: Path, tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict:
+    """A tiny registered model for `lifecycle compress` to compress; see tests/compress_support.py.
+
+    Module-scoped, not session-scoped: the compress tests count the name's versions (the int8 test's
+    variant is version 2), so the two compress modules must not share one name.
+    """
+    from tests import compress_support
+
+    return compress_support.train_parent(prepared_tiny, tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
 def lifecycle_history(prepared_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny model's whole life (train, gates, serving, `mlflow run -e retrain`, rollback,

@@ -69,11 +69,21 @@ def test_bench_compress_quick_compares_every_method(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     ratios = report["ratios"]
-    for method in ("int8_dynamic", "fp16", "bf16", "prune", "distill"):
+    for method in ("int8_dynamic", "fp16", "bf16", "prune", "distill", "distill_pruned"):
         for key in ("params", "size", "tokens_per_s_bs1", "tokens_per_s_bs8"):
             assert ratios[f"{method}_{key}_vs_parent"] > 0, (method, key)
     # The pruned variant really is smaller (amount 0.3 of the block parameters), the others keep every parameter.
     assert ratios["prune_params_vs_parent"] < 0.9 and ratios["int8_dynamic_params_vs_parent"] == 1.0
+    # A student that starts as the parent pruned by the same amount has the pruned model's size.
+    assert ratios["distill_pruned_params_vs_parent"] == ratios["prune_params_vs_parent"]
+    # Both pruned models are also compared with a control (the parent trained as long, nothing removed).
+    figures = report["figures"]
+    assert set(figures["controls"]) == {"10"} and figures["distill-pruned"]["shape"]["student_init"] == "pruned:0.3"
+    control = figures["controls"]["10"]["bits_per_byte"]
+    for method in ("prune", "distill_pruned"):
+        label = method.replace("_", "-")
+        assert ratios[f"{method}_bits_per_byte_rel_vs_control"] == pytest.approx(
+            figures[label]["rows"][1]["bits_per_byte"] / control - 1, abs=1e-6)
     assert "Summary (tiny preset" in res.stdout
 
 

@@ -1,6 +1,7 @@
 """Compressed variants: the int8 format, the policy's compression gate, and `lifecycle compress`
 end to end (train a tiny parent, make its int8 variant, promote it under the default policy and
-serve it with `lifecycle serve` -> `mlflow models serve`)."""
+serve it with `lifecycle serve` -> `mlflow models serve`); structured pruning (`--method prune`) and
+its refusals. Distillation and where its student starts: tests/test_compress_distill.py."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lifecycle.errors import ConfigError
+from lifecycle.optimize import prune as P
 from lifecycle.policies import Candidate, check_gates
 from lifecycle.policies.loader import load_policy, parse_policy
 from lifecycle.policies.schema import CompressionGate, TargetPolicy
 from lifecycle.serving import variant as V
 from tests import servers
+from tests.compress_support import LEAN_EVAL, SHORT_DISTILL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,70 +112,46 @@ def test_shipped_policies_bound_compressed_variants():
         assert compression is not None and compression.metric == "eval/bits_per_byte"
 
 
-# -- end to end ---------------------------------------------------------------------------------
-
-#: A lean evaluation: the trade-off still measures loss, bits-per-byte and generation speed.
-LEAN_EVAL = ["--set", "generation.num_prompts=4", "--set", "generation.max_new_tokens=8",
-             "--set", "latency.batch_sizes=[1]", "--set", "latency.requests=3", "--set", "latency.max_new_tokens=16",
-             "--set", "compare.bootstrap_samples=200"]
+# -- end to end (the parent is conftest's compress_parent; distillation: tests/test_compress_distill.py)
 
 
-@pytest.fixture(scope="module")
-def parent(prepared_tiny, tmp_path_factory, one_torch_thread):
-    """A tiny model trained for a few steps and registered as version 1 of a fresh name."""
-    import uuid
-
-    from mlflow.tracking import MlflowClient
-
-    from lifecycle.train.config import TrainConfig
-    from lifecycle.train.run import train
-
-    name = f"lm-compress-{uuid.uuid4().hex[:8]}"
-    work = tmp_path_factory.mktemp("compress")
-    exp = MlflowClient().create_experiment(name, artifact_location=(work / "artifacts").as_uri())
-    cfg = TrainConfig(max_steps=30, batch_size=8, eval_every=10, eval_batches=2, warmup_steps=3, learning_rate=3e-3,
-                      progress=False, system_metrics=False, output=str(work / "ckpt"), model_name=name, experiment=name)
-    out = train(cfg, str(prepared_tiny))
-    return {"name": name, "version": out.version, "experiment": exp, "work": work}
-
-
-def test_bad_method_or_version_is_refused_without_a_new_version(parent, capsys):
+def test_bad_method_or_version_is_refused_without_a_new_version(compress_parent, capsys):
     from mlflow.tracking import MlflowClient
 
     from lifecycle.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["compress", parent["name"], parent["version"], "--method", "int4"])
+        main(["compress", compress_parent["name"], compress_parent["version"], "--method", "int4"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
-        main(["compress", parent["name"], "99", "--method", "int8-dynamic"])
+        main(["compress", compress_parent["name"], "99", "--method", "int8-dynamic"])
     assert exc.value.code == 5 and "has no version 99" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # the parent was never evaluated: no data to take
-        main(["compress", parent["name"], parent["version"], "--method", "int8-dynamic"])
+        main(["compress", compress_parent["name"], compress_parent["version"], "--method", "int8-dynamic"])
     assert exc.value.code == 2 and "give --data" in capsys.readouterr().err
-    assert len(MlflowClient().search_model_versions(f"name='{parent['name']}'")) == 1
+    assert len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'")) == 1
 
 
 @pytest.mark.e2e
-def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_tiny, capsys):
+def test_int8_variant_is_smaller_within_the_policy_and_serves(compress_parent, prepared_tiny, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from lifecycle.cli import main
     from lifecycle.registry.promote import promote
 
-    name = parent["name"]
-    main(["compress", name, parent["version"], "--method", "int8-dynamic", "--data", str(prepared_tiny),
+    name = compress_parent["name"]
+    main(["compress", name, compress_parent["version"], "--method", "int8-dynamic", "--data", str(prepared_tiny),
           "--experiment", name, *LEAN_EVAL])
     printed = capsys.readouterr().out
     assert "int8-dynamic" in printed and "bits/byte" in printed and "tokens/s" in printed
     client = MlflowClient()
     mv = client.get_model_version(name, "2")
     tags = mv.tags
-    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "int8-dynamic"
+    assert tags["compressed_from"] == compress_parent["version"] and tags["compress/method"] == "int8-dynamic"
     assert int(tags["compress/weights_bytes"]) < int(tags["compress/parent_weights_bytes"])
     assert float(tags["compress/size_ratio"]) < 0.7
-    assert tags["compare_baseline"] == f"models:/{name}/{parent['version']}"
+    assert tags["compare_baseline"] == f"models:/{name}/{compress_parent['version']}"
     assert tags["eval_data_digest"] == tags["compress/eval_data_digest"]
     for key in ("eval/bits_per_byte", "eval/tokens_per_s", "compress/bits_per_byte_delta",
                 "compress/tokens_per_s_delta", "compress/latency_p50_ms_delta"):
@@ -187,18 +168,18 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_t
     policy = load_policy(ROOT / "registry_policies" / "default.yaml")
     outcome = promote(name, "2", "staging", policy=policy)
     gate = next(g for g in outcome.gates if g.kind == "compression")
-    assert gate.status == "pass" and f"vs parent v{parent['version']}" in gate.reason
+    assert gate.status == "pass" and f"vs parent v{compress_parent['version']}" in gate.reason
     delta = float(tags["eval/bits_per_byte"]) / float(tags["compress/parent_bits_per_byte"]) - 1
     assert delta <= policy.staging.compression.max_regression
 
     # It serves through the same pyfunc class, from the registry, in a real `mlflow models serve`.
     port = servers.free_port()
-    log_path = parent["work"] / "serve.log"
+    log_path = compress_parent["work"] / "serve.log"
     env = {**os.environ, "LIFECYCLE_CPU_THREADS": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lifecycle", "serve", name, "--alias", "staging",
                                  "--port", str(port), "--device", "cpu"],
-                                cwd=parent["work"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=compress_parent["work"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         servers.wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
@@ -216,12 +197,7 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(parent, prepared_t
         proc.wait(timeout=30)
 
 
-# -- structured pruning and distillation (issue #14) --------------------------------------------
-
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from lifecycle.optimize import prune as P  # noqa: E402
+# -- structured pruning (issue #14) -------------------------------------------------------------
 
 
 @given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
@@ -290,27 +266,6 @@ def test_pruning_refuses_more_than_the_model_has():
         P.plan(config, 1e-6)
 
 
-def test_distill_loss_is_zero_against_itself_and_the_lm_loss_at_weight_0(one_torch_thread):
-    import copy
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lifecycle.optimize.distill import DistillConfig, DistillLoss
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
-    x = torch.randint(0, 128, (2, 16))
-    batch = {"input_ids": x, "labels": x}
-    same = DistillLoss(copy.deepcopy(model), kd_weight=1.0, temperature=2.0)
-    assert float(same(model, batch)) == pytest.approx(0.0, abs=1e-5)
-    lm_only = DistillLoss(copy.deepcopy(model), kd_weight=0.0, temperature=2.0)
-    assert float(lm_only(model, batch)) == pytest.approx(float(model(**batch).loss))
-    for bad, message in [({"kd_weight": 1.5}, "kd_weight"), ({"temperature": 0}, "temperature"),
-                         ({"steps": -1}, "steps")]:
-        with pytest.raises(ConfigError, match=message):
-            DistillConfig(**bad)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--amount", "0"], "strictly between 0 and 1"),
     (["--amount", "1"], "strictly between 0 and 1"),
@@ -321,30 +276,26 @@ def test_distill_loss_is_zero_against_itself_and_the_lm_loss_at_weight_0(one_tor
     (["--amount", "0.3", "--set", "prune.importance=random"], "prune.importance"),
     ([], "needs --amount"),
 ])
-def test_bad_prune_amount_exits_2_with_nothing_written(parent, prepared_tiny, args, message, capsys):
+def test_bad_prune_amount_exits_2_with_nothing_written(compress_parent, prepared_tiny, args, message, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from lifecycle.cli import main
 
-    runs_before = len(mlflow.search_runs(experiment_ids=[parent["experiment"]], output_format="list"))
-    versions_before = len(MlflowClient().search_model_versions(f"name='{parent['name']}'"))
+    runs_before = len(mlflow.search_runs(experiment_ids=[compress_parent["experiment"]], output_format="list"))
+    versions_before = len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'"))
     with pytest.raises(SystemExit) as exc:
-        main(["compress", parent["name"], parent["version"], "--method", "prune", "--data", str(prepared_tiny),
-              "--experiment", parent["name"], *args])
+        main(["compress", compress_parent["name"], compress_parent["version"], "--method", "prune",
+              "--data", str(prepared_tiny), "--experiment", compress_parent["name"], *args])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
-    assert len(MlflowClient().search_model_versions(f"name='{parent['name']}'")) == versions_before
-    assert len(mlflow.search_runs(experiment_ids=[parent["experiment"]], output_format="list")) == runs_before
+    assert len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'")) == versions_before
+    assert len(mlflow.search_runs(experiment_ids=[compress_parent["experiment"]], output_format="list")) == runs_before
 
-
-#: A short recovery: the point here is the plumbing, the benchmark measures the quality.
-SHORT_DISTILL = ["--set", "distill.steps=6", "--set", "distill.eval_every=3", "--set", "distill.eval_batches=1",
-                 "--set", "prune.calibration_batches=2"]
 
 
 @pytest.mark.e2e
-def test_pruned_variant_is_registered_loads_elsewhere_and_serves(parent, prepared_tiny, tmp_path, capsys):
+def test_pruned_variant_is_registered_loads_elsewhere_and_serves(compress_parent, prepared_tiny, tmp_path, capsys):
     import shutil
 
     import mlflow
@@ -352,15 +303,15 @@ def test_pruned_variant_is_registered_loads_elsewhere_and_serves(parent, prepare
 
     from lifecycle.cli import main
 
-    name = parent["name"]
-    main(["compress", name, parent["version"], "--method", "prune", "--amount", "30%", "--data",
+    name = compress_parent["name"]
+    main(["compress", name, compress_parent["version"], "--method", "prune", "--amount", "30%", "--data",
           str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL])
     printed = capsys.readouterr().out
     assert "prune" in printed and "params" in printed and "tokens/s bs1" in printed
     client = MlflowClient()
     version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     tags = client.get_model_version(name, str(version)).tags
-    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "prune"
+    assert tags["compressed_from"] == compress_parent["version"] and tags["compress/method"] == "prune"
     assert tags["compress/amount"] == "0.3" and abs(float(tags["compress/amount_achieved"]) - 0.3) < 0.01
     block, parent_block = int(tags["compress/block_params"]), int(tags["compress/parent_block_params"])
     assert block == parent_block - round(float(tags["compress/amount_achieved"]) * parent_block)
@@ -394,26 +345,3 @@ def test_pruned_variant_is_registered_loads_elsewhere_and_serves(parent, prepare
         servers.stop_process(proc)
 
 
-@pytest.mark.e2e
-def test_distilled_student_is_registered_with_its_lineage(parent, prepared_tiny):
-    """Through the MLproject entry point's script, as `mlflow run . -e compress` runs it."""
-    from mlflow.tracking import MlflowClient
-
-    name = parent["name"]
-    settings = ";".join(w for w in [*LEAN_EVAL, *SHORT_DISTILL] if w != "--set")
-    res = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "compress.py"), f"name={name}",
-                          f"version={parent['version']}", "method=distill", "amount=", "preset=tiny",
-                          f"data={prepared_tiny}", "device=cpu", "config=", f"set={settings}"],
-                         cwd=parent["work"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "LIFECYCLE_CPU_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "distill of v" in res.stdout
-    client = MlflowClient()
-    version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    tags = client.get_model_version(name, str(version)).tags
-    assert tags["compressed_from"] == parent["version"] and tags["compress/method"] == "distill"
-    assert tags["compress/teacher"] == f"models:/{name}/{parent['version']}"
-    assert tags["compress/student_preset"] == "tiny" and tags["compress/distill_steps"] == "6"
-    parent_tags = client.get_model_version(name, parent["version"]).tags
-    assert tags.get("data_digest") == parent_tags.get("data_digest")  # the parent's lineage is carried over
-    float(tags["compress/bits_per_byte_delta"])

@@ -65,10 +65,15 @@ def tune(data: str, space_path: str, trials: int, jobs: int, study_name: str | N
 @click.option("--method", required=True, type=click.Choice(["int8-dynamic", "fp16", "bf16", "prune", "distill"]),
               help="int8-dynamic: int8 linear layers for CPU serving; fp16/bf16: half-precision weights for GPU "
                    "serving; prune: whole layers and MLP neurons removed (--amount), then a recovery fine-tune "
-                   "against the parent; distill: a smaller --preset trained against the parent.")
+                   "against the parent; distill: a smaller student trained against the parent (it starts as "
+                   "--preset, --amount or --student).")
 @click.option("--amount", help="prune: the fraction of the transformer blocks' parameters to remove, "
-                               "strictly between 0 and 1 (0.3 or 30%).")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), help="distill: the student's shape.")
+                               "strictly between 0 and 1 (0.3 or 30%); distill: the student starts as the "
+                               "parent pruned by it.")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), help="distill: the student starts as a fresh "
+                                                                     "model of this shape.")
+@click.option("--student", help="distill: the student starts from this smaller model's weights (models:/NAME/VERSION, "
+                                "models:/NAME@ALIAS, runs:/<run_id>/<path> or a folder) with the parent's tokenizer.")
 @click.option("--data",
               help="Data to measure parent and variant on (default: the data of the parent's last evaluation); "
                    "prune/distill also train on it (prepared data, tokenized with the parent's tokenizer).")
@@ -77,8 +82,9 @@ def tune(data: str, space_path: str, trials: int, jobs: int, study_name: str | N
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of EvalConfig keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an EvalConfig key, or a prune.<key> / distill.<key> (repeatable).")
-def compress(name: str, version: str, method: str, amount: str | None, preset: str | None, data: str | None,
-             device: str | None, experiment: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
+def compress(name: str, version: str, method: str, amount: str | None, preset: str | None, student: str | None,
+             data: str | None, device: str | None, experiment: str | None, config_path: str | None,
+             overrides: tuple[str, ...]) -> None:
     """Make a compressed variant of NAME VERSION, evaluate it beside its parent and register it.
 
     The new version is tagged compressed_from=VERSION with compress/size_ratio, compress/<metric>_delta
@@ -91,20 +97,23 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
     from lifecycle.optimize.compress import format_table
     from lifecycle.optimize.prune import parse_amount
     from lifecycle.optimize.structural import StructuralConfig, split_overrides
+    from lifecycle.optimize.student import init_of
 
     # Every option is checked here, before a run or a version can exist.
     if method == "prune" and amount is None:
         raise ConfigError("--method prune needs --amount (the fraction of block parameters to remove, e.g. 0.3)")
-    if amount is not None and method != "prune":
-        raise ConfigError(f"--amount is for --method prune, not {method}")
-    if preset is not None and method != "distill":
-        raise ConfigError(f"--preset is for --method distill, not {method}")
-    if method == "distill" and preset is None:
-        raise ConfigError("--method distill needs --preset (the student's shape: tiny or small)")
+    if amount is not None and method not in ("prune", "distill"):
+        raise ConfigError(f"--amount is for --method prune or distill, not {method}")
+    for flag, value in (("--preset", preset), ("--student", student)):
+        if value is not None and method != "distill":
+            raise ConfigError(f"{flag} is for --method distill, not {method}")
+    if method == "distill":
+        init_of(preset, 0.0 if amount is not None else None, student)  # exactly one start, before --amount is read
     shrink_overrides, eval_overrides = split_overrides(overrides)
-    flags = {"preset": preset}
+    flags: dict[str, object] = {"preset": preset, "student": student}
     if amount is not None:
         flags["prune.amount"] = parse_amount(amount)
+        flags["prune_student"] = method == "distill"
     scfg = load_config(StructuralConfig, None, shrink_overrides, **flags)
     cfg = load_config(EvalConfig, config_path, eval_overrides, device=device)
     from lifecycle.train.loop import TrainingInterrupted
@@ -121,4 +130,6 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
     what = f"{method} of v{out.parent_version}"
     if method == "prune":
         what += f", amount {out.tags.get('compress/amount')} (achieved {out.tags.get('compress/amount_achieved')})"
+    if method == "distill":
+        what += f", student from {out.tags.get('compress/student_init')}"
     click.echo(f"Registered {out.model_uri} ({what}, measured on {out.device}); run {out.run_id}")

@@ -39,7 +39,8 @@ TAG_COMPRESSED_FROM = "compressed_from"
 #: Metrics whose parent value and delta are kept on the variant (``compress/parent_<m>``, ``compress/<m>_delta``).
 TRACKED = ("bits_per_byte", "loss", "perplexity", "tokens_per_s", "latency_p50_ms", "latency_p95_ms")
 #: Tags that say what the variant is (also put on the logged model, before any measurement).
-LINEAGE_TAGS = ("compress/amount", "compress/teacher", "compress/student_preset", "compress/importance")
+LINEAGE_TAGS = ("compress/amount", "compress/teacher", "compress/student_init", "compress/student",
+                "compress/student_preset", "compress/importance")
 
 
 @dataclass
@@ -117,7 +118,7 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
              structural: StructuralConfig | None = None) -> CompressOutcome:
     """Make, evaluate and register the ``method`` variant of ``name`` v``version``.
 
-    ``structural``: the ``prune``/``distill`` settings (amount, importance, student preset,
+    ``structural``: the ``prune``/``distill`` settings (amount, importance, how the student starts,
     distillation steps and weights); ignored by the other methods.
     """
     import mlflow
@@ -217,10 +218,13 @@ def _structural_params(method: str, scfg: StructuralConfig) -> dict[str, Any]:
     from lifecycle.config import flatten
 
     out = {f"distill.{k}": v for k, v in flatten(scfg.distill).items()}
-    if method == "prune":
+    init = scfg.student_init() if method == "distill" else None
+    if method == "prune" or scfg.prune_student:
         out.update({f"prune.{k}": v for k, v in flatten(scfg.prune).items()})
-    else:
-        out["distill.preset"] = scfg.preset
+    if init is not None:
+        out["compress.student_init"] = init.text
+        if init.preset:
+            out["distill.preset"] = init.preset
     return out
 
 
@@ -232,7 +236,7 @@ def _shape_tags(meta: dict[str, Any], spent: float) -> dict[str, str]:
     if meta.get("params") and meta.get("parent_params"):
         tags.update({"compress/params": str(meta["params"]), "compress/parent_params": str(meta["parent_params"]),
                      "compress/param_ratio": format_value(meta["params"] / meta["parent_params"])})
-    if meta.get("method") == "prune":
+    if "amount" in meta:  # prune, and a distilled student that started as the parent pruned
         tags.update({"compress/amount": repr(float(meta["amount"])),
                      "compress/amount_achieved": format_value(meta["amount_achieved"]),
                      "compress/importance": str(meta["importance"]),
@@ -241,7 +245,11 @@ def _shape_tags(meta: dict[str, Any], spent: float) -> dict[str, str]:
                      "compress/dropped_layers": ",".join(str(i) for i in meta["dropped_layers"]) or "none",
                      "compress/n_layer": str(meta["n_layer"]), "compress/n_inner": str(meta["n_inner"])})
     if meta.get("method") == "distill":
-        tags.update({"compress/teacher": str(meta["teacher"]), "compress/student_preset": str(meta["preset"])})
+        tags.update({"compress/teacher": str(meta["teacher"]), "compress/student_init": str(meta["student_init"])})
+        if meta.get("preset"):
+            tags["compress/student_preset"] = str(meta["preset"])
+        if meta.get("student"):  # --student: the version an alias named when the student was taken
+            tags["compress/student"] = str(meta["student"])
     if "recovery_steps" in meta:
         d = meta["distill"]
         tags.update({"compress/distill_steps": str(meta["recovery_steps"]),

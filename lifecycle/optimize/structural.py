@@ -1,11 +1,13 @@
 """The structural variants of ``lifecycle compress``: ``prune`` (a pruned and recovered parent) and
-``distill`` (a smaller preset trained against the parent).
+``distill`` (a smaller student trained against the parent; it starts as a fresh preset, as the
+parent pruned, or from another model's weights: :mod:`lifecycle.optimize.student`).
 
 :func:`check` runs before any MLflow run or version exists (everything a user can get wrong is
-refused there: amount, preset, data, tokenizer); :func:`make` writes the variant folder inside the
-compress run, logging the student's training under ``distill/...``. Both variants are ordinary
-Hugging Face GPT-2 folders (config matching weights), plus ``lifecycle_variant.json`` saying how
-they were made; any runtime loads them with ``from_pretrained``.
+refused there: amount, how the student starts, the ``--student`` model, data, tokenizer);
+:func:`make` writes the variant folder inside the compress run, logging the student's training
+under ``distill/...``. Both variants are ordinary Hugging Face folders (config matching weights),
+plus ``lifecycle_variant.json`` saying how they were made; any runtime loads them with
+``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 from lifecycle.errors import ConfigError, DataError
 from lifecycle.optimize.distill import DistillConfig, train_student
 from lifecycle.optimize.prune import PruneConfig, PrunePlan, count_params, plan
+from lifecycle.optimize.student import PRUNED, SCRATCH, StudentInit, StudentModel, check_student, init_of
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,16 @@ class StructuralConfig:
 
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    #: The student's preset for ``--method distill`` (``--preset``).
+    #: ``--method distill``'s student starts as exactly one of: a fresh preset (``--preset``),
+    #: the parent pruned by ``prune.amount`` (``--amount``: ``prune_student``), or the weights of
+    #: the model at ``student`` (``--student``).
     preset: Optional[str] = None
+    prune_student: bool = False
+    student: Optional[str] = None
+
+    def student_init(self) -> StudentInit:
+        """How the distilled student starts (ConfigError unless exactly one way is chosen)."""
+        return init_of(self.preset, self.prune.amount if self.prune_student else None, self.student)
 
 
 @dataclass
@@ -44,6 +55,8 @@ class Checked:
     tokenizer: Any
     parent_config: Any
     plan: PrunePlan | None = None
+    init: StudentInit | None = None  # distill: how the student starts
+    student: StudentModel | None = None  # distill --student: the checked model
 
 
 def split_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
@@ -61,15 +74,19 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) 
     from lifecycle.train.run import resolve_data
 
     config = AutoConfig.from_pretrained(str(parent_dir))
-    the_plan = None
+    the_plan, init = None, None
     if method == "prune":
+        if scfg.preset is not None or scfg.prune_student or scfg.student is not None:
+            raise ConfigError("--preset and --student are for --method distill, not prune")
         the_plan = plan(config, scfg.prune.amount, layers=scfg.prune.layers)
     else:
-        if not scfg.preset:
-            raise ConfigError("--method distill needs --preset (the student's shape: tiny or small)")
-        get_preset(scfg.preset)
+        init = scfg.student_init()
+        if init.kind == SCRATCH:
+            get_preset(init.preset or "")
+        elif init.kind == PRUNED:
+            the_plan = plan(config, scfg.prune.amount, layers=scfg.prune.layers)
         if scfg.distill.steps <= 0:
-            raise ConfigError("--method distill trains a student from scratch: distill.steps must be positive")
+            raise ConfigError("--method distill trains its student against the parent: distill.steps must be positive")
     try:
         data, _ = resolve_data(data_uri, search_runs=False)
     except DataError as exc:
@@ -86,7 +103,10 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) 
     limit = int(getattr(config, "n_positions", 0) or 0)
     if limit and data.block_size > limit:
         raise DataError(f"--data blocks have {data.block_size} tokens but the parent takes at most {limit}")
-    return Checked(data=data, tokenizer=tokenizer, parent_config=config, plan=the_plan)
+    student = None
+    if init is not None and init.uri is not None:
+        student = check_student(init.uri, config, tokenizer, data.block_size)
+    return Checked(data=data, tokenizer=tokenizer, parent_config=config, plan=the_plan, init=init, student=student)
 
 
 def _calibration(data: Any, cfg: PruneConfig, device: Any) -> list[dict[str, Any]]:
@@ -110,7 +130,6 @@ def make(method: str, parent_dir: Path, out: Path, checked: Checked, scfg: Struc
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lifecycle.optimize import importance
     from lifecycle.serving.variant import weights_bytes, write_variant
     from lifecycle.train.model import build_model, get_preset, save_model_dir
 
@@ -119,34 +138,21 @@ def make(method: str, parent_dir: Path, out: Path, checked: Checked, scfg: Struc
     meta: dict[str, Any] = {"method": method, "parent": parent_uri, "torch": torch.__version__,
                             "parent_weights_bytes": weights_bytes(parent_dir), "parent_params": count_params(teacher)}
     dcfg = scfg.distill
-    if method == "prune":
-        p, pcfg = checked.plan, scfg.prune
-        assert p is not None
-        batches = _calibration(checked.data, pcfg, dev)
-        layer_sc = importance.layer_scores(teacher, batches) if p.drop_layers else None
-        neuron_sc = importance.neuron_scores(teacher, batches, pcfg.importance)
-        from lifecycle.optimize.prune import block_params_of, prune_model
+    if checked.plan is not None:  # prune, and distill --amount: one pruning, the same machinery
+        student = _pruned(teacher, checked.plan, checked.data, scfg.prune, dev, meta, log_metrics)
+    elif checked.student is not None:
+        from lifecycle.optimize.student import load_student
 
-        student = prune_model(teacher, p, layer_sc, neuron_sc).to(dev)
-        if block_params_of(student) != p.kept_block_params:
-            raise RuntimeError(f"pruned model has {block_params_of(student)} block parameters, "
-                               f"the plan {p.kept_block_params}")
-        parent_loss = importance.calibration_loss(teacher, batches)
-        pruned_loss = importance.calibration_loss(student, batches)
-        meta.update({"amount": p.amount, "amount_achieved": p.achieved, "importance": pcfg.importance,
-                     "dropped_layers": p.dropped, "layer_scores": layer_sc, "n_layer": p.keep_layers,
-                     "n_inner": p.keep_neurons, "parent_n_layer": p.n_layer, "parent_n_inner": p.n_inner,
-                     "block_params": p.kept_block_params, "parent_block_params": p.block_params,
-                     "calibration_loss_parent": parent_loss, "calibration_loss_pruned": pruned_loss})
-        if log_metrics is not None:
-            log_metrics({"prune/calibration_loss_parent": parent_loss,
-                         "prune/calibration_loss_before_recovery": pruned_loss}, 0)
-        del batches
+        student = load_student(checked.student).to(dev)
+        meta["student"] = checked.student.resolved
     else:
         shape = get_preset(scfg.preset or "")
         student = build_model(scfg.preset or "", checked.tokenizer, seed=dcfg.seed,
                               n_positions=max(shape.n_positions, checked.data.block_size)).to(dev)
-        meta.update({"preset": scfg.preset, "teacher": parent_uri})
+        meta["preset"] = scfg.preset
+    if method == "distill":
+        assert checked.init is not None
+        meta.update({"teacher": parent_uri, "student_init": checked.init.text})
     if dcfg.steps > 0:
         result = train_student(student, teacher, checked.data, dcfg, device=device, log=log_metrics,
                                progress=progress)
@@ -159,6 +165,32 @@ def make(method: str, parent_dir: Path, out: Path, checked: Checked, scfg: Struc
     _check_loads(out, meta["params"])
     write_variant(out, meta)
     return meta
+
+
+def _pruned(teacher: Any, p: PrunePlan, data: Any, pcfg: PruneConfig, dev: Any, meta: dict[str, Any],
+            log_metrics: Callable[[Mapping[str, float], int], None] | None) -> Any:
+    """``teacher`` pruned by plan ``p`` (importance measured on ``data``); what was done goes into ``meta``."""
+    from lifecycle.optimize import importance
+    from lifecycle.optimize.prune import block_params_of, prune_model
+
+    batches = _calibration(data, pcfg, dev)
+    layer_sc = importance.layer_scores(teacher, batches) if p.drop_layers else None
+    neuron_sc = importance.neuron_scores(teacher, batches, pcfg.importance)
+    student = prune_model(teacher, p, layer_sc, neuron_sc).to(dev)
+    if block_params_of(student) != p.kept_block_params:
+        raise RuntimeError(f"pruned model has {block_params_of(student)} block parameters, "
+                           f"the plan {p.kept_block_params}")
+    parent_loss = importance.calibration_loss(teacher, batches)
+    pruned_loss = importance.calibration_loss(student, batches)
+    meta.update({"amount": p.amount, "amount_achieved": p.achieved, "importance": pcfg.importance,
+                 "dropped_layers": p.dropped, "layer_scores": layer_sc, "n_layer": p.keep_layers,
+                 "n_inner": p.keep_neurons, "parent_n_layer": p.n_layer, "parent_n_inner": p.n_inner,
+                 "block_params": p.kept_block_params, "parent_block_params": p.block_params,
+                 "calibration_loss_parent": parent_loss, "calibration_loss_pruned": pruned_loss})
+    if log_metrics is not None:
+        log_metrics({"prune/calibration_loss_parent": parent_loss,
+                     "prune/calibration_loss_before_recovery": pruned_loss}, 0)
+    return student
 
 
 def _check_loads(folder: Path, params: int) -> None:
