@@ -197,6 +197,23 @@ class BudgetPlanner:
                 "replans": max(0, len(self.history) - 1)}
 
 
+def start_planner(cfg: Any, model: Any, data: Any, device: Any,
+                  probe: tuple[float, float] | None = None) -> BudgetPlanner:
+    """The planner of a run with ``time_budget``, its costs seeded from :func:`probe_step` (run here when not given).
+
+    Under torchrun rank 0 probes and every rank gets its figures, so every rank starts from the same plan.
+    """
+    planner = BudgetPlanner(parse_duration(cfg.time_budget), cfg.eval_every, cfg.checkpoint_every,
+                            max_steps=cfg.max_steps)
+    step_s, eval_s = probe if probe is not None else probe_step(cfg, model, data, device)
+    planner.observe_step(step_s * 1.1)  # 1.1: the optimizer step, not timed by the probe
+    planner.eval_s = eval_s
+    # A save writes the weights, two Adam moments and the best weights: four copies of the trained parameters.
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * 4
+    planner.checkpoint_s = planner.final_write_s = 0.05 + n_bytes / 200e6
+    return planner
+
+
 def too_small(budget_s: float, step_s: float, eval_s: float, text: str) -> ConfigError | None:
     """The error for a budget that cannot hold one step and the final evaluation, else None."""
     need = step_s + eval_s

@@ -49,6 +49,28 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def agree_step(self, loss: Any, stop: bool, save_due: bool, planned: int) -> tuple[float, bool, bool, int]:
+        """What every rank acts on after a step's backward: (mean loss, stop, save now, planned total steps).
+
+        Every rank must stop, save, evaluate and end on the same step, or the next collective would
+        hang; so one small all-reduce per step carries all four. ``stop`` counts from any rank (a
+        signal may reach one). ``save_due`` (a timed checkpoint) and ``planned`` (the budget
+        planner's total) count from rank 0 only: its clock speaks for all, since DDP's gradient
+        all-reduce and the save barrier make it wait for the slowest rank, and one decider means no
+        two ranks can ever plan differently. Riding on this one all-reduce, the plan costs no
+        collective of its own. A float64 holds step counts exactly (to 2**53).
+        """
+        if not self.distributed:
+            return float(loss), stop, save_due, planned
+        import torch
+
+        main = 1.0 if self.is_main else 0.0
+        flags = torch.tensor([0.0, float(stop), main * save_due, main * planned], dtype=torch.float64,
+                             device=self.device)
+        flags[0] = loss.double()  # on the device: no host round trip before the reduce
+        self.all_reduce_sum(flags)
+        return float(flags[0]) / self.world_size, bool(flags[1] > 0), bool(flags[2] > 0), int(flags[3])
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:

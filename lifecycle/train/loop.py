@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from lifecycle.errors import AcceleratorOutOfMemoryError, ConfigError, TrainingDivergedError
 from lifecycle.precision import tf32
-from lifecycle.train.budget import BudgetPlanner, Schedule, autocast_dtype, parse_duration, probe_step
+from lifecycle.train.budget import BudgetPlanner, Schedule, autocast_dtype, start_planner
 from lifecycle.train.checkpoint import CheckpointManager, set_rng_state
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import PreparedData, SampleOrder
@@ -149,13 +149,7 @@ class Trainer:
         self.budget: BudgetPlanner | None = None
         self.time_used_before = 0.0
         if cfg.time_budget is not None:
-            self.budget = BudgetPlanner(parse_duration(cfg.time_budget), cfg.eval_every, cfg.checkpoint_every,
-                                        max_steps=cfg.max_steps)
-            step_s, eval_s = probe if probe is not None else probe_step(cfg, self.model, data, self.device)
-            self.budget.observe_step(step_s * 1.1)  # 1.1: the optimizer step, not timed by the probe
-            self.budget.eval_s = eval_s
-            n_bytes = sum(p.numel() * p.element_size() for p in self.params) * 4  # weights, 2 Adam moments, best
-            self.budget.checkpoint_s = self.budget.final_write_s = 0.05 + n_bytes / 200e6
+            self.budget = start_planner(cfg, self.model, data, self.device, probe)
         self.schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.max_steps or 1, cfg.min_lr_ratio,
                                  cfg.decay_fraction, end_on_last_step=self.budget is not None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -173,7 +167,9 @@ class Trainer:
             # decays over the steps that fit, not over a guess.
             planned = (self.budget.affordable(self.step, self.time_used_before) if self.step
                        else self.budget.first_plan())
-            self.schedule.total = max(planned, self.step)
+            # Every rank plans from the same probe and checkpoint; rank 0's plan is taken all the
+            # same, so that no float difference can make two ranks stop at different steps.
+            self.schedule.total = self.proposed = max(ctx.broadcast_object(planned), self.step)
             self._refit_lr()
         else:
             self.schedule.total = cfg.max_steps  # max_steps may grow on resume
@@ -314,12 +310,22 @@ class Trainer:
         return self.time_used_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def _replan(self, bar: Any) -> None:
-        """After each step of a budgeted run: move the planned end so that the loop ends in time."""
-        new = self.budget.replan(self.step, self.time_used(), self.limit)
-        if new != self.limit:
-            self.schedule.total = new
+        """After each step of a budgeted run: move the planned end so that the loop ends in time.
+
+        Only rank 0's planner decides. In one process its plan applies at once; under torchrun it is
+        proposed, and every rank applies it together at the next step's all-reduce (see ``_fit``).
+        """
+        if self.ctx.is_main:
+            self.proposed = self.budget.replan(self.step, self.time_used(), self.proposed)
+            if not self.ctx.distributed:
+                self._apply_plan(self.proposed, bar)
+
+    def _apply_plan(self, total: int, bar: Any) -> None:
+        """Train to ``total`` steps: the schedule decays over them, from this step's LR on."""
+        if total != self.limit:
+            self.schedule.total = total
             self._refit_lr()
-            bar.total = new
+            bar.total = total
             bar.refresh()
 
     def _refit_lr(self) -> None:
@@ -381,10 +387,6 @@ class Trainer:
         stopped_early = False
         tps = 0.0
         loss_value = math.nan
-        # One small all-reduce per step carries the loss and the stop flag: every rank must agree
-        # to stop on the same step, or the next collective would hang.
-        # A third slot carries rank 0's "a timed checkpoint is due" so that every rank saves together.
-        flags = torch.zeros(3, dtype=torch.float64, device=self.device)
         every_s = cfg.checkpoint_every_s
         last_save_t = time.monotonic()
         with _StopSignal() as stop, self._progress() as bar:
@@ -409,19 +411,14 @@ class Trainer:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-                if self.ctx.distributed:
-                    flags[0] = loss_sum.double()
-                    flags[1] = 1.0 if stop.signame else 0.0
-                    due = self.ctx.is_main and every_s and time.monotonic() - last_save_t >= every_s
-                    flags[2] = 1.0 if due else 0.0
-                    self.ctx.all_reduce_sum(flags)
-                    loss_value = float(flags[0]) / self.ctx.world_size
-                    stop_now = flags[1] > 0
-                    time_due = flags[2] > 0
-                else:
-                    loss_value = float(loss_sum)
-                    stop_now = stop.signame is not None
-                    time_due = bool(every_s) and time.monotonic() - last_save_t >= every_s
+                # Every rank acts on the same loss, stop flag, timed save and plan (one all-reduce).
+                due = bool(every_s) and time.monotonic() - last_save_t >= every_s
+                loss_value, stop_now, time_due, planned = self.ctx.agree_step(
+                    loss_sum, stop.signame is not None, due, self.proposed if self.budget is not None else 0)
+                if self.budget is not None and self.ctx.distributed:
+                    # Rank 0's latest plan, applied before the optimizer step (this step's LR follows
+                    # it) and never below this step, which is under way on every rank.
+                    self._apply_plan(max(planned, self.step + 1), bar)
                 gn = float(grad_norm)
                 if not (math.isfinite(loss_value) and math.isfinite(gn)):
                     what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -465,6 +462,10 @@ class Trainer:
                     raise TrainingInterrupted(self.step, last_ckpt, stop.signame or "SIGTERM")
                 if stopped_early:
                     break
+        if self.ctx.distributed:  # what each rank did, in its own log: they must agree
+            log.info("rank %d of %d: %d steps (planned %d), last lr %s, evaluated at steps %s", self.ctx.rank,
+                     self.ctx.world_size, self.step, self.limit, self.history.get("train/lr", [(0, None)])[-1][1],
+                     [s for s, _ in self.history.get("val/loss", [])])
         if self.best_state is not None and self.best_step != self.step:
             self.module.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
         return TrainResult(model=self.module, steps=self.step, final_train_loss=loss_value,

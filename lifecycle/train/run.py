@@ -307,11 +307,10 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
     probe = None
     if cfg.time_budget is not None:
         # Timed before any run or checkpoint exists: a budget too small for one step changes nothing.
+        # Under torchrun rank 0 times it and every rank judges the same figures, so every rank
+        # refuses (or plans) alike; the trainer's planner starts from them too.
         from lifecycle.train.budget import parse_duration, probe_step, too_small
 
-        if ctx.world_size > 1:
-            # Every rank would have to agree on each re-plan; not built yet.
-            raise ConfigError("--time-budget trains in one process; under torchrun give --max-steps instead")
         probe = ctx.broadcast_object(probe_step(cfg, start.model, data, ctx.device or _cpu()) if ctx.is_main else None)
         refused = too_small(parse_duration(cfg.time_budget), *probe, cfg.time_budget)
         if refused is not None:
