@@ -185,15 +185,20 @@ def test_auto_choices_are_logged_and_reproducible(prepared_tiny, tmp_path, track
     assert params[0]["learning_rate"] == shape[0]["shape.auto_learning_rate"] == params[1]["learning_rate"]
 
 
+def _prepare_auto(out: Path, *args: str) -> tuple[dict, int]:
+    """`lifecycle prepare` of the built-in corpus into ``out``: its data card and the train split's bytes."""
+    code, text = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(out), *args)
+    assert code == 0, text
+    card = json.loads((out / "data_card.json").read_text())
+    raw = out / "raw" / "train.jsonl"
+    return card, sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
+
+
 def test_prepare_vocab_size_auto_is_sized_by_the_train_split(tmp_path):
     from lifecycle.data.tokenizer import choose_vocab
 
-    code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "p"),
-                           "--vocab-size", "auto", "--block-size", "64", "--max-documents", "300")
-    assert code == 0, out
-    card = json.loads((tmp_path / "p" / "data_card.json").read_text())
-    raw = Path(tmp_path / "p" / "raw" / "train.jsonl")
-    train_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
+    card, train_bytes = _prepare_auto(tmp_path / "p", "--vocab-size", "auto", "--block-size", "64",
+                                      "--max-documents", "300")
     assert card["vocab_size"] == choose_vocab(train_bytes)
     assert [choose_vocab(b) for b in (1, 10**6, 10**8, 10**12)] == [512, 2240, 22528, 32768]
     code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "q"),
@@ -214,12 +219,8 @@ def test_prepare_block_size_auto_packs_by_the_train_split_and_refuses_what_it_ca
     from lifecycle.data.tokenizer import choose_block
 
     assert [choose_block(m * 2**20) for m in (0, 1, 2, 3, 9, 40, 10**6)] == [128, 128, 128, 256, 512, 1024, 1024]
-    code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / "p"),
-                           "--vocab-size", "600", "--block-size", "auto", "--max-documents", "200")
-    assert code == 0, out
-    card = json.loads((tmp_path / "p" / "data_card.json").read_text())
-    raw = Path(tmp_path / "p" / "raw" / "train.jsonl")
-    train_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
+    card, train_bytes = _prepare_auto(tmp_path / "p", "--vocab-size", "600", "--block-size", "auto",
+                                      "--max-documents", "200")
     assert card["block_size"] == choose_block(train_bytes) == 128
     assert card["config"]["pack"]["auto_block"] is True
     # Training reads the chosen context from the blocks themselves.
