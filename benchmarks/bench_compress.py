@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--importance", default="taylor", help="prune: taylor, activation or magnitude")
     parser.add_argument("--recovery-steps", type=int, default=None,
                         help="prune: distillation steps after pruning (default: 100, --quick 10)")
-    parser.add_argument("--student", default="tiny", help="distill: the fresh student's preset")
+    parser.add_argument("--student", default="tiny", choices=["tiny", "small"],
+                        help="distill: the fresh student's preset (smaller than --preset)")
     parser.add_argument("--student-steps", type=int, default=None,
                         help="distill, distill-pruned: the student's steps (default: the parent's, --quick 10)")
     parser.add_argument("--device", default="auto", help="device for the half-precision variants (int8: cpu)")
@@ -213,6 +214,12 @@ def run(args: argparse.Namespace, work: Path, steps: int, small: bool) -> None:
     summary = []
     figures: dict = {"preset": args.preset, "steps": steps, "best_val_loss": parent.best_val_loss, "controls": {}}
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    order = ["tiny", "small", "gpt2"]  # the presets by size
+    if "distill" in labels and order.index(args.student) >= order.index(args.preset):
+        # compress refuses a student preset that is not smaller than its teacher (no compression).
+        print(f"skipping distill: the --student preset {args.student} is not smaller than the parent's "
+              f"{args.preset}")
+        labels.remove("distill")
     controls: dict = {}
     for label in labels:
         t1 = time.perf_counter()

@@ -22,20 +22,23 @@ SHORT_DISTILL = ["--set", "distill.steps=6", "--set", "distill.eval_every=3", "-
 
 
 def train_parent(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny model trained for a few steps on ``prepared`` and registered as version 1 of a fresh name.
+    """A tiny model (3 layers) trained for a few steps on ``prepared`` and registered as version 1 of a fresh name.
 
     Returns its name, version, experiment id and a work folder. Each test module gets its own (the
     tests count a name's versions and runs), so conftest builds it once per module, not per session.
     """
     from mlflow.tracking import MlflowClient
 
-    from lifecycle.train.config import TrainConfig
+    from lifecycle.train.config import ModelShape, TrainConfig
     from lifecycle.train.run import train
 
     name = f"lm-compress-{uuid.uuid4().hex[:8]}"
     work = tmp_path_factory.mktemp("compress")
     exp = MlflowClient().create_experiment(name, artifact_location=(work / "artifacts").as_uri())
-    cfg = TrainConfig(max_steps=30, batch_size=8, eval_every=10, eval_batches=2, warmup_steps=3, learning_rate=3e-3,
+    # Three layers, one more than the `tiny` preset: a fresh `--preset tiny` student is then smaller
+    # than its teacher (compress refuses one that is not).
+    cfg = TrainConfig(model=ModelShape(n_layer=3), max_steps=30, batch_size=8,
+                      eval_every=10, eval_batches=2, warmup_steps=3, learning_rate=3e-3,
                       progress=False, system_metrics=False, output=str(work / "ckpt"), model_name=name, experiment=name)
     out = train(cfg, str(prepared))
     return {"name": name, "version": out.version, "experiment": exp, "work": work}

@@ -203,8 +203,23 @@ def test_int8_variant_is_smaller_within_the_policy_and_serves(compress_parent, p
 @given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
 def test_amount_fraction_and_percent_round_trip(value):
     assert P.parse_amount(repr(value)) == value
-    assert P.parse_amount(f" {value!r} ") == value
     assert P.parse_amount(f"{value * 100!r}%") == pytest.approx(value, rel=1e-12)
+    for padded in (f" {value!r}", f"{value!r} ", f"{value!r}\n", f"{value * 100!r} %"):
+        with pytest.raises(ConfigError, match="with no spaces"):  # refused, never stripped
+            P.parse_amount(padded)
+
+
+@pytest.mark.parametrize("text, value", [("0.30", 0.3), ("3e-1", 0.3), ("30%", 0.3), (".3", 0.3), ("+0.3", 0.3),
+                                         ("3E-1", 0.3), ("0.5%", 0.005)])
+def test_amount_spellings_of_one_number_are_that_number(text, value):
+    assert P.parse_amount(text) == value
+
+
+@pytest.mark.parametrize("text", [" 0.3", "0.3 ", "30 %", "\u0660.\u0663", "0,3", "0.3%%", "%", "", "1e-400",
+                                  "0.99999999999999999", "inf", "nan", "0x0.4"])
+def test_amount_text_that_is_not_exactly_a_fraction_is_refused(text):
+    with pytest.raises(ConfigError, match="--amount"):
+        P.parse_amount(text)
 
 
 @given(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(float("nan"))))
@@ -272,6 +287,9 @@ def test_pruning_refuses_more_than_the_model_has():
     (["--amount", "-0.3"], "strictly between 0 and 1"),
     (["--amount", "1.5"], "strictly between 0 and 1"),
     (["--amount", "lots"], "is not a number"),
+    (["--amount", " 0.3"], "is not a number"),
+    (["--amount", "0.3", "--set", "prune.amount=0.5"], "not --set prune.amount"),
+    (["--set", "prune.amount=0.3"], "not --set prune.amount"),
     (["--amount", "0.95"], "more MLP neurons than the model has"),
     (["--amount", "0.3", "--set", "prune.importance=random"], "prune.importance"),
     ([], "needs --amount"),
@@ -344,4 +362,63 @@ def test_pruned_variant_is_registered_loads_elsewhere_and_serves(compress_parent
     finally:
         servers.stop_process(proc)
 
+
+@pytest.fixture(scope="module")
+def foreign_data(prepared_tiny, tmp_path_factory):
+    """Prepared folders compress must refuse as --data: another tokenizer, an empty validation split
+    (three documents, tokenized with the parent's tokenizer)."""
+    from tests.cli import cli
+
+    root = tmp_path_factory.mktemp("foreign-data")
+    for folder, docs, tokenizer in (("tokenizer", "60", ["--vocab-size", "300"]),
+                                    ("empty-split", "3", ["--tokenizer", str(prepared_tiny)])):
+        code = cli("prepare", "--source", "builtin:pydoc", "--output", str(root / folder), *tokenizer,
+                   "--block-size", "64", "--max-documents", docs)
+        assert code == 0
+    return root
+
+
+@pytest.mark.parametrize("args, data, message", [
+    (["--method", "int8-dynamic"], "tokenizer", "was tokenized with a different tokenizer than models:/"),
+    (["--method", "prune", "--amount", "0.3"], "tokenizer", "was tokenized with a different tokenizer"),
+    (["--method", "distill", "--preset", "tiny"], "tokenizer", "was tokenized with a different tokenizer"),
+    (["--method", "prune", "--amount", "0.3"], "empty-split", "its validation split holds no block of 64 tokens"),
+    (["--method", "distill", "--amount", "0.3"], "empty-split", "its validation split holds no block"),
+    (["--method", "int8-dynamic"], "missing", "not found"),
+    (["--method", "prune", "--amount", "0.3"], "missing", "not found"),
+])
+def test_bad_data_is_refused_before_any_run_or_version(compress_parent, foreign_data, args, data, message,
+                                                       capsys):
+    """Data of another tokenizer, an empty training split or no data at all: exit 4, nothing written
+    (no run, and no version number used up: the next version is still the next number)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle.cli import main
+
+    runs_before = len(mlflow.search_runs(experiment_ids=[compress_parent["experiment"]], output_format="list"))
+    versions_before = len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'"))
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", compress_parent["name"], compress_parent["version"], "--data", str(foreign_data / data),
+              "--experiment", compress_parent["name"], *args, *SHORT_DISTILL])
+    err = capsys.readouterr().err
+    assert exc.value.code == 4 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'")) == versions_before
+    assert len(mlflow.search_runs(experiment_ids=[compress_parent["experiment"]], output_format="list")) == runs_before
+
+
+def test_amount_from_the_mlproject_parameter_is_passed_on_exactly():
+    """`mlflow run . -e compress -P amount=...`: the entry point hands the text to --amount as written,
+    so a padded value reaches parse_amount padded (and is refused), never re-read."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lifecycle_entrypoints_run", ROOT / "entrypoints" / "_run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)  # type: ignore[union-attr]
+    for text in ("0.30", "3e-1", " 0.3", "30%", "30 %"):
+        args = run.to_cli_args("compress", ["name=m", "version=1", "method=prune", f"amount={text}", "preset=",
+                                            "student=", "data="])
+        assert f"--amount={text}" in args and args[-2:] == ["m", "1"]
+    assert "--amount" not in " ".join(run.to_cli_args("compress", ["name=m", "version=1", "amount="]))
 

@@ -66,6 +66,25 @@ def test_distilled_student_is_registered_with_its_lineage(compress_parent, prepa
     parent_tags = client.get_model_version(name, compress_parent["version"]).tags
     assert tags.get("data_digest") == parent_tags.get("data_digest")  # the parent's lineage is carried over
     float(tags["compress/bits_per_byte_delta"])
+    assert int(tags["compress/params"]) < int(tags["compress/parent_params"])
+
+    # A 6-step student from scratch is far worse than its parent: registered, but the default
+    # policy's compression gate (read from eval/bits_per_byte and compress/parent_bits_per_byte,
+    # both measured in the compress run) refuses to promote it, and no alias moves.
+    from lifecycle.errors import GateRejected
+    from lifecycle.policies.loader import load_policy
+    from lifecycle.registry.promote import promote
+
+    policy = load_policy(ROOT / "registry_policies" / "default.yaml")
+    loss = float(tags["eval/bits_per_byte"]) / float(tags["compress/parent_bits_per_byte"]) - 1
+    assert loss > policy.staging.compression.max_regression
+    with pytest.raises(GateRejected) as rejected:
+        promote(name, str(version), "staging", policy=policy)
+    gate = next(g for g in rejected.value.outcome.gates if g.kind == "compression")
+    assert gate.status == "fail" and "more than the allowed" in gate.reason
+    assert f"vs parent v{compress_parent['version']}" in gate.reason
+    after = client.get_model_version(name, str(version))
+    assert after.tags["compressed_from"] == compress_parent["version"] and not after.aliases
 
 
 # -- where a distilled student starts: a preset, the parent pruned, or a smaller model ----------
@@ -98,6 +117,26 @@ def test_student_start_is_exactly_one_and_its_text_round_trips(given_options):
         assert init.text == f"pruned:{given_options['amount']!r}"
     else:
         assert init.text == f"scratch:{given_options['preset']}"
+
+
+@pytest.mark.parametrize("teacher_layers, refused", [(2, True), (3, False)])
+def test_preset_student_must_be_smaller_than_the_teacher(prepared_tiny, teacher_layers, refused):
+    """A `tiny` teacher (2 layers) and a fresh `--preset tiny` student are the same size: no compression."""
+    from transformers import AutoTokenizer
+
+    from lifecycle.train.model import PRESETS, Preset, build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepared_tiny / "tokenizer"))
+    tiny = PRESETS["tiny"]
+    with torch.device("meta"):
+        teacher = build_model(Preset(teacher_layers, tiny.n_head, tiny.n_embd, tiny.n_positions), tokenizer)
+    if refused:
+        with pytest.raises(ConfigError, match="--preset tiny .* the student must be smaller than the teacher"):
+            S.check_preset("tiny", teacher.config, tokenizer, 64)
+    else:
+        params = S.check_preset("tiny", teacher.config, tokenizer, 64)
+        # What check_preset counts is exactly what compress then trains.
+        assert params == P.count_params(S.fresh_student("tiny", tokenizer, 64, seed=0)) < P.count_params(teacher)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +183,9 @@ def foreign_students(compress_parent, prepared_tiny, tmp_path_factory):
     ("distill", ["--student", "tokenizer"], 2, "does not use the teacher's tokenizer (encodings of"),
     ("distill", ["--student", "vocabulary"], 2, "has an output vocabulary of"),
     ("distill", ["--student", "int8"], 2, "int8-dynamic variant, which cannot be trained"),
+    ("distill", ["--preset", "small"], 2, "--preset small (for this tokenizer and 64-token blocks) has"),
     ("distill", ["--student", "models:/no-such-model-x/1"], 5, "no such version"),
+    ("distill", ["--student", "models:/no-such-model-x@champion"], 5, "no such alias @champion"),
     ("distill", ["--student", "no/such/folder"], 5, "no such folder"),
 ])
 def test_bad_student_start_exits_with_nothing_written(compress_parent, prepared_tiny, foreign_students, method, args,

@@ -100,6 +100,10 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
     from lifecycle.optimize.student import init_of
 
     # Every option is checked here, before a run or a version can exist.
+    shrink_overrides, eval_overrides = split_overrides(overrides)
+    if any(o.partition("=")[0].strip() == "prune.amount" for o in shrink_overrides):
+        # One spelling: a --set would silently win over --amount (and skip its parsing).
+        raise ConfigError("give the amount as --amount (e.g. --amount 0.3), not --set prune.amount")
     if method == "prune" and amount is None:
         raise ConfigError("--method prune needs --amount (the fraction of block parameters to remove, e.g. 0.3)")
     if amount is not None and method not in ("prune", "distill"):
@@ -109,7 +113,6 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
             raise ConfigError(f"{flag} is for --method distill, not {method}")
     if method == "distill":
         init_of(preset, 0.0 if amount is not None else None, student)  # exactly one start, before --amount is read
-    shrink_overrides, eval_overrides = split_overrides(overrides)
     flags: dict[str, object] = {"preset": preset, "student": student}
     if amount is not None:
         flags["prune.amount"] = parse_amount(amount)

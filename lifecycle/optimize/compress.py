@@ -146,13 +146,19 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
         raise ConfigError(f"{name} v{version} is already a compressed variant ({parent_variant['method']} of "
                           f"{parent_variant.get('parent', '?')}); compress the original version instead")
     data = data or _parent_data(client, name, version, parent_tags)
-    load_eval_data(data, cfg.split)  # unreadable data fails here, not after the variant is made
+    # Unreadable data, an empty split or another tokenizer fails here, before the variant is made
+    # (every method keeps the parent's tokenizer, so the parent answers for the variant).
+    from lifecycle.evaluate.run import _check_model
+
+    eval_data = load_eval_data(data, cfg.split)
+    _check_model(eval_data, parent_dir, parent_uri)
     scfg = structural or StructuralConfig()
     checked = None
     if method in STRUCTURAL:
         from lifecycle.optimize import structural as shrink
 
-        checked = shrink.check(method, parent_dir, data, scfg)  # amount, preset, data, tokenizer
+        # amount, preset, student, data (its splits), tokenizer
+        checked = shrink.check(method, parent_dir, data, scfg, card=eval_data.card)
     cfg = _with(cfg, write_tags=True, compare=_with(cfg.compare, default_to_production=False))
 
     lineage = {k: parent_tags[k] for k in (tracking.TAG_DATA_DIGEST, tracking.TAG_DATA_RUN, tracking.TAG_TRAIN_RUN,

@@ -20,7 +20,16 @@ from typing import Any, Callable, Mapping, Optional
 from lifecycle.errors import ConfigError, DataError
 from lifecycle.optimize.distill import DistillConfig, train_student
 from lifecycle.optimize.prune import PruneConfig, PrunePlan, count_params, plan
-from lifecycle.optimize.student import PRUNED, SCRATCH, StudentInit, StudentModel, check_student, init_of
+from lifecycle.optimize.student import (
+    PRUNED,
+    SCRATCH,
+    StudentInit,
+    StudentModel,
+    check_preset,
+    check_student,
+    fresh_student,
+    init_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +74,28 @@ def split_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str], 
     return mine, [o for o in overrides if not o.startswith(SECTIONS)]
 
 
-def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) -> Checked:
-    """Refuse what cannot work before anything is written (ConfigError: exit 2, DataError: exit 4)."""
+def _require_training_splits(method: str, card: Mapping[str, Any] | None) -> None:
+    """DataError unless the data card says the train and validation splits hold blocks.
+
+    The student trains on ``train`` and keeps its best ``validation`` weights; a split that packed
+    into no block would otherwise fail deep in the data loader with an unhelpful message.
+    """
+    blocks = (card or {}).get("blocks")
+    if not isinstance(blocks, Mapping):
+        return  # not a packed language-model card: the loader below decides
+    empty = [s for s in ("train", "validation") if s in blocks and not blocks[s]]
+    if empty:
+        raise DataError(f"--method {method} trains on --data, but its {' and '.join(empty)} split "
+                        f"{'holds' if len(empty) == 1 else 'hold'} no block of {card.get('block_size', '?')} tokens "
+                        "(0 blocks): prepare more documents or a smaller --block-size")
+
+
+def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig, *,
+          card: Mapping[str, Any] | None = None) -> Checked:
+    """Refuse what cannot work before anything is written (ConfigError: exit 2, DataError: exit 4).
+
+    ``card``: the prepared data's card, when the caller already read it (its block counts per split).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from lifecycle.train.finetune import tokenizer_mismatch
@@ -87,6 +116,7 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) 
             the_plan = plan(config, scfg.prune.amount, layers=scfg.prune.layers)
         if scfg.distill.steps <= 0:
             raise ConfigError("--method distill trains its student against the parent: distill.steps must be positive")
+    _require_training_splits(method, card)
     try:
         data, _ = resolve_data(data_uri, search_runs=False)
     except DataError as exc:
@@ -106,6 +136,8 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) 
     student = None
     if init is not None and init.uri is not None:
         student = check_student(init.uri, config, tokenizer, data.block_size)
+    if init is not None and init.kind == SCRATCH:
+        check_preset(init.preset or "", config, tokenizer, data.block_size)
     return Checked(data=data, tokenizer=tokenizer, parent_config=config, plan=the_plan, init=init, student=student)
 
 
@@ -131,7 +163,7 @@ def make(method: str, parent_dir: Path, out: Path, checked: Checked, scfg: Struc
     from transformers import AutoModelForCausalLM
 
     from lifecycle.serving.variant import weights_bytes, write_variant
-    from lifecycle.train.model import build_model, get_preset, save_model_dir
+    from lifecycle.train.model import save_model_dir
 
     dev = torch.device(device)
     teacher = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32).to(dev)
@@ -146,9 +178,7 @@ def make(method: str, parent_dir: Path, out: Path, checked: Checked, scfg: Struc
         student = load_student(checked.student).to(dev)
         meta["student"] = checked.student.resolved
     else:
-        shape = get_preset(scfg.preset or "")
-        student = build_model(scfg.preset or "", checked.tokenizer, seed=dcfg.seed,
-                              n_positions=max(shape.n_positions, checked.data.block_size)).to(dev)
+        student = fresh_student(scfg.preset or "", checked.tokenizer, checked.data.block_size, seed=dcfg.seed).to(dev)
         meta["preset"] = scfg.preset
     if method == "distill":
         assert checked.init is not None

@@ -11,7 +11,9 @@ it back to the same start. A ``--student`` is checked before any run exists: it 
 ``from_pretrained`` (an int8 variant does not), share the teacher's tokenizer and output
 vocabulary (the KL term compares the two models' next-token distributions token by token), take
 the data's blocks, and have fewer parameters than the teacher (distilling into a model as large as
-the teacher compresses nothing).
+the teacher compresses nothing). A ``--preset`` is held to the same rule (:func:`check_preset`): a
+fresh student of that shape, built for the teacher's tokenizer and the data's blocks, must have
+fewer parameters than the teacher, or it is refused before any run exists.
 """
 
 from __future__ import annotations
@@ -101,6 +103,47 @@ def _meta_params(config: Any) -> int:
     return count_params(model)
 
 
+def fresh_student(preset: str, tokenizer: Any, block_size: int, *, seed: Optional[int] = None) -> Any:
+    """A fresh ``--preset`` student for ``tokenizer``, long enough for blocks of ``block_size`` tokens.
+
+    The one place the student's shape is decided: :func:`check_preset` counts it (on the meta
+    device, nothing allocated) and :func:`lifecycle.optimize.structural.make` trains it.
+    """
+    from lifecycle.train.model import build_model, get_preset
+
+    shape = get_preset(preset)
+    return build_model(preset, tokenizer, seed=seed, n_positions=max(shape.n_positions, block_size))
+
+
+def teacher_params(teacher_config: Any) -> int:
+    """The teacher's parameter count, from its config alone (tied head counted once)."""
+    return _meta_params(teacher_config)
+
+
+def refuse_not_smaller(what: str, params: int, teacher: int) -> None:
+    """ConfigError (exit 2) unless a student of ``params`` parameters is smaller than the teacher's ``teacher``.
+
+    A student as large as its teacher (or larger) is not a compression: distilling into it makes a
+    model no smaller than the parent, which the compress command would register as a "variant".
+    """
+    if params >= teacher:
+        raise ConfigError(f"{what} has {params} parameters, the teacher {teacher}: the student must be smaller "
+                          "than the teacher")
+
+
+def check_preset(preset: str, teacher_config: Any, tokenizer: Any, block_size: int) -> int:
+    """The parameter count of a fresh ``--preset`` student; ConfigError unless it is smaller than the teacher."""
+    import torch
+
+    from lifecycle.optimize.prune import count_params
+
+    with torch.device("meta"):
+        params = count_params(fresh_student(preset, tokenizer, block_size))
+    refuse_not_smaller(f"--preset {preset} (for this tokenizer and {block_size}-token blocks)", params,
+                       teacher_params(teacher_config))
+    return params
+
+
 def check_student(uri: str, teacher_config: Any, teacher_tokenizer: Any, block_size: int) -> StudentModel:
     """Resolve ``--student`` and refuse it (ConfigError, exit 2) unless it can be distilled into.
 
@@ -134,13 +177,11 @@ def check_student(uri: str, teacher_config: Any, teacher_tokenizer: Any, block_s
     limit = int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0) or 0)
     if limit and block_size > limit:
         raise ConfigError(f"--student {uri} takes at most {limit} tokens but the data's blocks have {block_size}")
-    params, teacher_params = _meta_params(config), _meta_params(teacher_config)
-    if params >= teacher_params:
-        raise ConfigError(f"--student {uri} has {params} parameters, the teacher {teacher_params}: the student "
-                          "must be smaller than the teacher")
+    params, teacher = _meta_params(config), teacher_params(teacher_config)
+    refuse_not_smaller(f"--student {uri}", params, teacher)
     version = registered_version(uri)
     return StudentModel(folder=folder, resolved=version.uri if version else uri, params=params,
-                        teacher_params=teacher_params)
+                        teacher_params=teacher)
 
 
 def load_student(student: StudentModel) -> Any:
