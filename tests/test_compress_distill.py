@@ -299,3 +299,11 @@ def test_student_from_a_registered_model_starts_from_its_weights(compress_parent
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     assert list(model.predict(["The class"], params={"max_new_tokens": 2})["completion_tokens"]) == [2]
 
+    # A second compress of the same parent did not touch the first's artifacts: each run keeps its
+    # own trade-off table (the parent's row and its own variant's) and chart.
+    for v in (pruned_student, version):
+        run_id = client.get_model_version(name, v).tags["compress_run_id"]
+        table = mlflow.load_table("compress/tradeoff.json", run_ids=[run_id])
+        assert list(table["model"]) == [f"v{compress_parent['version']} (parent)", f"v{v} (distill)"]
+        assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/tradeoff.png"]
+
