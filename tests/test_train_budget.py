@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lifecycle.errors import ConfigError
 from lifecycle.train.auto import choose_shape, parameters, resolve_shape
-from lifecycle.train.budget import TARGET, BudgetPlanner, Schedule, parse_duration
+from lifecycle.train.budget import MAX_BUDGET_S, TARGET, BudgetPlanner, Schedule, parse_duration
 from lifecycle.train.checkpoint import CheckpointManager
 from lifecycle.train.config import ModelShape, TrainConfig
 from lifecycle.train.data import load_prepared
@@ -42,9 +42,44 @@ def _trainer(cfg: TrainConfig, data, log=None) -> Trainer:
 # -- durations ----------------------------------------------------------------------------------
 
 
+UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
 @given(st.integers(1, 10**6), st.sampled_from(["", "s", "m", "h"]))
 def test_durations_read_as_written(n, unit):
-    assert parse_duration(f"{n}{unit}") == n * {"": 1, "s": 1, "m": 60, "h": 3600}[unit]
+    if n * UNIT_S[unit] <= MAX_BUDGET_S:
+        assert parse_duration(f"{n}{unit}") == n * UNIT_S[unit]
+    else:  # more than a year: a typo, refused with the limit
+        with pytest.raises(ConfigError, match="more than a year"):
+            parse_duration(f"{n}{unit}")
+
+
+@given(st.integers(0, 8000), st.integers(0, 99), st.sampled_from(["", "s", "m", "h"]))
+def test_fractions_read_as_written(n, cents, unit):
+    text = f"{n}.{cents:02d}{unit}"
+    if n == cents == 0:
+        with pytest.raises(ConfigError, match="more than zero"):
+            parse_duration(text)
+    else:
+        assert parse_duration(text) == float(f"{n}.{cents:02d}") * UNIT_S[unit]
+
+
+#: Each class of text a budget is never read from: padded, signed, exponent, compound, other units, other digits.
+REFUSED = st.one_of(
+    st.from_regex(r"[0-9]{1,4}[smh]?", fullmatch=True).flatmap(lambda ok: st.sampled_from([
+        f" {ok}", f"{ok} ", f"{ok}\n", f"+{ok}", f"-{ok}", f"{ok}{ok[-1]}m", f"{ok}e3", f"{ok}min", f"{ok}d",
+        f"{ok} s", f"{ok}S", f"{ok}_0", f".{ok}", f"{ok}."])),
+    st.integers(1, 9).map(lambda d: chr(0x0660 + d) + "s"),  # Arabic-Indic digits: int() would read them
+    st.integers(1, 9).map(lambda d: chr(0xFF10 + d) + "m"),  # full-width digits
+    st.sampled_from(["", "nan", "inf", "-inf", "1h30m", "0", "0s", "0.00m", "1e9", "0x10", "10 m", "1,5m"]),
+)
+
+
+@given(REFUSED)
+def test_every_class_of_other_text_is_refused(text):
+    with pytest.raises(ConfigError, match="time_budget") as refused:
+        parse_duration(text)
+    assert "\n" not in str(refused.value)  # one line: the text is quoted with repr
 
 
 @given(st.text(max_size=12))
@@ -52,14 +87,20 @@ def test_durations_read_as_written(n, unit):
 def test_anything_else_is_refused(text):
     import re
 
-    if re.fullmatch(r"[0-9]+(\.[0-9]+)?[smh]?", text) and float(re.sub("[smh]", "", text)) > 0:
-        assert parse_duration(text) > 0
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?[smh]?", text) and 0 < parse_seconds(text) <= MAX_BUDGET_S:
+        assert parse_duration(text) == parse_seconds(text)
     else:
         with pytest.raises(ConfigError, match="time_budget"):
             parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["10min", "1h30m", " 90s", "-5s", "0", "0s", "1e3", "inf", "nan", "5 m", "٣s"])
+def parse_seconds(text: str) -> float:
+    """The seconds a well-formed budget names (the test's own reading)."""
+    return float(text.rstrip("smh")) * UNIT_S[text[-1] if text[-1] in "smh" else ""]
+
+
+@pytest.mark.parametrize("text", ["10min", "1h30m", " 90s", "-5s", "0", "0s", "1e3", "inf", "nan", "5 m", "٣s",
+                                  "9999999h"])
 def test_cli_refuses_a_bad_budget_with_one_line(prepared_tiny, tmp_path, text):
     code, out = cli_output("train", "--data", str(prepared_tiny), "--time-budget", text,
                            "--output", str(tmp_path / "o"))
