@@ -299,3 +299,91 @@ def test_mlproject_time_budget_reaches_train_and_main(tmp_path):
     assert "--time-budget=90s" in to_cli_args("pipeline", ["time_budget=90s"])
     cfg = load_config(PipelineConfig, None, ("train.max_steps=",), **{"train.time_budget": "90s"})
     assert (cfg.train.max_steps, cfg.train.time_budget) == (None, "90s")
+
+
+def test_auto_block_never_outgrows_what_the_splits_fill(tmp_path):
+    from pydoc_data.topics import topics
+
+    from lifecycle.data.tokenizer import MIN_AUTO_BLOCK, MIN_TRAIN_BLOCKS, fit_block
+
+    assert fit_block(128, {"train": 10**6, "validation": 5000, "test": 0}) == 128  # room to spare: unchanged
+    assert fit_block(128, {"train": 10**6, "validation": 100, "test": 0}) == 64  # validation fills one block
+    assert fit_block(128, {"train": 1000, "validation": 300, "test": 0}) == 32 // 2  # 32 blocks of train
+    assert fit_block(128, {"train": 10, "validation": 1, "test": 1}) == MIN_AUTO_BLOCK
+    # A corpus of a few KB: the byte rule's 128 would leave 8 train blocks and 2 validation ones.
+    corpus = tmp_path / "few_kb.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text[:600]}) + "\n" for text in list(topics.values())[:7]))
+    code, out = cli_output("prepare", "--source", str(corpus), "--output", str(tmp_path / "p"),
+                           "--vocab-size", "auto", "--block-size", "auto")
+    assert code == 0, out
+    card = json.loads((tmp_path / "p" / "data_card.json").read_text())
+    assert card["block_size"] < 128 and card["blocks"]["train"] >= MIN_TRAIN_BLOCKS
+    assert all(card["blocks"][s] >= 1 for s in ("validation", "test") if card["tokens"][s]), card["blocks"]
+    assert load_prepared(tmp_path / "p").block_size == card["block_size"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["max_steps=5", "max_steps=6"], "--set max_steps is given twice"),
+    (["model.n_head=2", "model.n_head =4"], "--set model.n_head is given twice"),
+    (["model.n_head=3"], "model.n_embd (64) must be a multiple of model.n_head (3)"),
+    (["preset=small", "model.n_embd=66"], "model.n_embd (66) must be a multiple of model.n_head (4)"),
+    (["model.n_layer=-1"], "model.n_layer must be a positive integer"),
+    (["model.n_layer=two"], "model.n_layer: expected an integer"),
+    (["model.heads=2"], "unknown config key model.heads"),
+    (["learning_rate=inf"], "learning_rate must be a finite number"),
+    (["compile=maybe"], "compile: expected true/false"),
+    (["weight_decay=-0.1"], "weight_decay must be >= 0"),
+    (["time_budget=10 m"], "time_budget: '10 m' is not a duration"),
+])
+def test_set_is_refused_before_the_data_is_read(tmp_path, sets, message):
+    # The data path does not exist: the refusal comes first, with nothing written.
+    args = [word for item in sets for word in ("--set", item)]
+    code, out = cli_output("train", "--data", str(tmp_path / "no-data"), "--output", str(tmp_path / "o"), *args)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_leaves_nothing_and_ends_without_the_final_collection(prepared_tiny, tmp_path):
+    """Nothing written (not even MLflow's database), and the process ends without the final GC walk
+    (about 2 s of torch/transformers/MLflow objects: it kept a refusing torchrun rank alive)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import atexit, gc, sys\n"
+              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, file=sys.stderr))\n"
+              "from lifecycle.cli import main\n"
+              "main(sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # MLflow's default: ./mlflow.db
+    done = subprocess.run([sys.executable, "-c", script, "train", "--data", str(prepared_tiny), "--time-budget",
+                           "0.001", "--set", "progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [x for x in done.stderr.splitlines() if x.startswith("Error: ")]
+    assert len(errors) == 1 and "too small" in errors[0], done.stderr[-3000:]
+    assert "frozen at exit: True" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no checkpoints/
+
+
+def test_resuming_a_used_up_budget_is_refused_before_the_run_reopens(prepared_tiny, tmp_path, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "o"
+    common = ["--data", str(prepared_tiny), "--output", str(out), "--set", "progress=false", "--set",
+              "log_model=false", "--set", "system_metrics=false", "--set", "eval_batches=1", "--set",
+              "model.n_layer=3", "--set", "warmup_steps=2"]
+    code, text = cli_output("train", *common, "--time-budget", "1h", "--max-steps", "4")
+    assert code == 0, text
+    run_id = next(x.rsplit(" ", 1)[1] for x in text.splitlines() if x.startswith("Trained "))
+    params = MlflowClient().get_run(run_id).data.params
+    # --set values and flags are logged as the values the run used.
+    assert (params["model.n_layer"], params["shape.n_layer"], params["warmup_steps"]) == ("3", "3", "2")
+    assert (params["max_steps"], params["time_budget"]) == ("4", "1h")
+    used = CheckpointManager.read_state(CheckpointManager(out).latest())["time_used_s"]
+    # Resumed with a budget smaller than what the run already spent: nothing left to plan.
+    code, text = cli_output("train", *common, "--time-budget", f"{used / 2:.6f}", "--resume")
+    assert code == 2 and "is used up" in text.strip().splitlines()[-1], text
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and "resumed_from_step" not in run.data.tags
+    assert CheckpointManager(out).latest().name.endswith(f"{4:08d}")
