@@ -320,6 +320,13 @@ def test_auto_block_never_outgrows_what_the_splits_fill(tmp_path):
     assert card["block_size"] < 128 and card["blocks"]["train"] >= MIN_TRAIN_BLOCKS
     assert all(card["blocks"][s] >= 1 for s in ("validation", "test") if card["tokens"][s]), card["blocks"]
     assert load_prepared(tmp_path / "p").block_size == card["block_size"]
+    # A fixed block longer than the validation split leaves it without blocks: training says so in one line.
+    code, out = cli_output("prepare", "--source", str(corpus), "--output", str(tmp_path / "q"), "--vocab-size", "auto",
+                           "--block-size", "512")
+    assert code == 0, out
+    code, out = cli_output("train", "--data", str(tmp_path / "q"), "--output", str(tmp_path / "o"))
+    assert code != 0 and out.strip().splitlines()[-1].endswith("validation is empty: prepare more documents "
+                                                               "(--max-documents) or a smaller --block-size"), out
 
 
 @pytest.mark.parametrize("sets, message", [
