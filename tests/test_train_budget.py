@@ -102,11 +102,22 @@ def parse_seconds(text: str) -> float:
 @pytest.mark.parametrize("text", ["10min", "1h30m", " 90s", "-5s", "0", "0s", "1e3", "inf", "nan", "5 m", "٣s",
                                   "9999999h"])
 def test_cli_refuses_a_bad_budget_with_one_line(prepared_tiny, tmp_path, text):
+    from tests.test_cli import to_cli_args
+
     code, out = cli_output("train", "--data", str(prepared_tiny), "--time-budget", text,
                            "--output", str(tmp_path / "o"))
     assert code == 2, out
     assert len(out.strip().splitlines()) == 1 and "time_budget" in out
     assert not (tmp_path / "o").exists()
+    # The same through `mlflow run . -e train -P time_budget=...` (the entry point's words) and the pipeline.
+    words = [f"data={prepared_tiny}", f"time_budget={text}", f"output={tmp_path / 'o'}"]
+    for args in (to_cli_args("train", words) if text else None,  # an empty parameter is "not given" there
+                 ["pipeline", "--time-budget", text, "--workdir", str(tmp_path / "w")]):
+        if args is None:
+            continue
+        code, out = cli_output(*args)
+        assert code == 2 and len(out.strip().splitlines()) == 1 and "time_budget" in out, (args, out)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the schedule and the planner ---------------------------------------------------------------
