@@ -405,3 +405,14 @@ def test_resuming_a_used_up_budget_is_refused_before_the_run_reopens(prepared_ti
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and "resumed_from_step" not in run.data.tags
     assert CheckpointManager(out).latest().name.endswith(f"{4:08d}")
+
+
+def test_an_auto_shaped_run_resumes_with_another_budget(prepared_tiny, tmp_path, tracking_uri):
+    """A resume may change time_budget and max_steps, which size `--preset auto`: the shape is the one
+    the checkpoint holds (it was rebuilt from the new budget and failed to load, after reopening the run)."""
+    common = ["--data", str(prepared_tiny), "--output", str(tmp_path / "o"), "--preset", "auto", "--set",
+              "progress=false", "--set", "log_model=false", "--set", "system_metrics=false", "--set", "eval_batches=1"]
+    code, out = cli_output("train", *common, "--time-budget", "30s", "--max-steps", "2")  # 2 x 64; 8000h: 4 x 96
+    assert code == 0, out
+    code, out = cli_output("train", *common, "--time-budget", "8000h", "--max-steps", "3", "--resume")
+    assert code == 0 and "Trained 3 steps (resumed from step 2)" in out, out

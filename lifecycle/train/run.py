@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
     start = load_starting_point(cfg, data.tokenizer, data.block_size, train_tokens=int(data.train.numel()),
-                                world_size=ctx.world_size)
+                                world_size=ctx.world_size, resumed=resume_state.get("config") if resume_state else None)
     probe = None
     if cfg.time_budget is not None:
         # Timed before any run or checkpoint exists: a budget too small for one step changes nothing.
