@@ -141,10 +141,9 @@ def test_set_is_typed_by_the_field(text, number):
             assert float(number) == value
 
 
-@pytest.mark.tried("config", "none/null/~/empty as --set text, as a YAML string and as a plain mapping value, for an "
-                   "optional string field and an optional integer field", "one rule everywhere: empty unsets; "
-                   "none/null/~ unset a non-string field and stay text in a string field")
 def test_null_texts_follow_one_rule_from_every_source(tmp_path):
+    """none/null/~/empty as --set text, as a YAML string and as a plain mapping value: empty unsets an optional
+    field; none/null/~ unset a non-string one and stay the user's text in a string one."""
     import json
 
     for text in ("none", "null", "~", "None", "NULL"):
