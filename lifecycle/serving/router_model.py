@@ -45,8 +45,8 @@ from lifecycle.serving.router import (
     RoutingKeyHeader,
     ShadowQueue,
     agreement,
-    check_key,
     header_key,
+    request_key,
     to_canary,
 )
 
@@ -78,8 +78,9 @@ class RouterConfig:
             raise ConfigError(f"router.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0.0 <= self.share <= 1.0:
             raise ConfigError(f"router.share must be between 0 and 1, got {self.share}")
-        if self.refresh_s <= 0:
-            raise ConfigError(f"router.refresh_s must be > 0, got {self.refresh_s}")
+        # Event.wait() needs a finite timeout it can represent (nan or inf would kill the follower thread).
+        if not 0 < self.refresh_s <= threading.TIMEOUT_MAX:
+            raise ConfigError(f"router.refresh_s must be a number of seconds > 0, got {self.refresh_s}")
         if self.shadow_queue < 1:
             raise ConfigError(f"router.shadow_queue must be >= 1, got {self.shadow_queue}")
 
@@ -248,7 +249,7 @@ class RouterModel(mlflow.pyfunc.PythonModel):
         request_id = uuid.uuid4().hex
         try:
             given = params.pop(ROUTING_PARAM, None) if isinstance(params, dict) else None
-            key = check_key(given) or check_key(header_key.get())
+            key = request_key(given, header_key.get())
         except RoutingKeyError as exc:
             state.production.engine.record_refusal(str(exc), params=params, extra=_fields(PRODUCTION, request_id))
             raise MlflowException.invalid_parameter_value(str(exc)) from None
