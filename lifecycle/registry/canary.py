@@ -120,12 +120,14 @@ def step(name: str, a: ArmVersions, share: float, *, client: Any = None) -> L.Ev
 
 def record_verdict(name: str, a: ArmVersions, *, code: int, reason: str, gates: list[dict[str, Any]],
                    policy: Any, requests: tuple[int, int] = (0, 0), shadow_dropped: int = 0,
-                   client: Any = None) -> L.Event:
-    """Record ``canary_verdict``: the code, each arm's request count and the shadow copies dropped under
-    load (counted apart, never as errors) as the first gate entry (``kind`` canary_verdict), then the figures."""
+                   records_skipped: int = 0, client: Any = None) -> L.Event:
+    """Record ``canary_verdict``: the code, each arm's request count, the shadow copies dropped under load
+    (counted apart, never as errors) and the damaged record lines skipped (the evidence the verdict lacks)
+    as the first gate entry (``kind`` canary_verdict), then the figures."""
     head = {"gate": "canary verdict", "kind": "canary_verdict", "mode": policy.canary.mode if policy.canary else
             "disabled", "status": {0: "pass", 11: "fail"}.get(code, "undecided"), "reason": reason, "code": code,
-            "production": requests[0], "challenger": requests[1], "shadow_dropped": shadow_dropped}
+            "production": requests[0], "challenger": requests[1], "shadow_dropped": shadow_dropped,
+            "records_skipped": records_skipped}
     return _record(name, a, L.CANARY_VERDICT, f"verdict {code}: {reason}", client=client, gates=[head, *gates],
                    policy_path=policy.path, policy_digest=policy.digest)
 
