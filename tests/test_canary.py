@@ -342,6 +342,8 @@ def test_canary_command_refuses_bad_input_and_writes_nothing(unique_name, tmp_pa
     cases = [
         (["--records", str(records)], 2, "no canary in progress"),  # no canary_start in the ledger
         (["--records", str(records), "--challenger", "staging"], 5, "no @production alias"),
+        (["--records", str(records), "--challenger", "production"], 2, "@production is the production alias itself"),
+        (["--records", str(records), "--challenger", " "], 2, "the challenger alias is empty"),
         (["--records", str(tmp_path / "nope.jsonl")], 4, "not found"),
         (["--records", str(records), "--since", "yesterday"], 2, "--since 'yesterday'"),
         (["--records", str(records), "--policy", str(bad_policy)], 2, "share_steps"),

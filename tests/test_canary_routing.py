@@ -19,6 +19,7 @@ from lifecycle.serving.router import (
     header_text,
     request_key,
     route_fraction,
+    tag_share,
     to_canary,
 )
 
@@ -135,3 +136,21 @@ def test_check_share_accepts_exactly_the_open_unit_interval(share):
     else:
         with pytest.raises(ValueError):
             check_share(share)
+
+
+def test_a_hand_edited_share_tag_is_no_share_for_every_reader():
+    """The router and `lifecycle canary --act` read the registry's share tag alike: a tag that is no share
+    (edited in the UI) is ignored by the router, and --act starts the policy's steps over instead of taking the
+    canary for finished and promoting a challenger that never had the full share."""
+    from lifecycle.registry.canary import next_share
+    from lifecycle.serving.router import SHARE_TAG
+    from lifecycle.serving.router_model import share_from_tags
+
+    steps = (0.1, 0.5, 1.0)
+    for raw in ("nan", "5", "-0.1", "50%", "", "inf", "x"):
+        assert tag_share(raw) is None and share_from_tags({SHARE_TAG: raw}, 0.3) == 0.3, raw
+        assert next_share(steps, tag_share(raw)) == 0.1, raw
+    for raw, share in (("0.5", 0.5), ("1.0", 1.0), ("0.0", 0.0), (repr(0.1), 0.1)):
+        assert tag_share(raw) == share == share_from_tags({SHARE_TAG: raw}, 0.3)
+    assert next_share(steps, tag_share("1.0")) is None  # the last step: --act promotes
+    assert tag_share(None) is None and share_from_tags({}, 0.3) == 0.3

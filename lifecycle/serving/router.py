@@ -76,6 +76,21 @@ def check_share(share: Any, *, what: str = "--canary-share") -> float:
     return value
 
 
+def tag_share(raw: str | None) -> float | None:
+    """The share a :data:`SHARE_TAG` value holds (0..1, as we write it), or None when absent or not a share.
+
+    The tag can be edited by hand in the registry UI: ``nan``, ``5`` or ``50%`` are no share, and
+    every reader (the router, ``lifecycle canary --act``) treats them alike, as no tag.
+    """
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
 def check_key(key: Any, *, what: str = ROUTING_PARAM) -> str | None:
     """The routing key as given (None when absent or empty), or RoutingKeyError (naming ``what``) for a bad one."""
     if key is None or (isinstance(key, float) and key != key):  # MLflow fills absent params with None

@@ -47,6 +47,7 @@ from lifecycle.serving.router import (
     agreement,
     header_key,
     request_key,
+    tag_share,
     to_canary,
 )
 
@@ -93,14 +94,10 @@ def router_config(model_config: Mapping[str, Any] | None) -> RouterConfig:
 def share_from_tags(tags: Mapping[str, str] | None, default: float) -> float:
     """The share the registry tag names (0..1), else ``default`` (a bad tag is logged and ignored)."""
     raw = (tags or {}).get(SHARE_TAG)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        log.warning("ignoring tag %s=%r: not a share between 0 and 1", SHARE_TAG, raw)
+    value = tag_share(raw)
+    if value is None:
+        if raw is not None:
+            log.warning("ignoring tag %s=%r: not a share between 0 and 1", SHARE_TAG, raw)
         return default
     return value
 
