@@ -88,18 +88,25 @@ def test_challenger_defaults_to_the_canary_in_progress(unique_name, tmp_path):
     assert code == 5 and "no registered model" in out
 
 
+def _shadow_started(client, name: str, tmp_path: Path):
+    """Two versions, @staging as a shadow challenger started in the ledger, a policy file: (v1, v2, records, policy)."""
+    from lifecycle.registry import canary as registry_canary
+
+    v1, v2 = _model(client, name, tmp_path)
+    client.set_registered_model_alias(name, "staging", v2)
+    registry_canary.start(name, registry_canary.arms(name, "staging"), mode="shadow", share=None)
+    records, policy = tmp_path / "records.jsonl", tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    return v1, v2, records, policy
+
+
 def test_dropped_copies_reach_the_ledger_and_the_report_counted_apart(unique_name, tmp_path):
     from mlflow import MlflowClient
 
-    from lifecycle.registry import canary as registry_canary
     from lifecycle.registry.ledger import Ledger
 
     client = MlflowClient()
-    v1, v2 = _model(client, unique_name, tmp_path)
-    client.set_registered_model_alias(unique_name, "staging", v2)
-    registry_canary.start(unique_name, registry_canary.arms(unique_name, "staging"), mode="shadow", share=None)
-    records, policy = tmp_path / "records.jsonl", tmp_path / "policy.yaml"
-    policy.write_text(POLICY, encoding="utf-8")
+    v1, v2, records, policy = _shadow_started(client, unique_name, tmp_path)
     _shadow_records(records, unique_name, v1, v2, dropped=400)
 
     code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy))
@@ -154,15 +161,10 @@ def test_canary_reads_what_the_records_file_really_holds(unique_name, tmp_path):
     the model: refused (exit 4, one line naming it, nothing recorded)."""
     from mlflow import MlflowClient
 
-    from lifecycle.registry import canary as registry_canary
     from lifecycle.registry.ledger import Ledger
 
     client = MlflowClient()
-    v1, v2 = _model(client, unique_name, tmp_path)
-    client.set_registered_model_alias(unique_name, "staging", v2)
-    registry_canary.start(unique_name, registry_canary.arms(unique_name, "staging"), mode="shadow", share=None)
-    records, policy = tmp_path / "records.jsonl", tmp_path / "policy.yaml"
-    policy.write_text(POLICY, encoding="utf-8")
+    v1, v2, records, policy = _shadow_started(client, unique_name, tmp_path)
     args = ("canary", unique_name, "--records", str(records), "--policy", str(policy), "--since", "1h")
 
     records.write_text("", encoding="utf-8")  # the server has answered nothing yet

@@ -56,28 +56,17 @@ def _fresh(code: str) -> str:
     return proc.stdout.strip()
 
 
-def test_after_transformers_set_tf32_with_the_new_api():
-    # What TrainingArguments(tf32=True) does on torch >= 2.9, then our scoped evaluation and a read.
-    out = _fresh("""
-        import torch
-        from transformers.utils.import_utils import enable_tf32
-        from lifecycle.precision import tf32, tf32_matmul_enabled
-        enable_tf32(True)
-        assert tf32_matmul_enabled() is True
-        with tf32(False):
-            assert tf32_matmul_enabled() is False
-        assert tf32_matmul_enabled() is True
-        print("ok")
-    """)
-    assert out == "ok"
+# What TrainingArguments(tf32=True) does on torch >= 2.9 (the new API), and what older user code does.
+NEW_API = "from transformers.utils.import_utils import enable_tf32; enable_tf32(True)"
+LEGACY = "torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True"
 
 
-def test_after_user_code_set_the_legacy_flags():
-    out = _fresh("""
+@pytest.mark.parametrize("set_before", [NEW_API, LEGACY], ids=["transformers-new-api", "legacy-flags"])
+def test_scoping_works_whichever_api_set_tf32_first(set_before):
+    out = _fresh(f"""
         import torch
         from lifecycle.precision import tf32, tf32_matmul_enabled
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        {set_before}
         assert tf32_matmul_enabled() is True
         with tf32(False):
             assert tf32_matmul_enabled() is False
