@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: Texts that unset an optional non-string field (see :func:`_unsets`); YAML's own nulls arrive as None.
 _NULL = {"", "none", "null", "~"}
 
 
@@ -123,6 +124,12 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _unsets(text: str, tp: Any, optional: bool) -> bool:
+    """Whether ``text`` unsets an optional field of type ``tp``: an empty value does, and ``none``/``null``/``~``
+    do where the field is not a string (a string field keeps them as its text, whatever their source)."""
+    return optional and (text == "" or (tp is not str and text.strip().lower() in _NULL))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     tp, optional = _strip_optional(tp)
     if isinstance(value, SetText):
@@ -131,7 +138,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = str(value)
         if tp is str:
             return value  # a string flag is taken exactly as written: "none", "" and "012" included
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+    if value is None or (isinstance(value, str) and _unsets(value, tp, optional)):
         if optional:
             return None
         raise ConfigError(f"{key}: a value is required")
@@ -201,7 +208,7 @@ def _coerce_text(text: str, tp: Any, optional: bool, key: str) -> Any:
     A ``str`` field takes the text exactly. An optional field is unset by an empty value
     (``--set KEY=``), or by ``none``/``null`` where the field is not a string.
     """
-    if optional and (text == "" or (tp is not str and text.strip().lower() in _NULL)):
+    if _unsets(text, tp, optional):
         return None
     if tp is str:
         return text

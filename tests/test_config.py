@@ -139,3 +139,36 @@ def test_set_is_typed_by_the_field(text, number):
             assert str(exc).startswith("lora.r: expected an integer")
         else:  # only numbers written another way (1e3, 2.0) are accepted
             assert float(number) == value
+
+
+def test_null_texts_follow_one_rule_from_every_source(tmp_path):
+    """none/null/~/empty as --set text, as a YAML string and as a plain mapping value: empty unsets an optional
+    field; none/null/~ unset a non-string one and stay the user's text in a string one."""
+    import json
+
+    for text in ("none", "null", "~", "None", "NULL"):
+        from_set = load_config(Cfg, None, [f"base={text}", f"budget={text}"])
+        path = tmp_path / "c.yaml"
+        path.write_text(f"base: {json.dumps(text)}\nbudget: {json.dumps(text)}\n", encoding="utf-8")
+        from_file = load_config(Cfg, path)
+        from_dict = from_mapping(Cfg, {"base": text, "budget": text})
+        for cfg in (from_set, from_file, from_dict):
+            assert (cfg.base, cfg.budget) == (text, None), (text, cfg)
+            assert flatten(cfg)["base"] == text  # the user's text round-trips into the logged params
+    for cfg in (load_config(Cfg, None, ["base=", "budget="]), from_mapping(Cfg, {"base": "", "budget": ""})):
+        assert (cfg.base, cfg.budget) == (None, None)
+    path = tmp_path / "n.yaml"
+    path.write_text("base: null\nbudget: ~\n", encoding="utf-8")  # YAML's own nulls
+    assert (load_config(Cfg, path).base, load_config(Cfg, path).budget) == (None, None)
+    with pytest.raises(ConfigError, match="budget: expected an integer"):
+        from_mapping(Cfg, {"budget": "nil"})
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=TEXT)
+def test_a_yaml_string_reaches_a_string_field_exactly(text, tmp_path_factory):
+    import yaml
+
+    path = tmp_path_factory.mktemp("yaml") / "c.yaml"
+    path.write_text(yaml.safe_dump({"base": text}, allow_unicode=True), encoding="utf-8")
+    assert load_config(Cfg, path).base == (None if text == "" else text)
