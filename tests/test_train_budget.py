@@ -240,10 +240,20 @@ def test_auto_choices_are_logged_and_reproducible(prepared_tiny, tmp_path, track
 
 
 def _prepare_auto(out: Path, *args: str) -> tuple[dict, int]:
-    """`lifecycle prepare` of the built-in corpus into ``out``: its data card and the train split's bytes."""
+    """`lifecycle prepare` of the built-in corpus into ``out``: its data card and the train split's bytes.
+    Checks the run's params: an auto size is logged as "auto", and its choice as auto.*."""
+    from mlflow import MlflowClient
+
     code, text = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(out), *args)
     assert code == 0, text
     card = json.loads((out / "data_card.json").read_text())
+    params = MlflowClient().get_run(json.loads(text.strip().splitlines()[-1])["run_id"]).data.params
+    for flag, key, chosen in (("--block-size", "pack.block_size", "block_size"),
+                              ("--vocab-size", "tokenizer.vocab_size", "vocab_size")):
+        if args[args.index(flag) + 1] == "auto":
+            assert (params[f"cfg.{key}"], params[f"auto.{key}"]) == ("auto", str(card[chosen])), params
+        else:
+            assert params[f"cfg.{key}"] == args[args.index(flag) + 1] and f"auto.{key}" not in params, params
     raw = out / "raw" / "train.jsonl"
     return card, sum(len(json.loads(line)["text"].encode("utf-8")) for line in raw.open(encoding="utf-8"))
 
@@ -290,8 +300,8 @@ def test_prepare_block_size_auto_packs_by_the_train_split_and_refuses_what_it_ca
         size = "lots" if name == "word" else "auto"
         code, out = cli_output("prepare", "--source", "builtin:pydoc", "--output", str(tmp_path / name),
                                "--block-size", size, "--max-documents", "50", *extra)
-        # One error line (click adds its usage lines above a bad word), naming the flag.
-        assert code == 2 and "--block-size" in out.strip().splitlines()[-1], (name, out)
+        # One error line, naming the flag.
+        assert code == 2 and len(out.strip().splitlines()) == 1 and "--block-size" in out, (name, out)
         assert not (tmp_path / name).exists() and "Traceback" not in out, (name, out)
 
 

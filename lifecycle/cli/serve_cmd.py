@@ -23,6 +23,7 @@ import sys
 
 import click
 
+from lifecycle.cli.params import FLOAT, INT
 from lifecycle.errors import ConfigError
 from lifecycle.serving.launch import check_port, serve_env
 
@@ -34,28 +35,28 @@ log = logging.getLogger(__name__)
 @click.option("--alias", default="production", show_default=True, help="Registry alias to serve.")
 @click.option("--version", "version", default=None, help="Serve this version number instead of an alias.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", "-p", default=5001, show_default=True, type=int,
+@click.option("--port", "-p", default=5001, show_default=True, type=INT,
               help="Port to listen on (1-65535; out of range or in use: exit 2).")
-@click.option("--workers", "-w", default=1, show_default=True, type=int,
+@click.option("--workers", "-w", default=1, show_default=True, type=INT,
               help="Server worker processes (each loads its own copy of the model; on one GPU prefer 1).")
 @click.option("--device", default=None,
               help="cuda, cuda:N or cpu (default: CUDA when available; an int8-dynamic variant falls back to cpu).")
-@click.option("--max-batch-size", type=int, default=None, help="Most rows per generate call.")
-@click.option("--batch-wait-ms", type=float, default=None,
+@click.option("--max-batch-size", type=INT, default=None, help="Most rows per generate call.")
+@click.option("--batch-wait-ms", type=FLOAT, default=None,
               help="Longest a starting batch waits for requests still being parsed (default 5; a lone request "
                    "never waits).")
 @click.option("--coalesce/--no-coalesce", default=None, help="Batch concurrent requests together (default on).")
-@click.option("--max-new-tokens-cap", type=int, default=None, help="Largest max_new_tokens a request may ask for.")
-@click.option("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")
-@click.option("--max-rows", type=int, default=None, help="Most prompts per request (default 256; more: HTTP 400).")
-@click.option("--max-body-bytes", type=int, default=None,
+@click.option("--max-new-tokens-cap", type=INT, default=None, help="Largest max_new_tokens a request may ask for.")
+@click.option("--max-prompt-tokens", type=INT, default=None, help="Cap on prompt tokens.")
+@click.option("--max-rows", type=INT, default=None, help="Most prompts per request (default 256; more: HTTP 400).")
+@click.option("--max-body-bytes", type=INT, default=None,
               help="Largest request body in bytes (default 4 MiB; larger: HTTP 413).")
-@click.option("--max-stop-chars", type=int, default=None, help="Longest stop string (default 64; longer: HTTP 400).")
+@click.option("--max-stop-chars", type=INT, default=None, help="Longest stop string (default 64; longer: HTTP 400).")
 @click.option("--inference-log", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per request here (LIFECYCLE_INFERENCE_LOG).")
 @click.option("--log-text", is_flag=True, default=False,
               help="Also record prompts and completions, PII-scrubbed (LIFECYCLE_INFERENCE_LOG_TEXT=1).")
-@click.option("--timeout", type=int, default=None, help="Request timeout in seconds (MLflow's default: 60).")
+@click.option("--timeout", type=INT, default=None, help="Request timeout in seconds (MLflow's default: 60).")
 @click.option("--canary", "canary", metavar="ALIAS", default=None,
               help="Also serve the version behind ALIAS (e.g. staging) to --canary-share of the requests.")
 @click.option("--canary-share", default=None, metavar="SHARE",
@@ -63,9 +64,9 @@ log = logging.getLogger(__name__)
                    "default). Sticky by the X-Routing-Key header or the routing_key param.")
 @click.option("--shadow", "shadow", metavar="ALIAS", default=None,
               help="Answer from production; send a copy of each request to the version behind ALIAS (recorded only).")
-@click.option("--refresh-s", type=float, default=None,
+@click.option("--refresh-s", type=FLOAT, default=None,
               help="With --canary/--shadow: seconds between re-reads of the aliases and the share (default 5).")
-@click.option("--shadow-queue", type=int, default=None,
+@click.option("--shadow-queue", type=INT, default=None,
               help="With --shadow: copies waiting at most; more are dropped and counted (default 8).")
 def serve(name: str, alias: str, version: str | None, host: str, port: int, workers: int, device: str | None,
           max_batch_size: int | None, batch_wait_ms: float | None, coalesce: bool | None,

@@ -9,6 +9,7 @@ from typing import Iterable
 
 import click
 
+from lifecycle.cli.params import FLOAT, INT
 from lifecycle.errors import ConfigError
 
 
@@ -43,12 +44,12 @@ def exit_promptly() -> None:
 @click.option("--preset", help="Model size when training from scratch: tiny, small, gpt2, or auto (sized for the "
                               "data and the time budget).")
 @click.option("--base-model", help="Fine-tune this model: folder, hub name, runs:/ or models:/NAME@ALIAS.")
-@click.option("--max-steps", type=int, help="Optimizer steps (default 200; with --time-budget: no limit but the time).")
+@click.option("--max-steps", type=INT, help="Optimizer steps (default 200; with --time-budget: no limit but the time).")
 @click.option("--time-budget", help="Wall-clock budget of the training loop, evaluations and checkpoints included "
                                     "(90s, 10m, 1h or seconds); steps and LR schedule are fitted to it.")
-@click.option("--batch-size", type=int, help="Micro-batch per process (global = batch * grad_accum * processes).")
-@click.option("--learning-rate", type=float, help="Peak learning rate (default 1e-3; --preset auto: chosen by width).")
-@click.option("--seed", type=int, help="Seed of model init and data order.")
+@click.option("--batch-size", type=INT, help="Micro-batch per process (global = batch * grad_accum * processes).")
+@click.option("--learning-rate", type=FLOAT, help="Peak learning rate (default 1e-3; --preset auto: chosen by width).")
+@click.option("--seed", type=INT, help="Seed of model init and data order.")
 @click.option("--output", help="Checkpoint folder (default: checkpoints/<run_id>/, one folder per run).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output, or without --output "
                                              "of the run under checkpoints/ that saved last (same MLflow run).")
