@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._models import GPT2_VOCAB, PEAK_BF16_TFLOPS, Vocab, build_on, flops_per_token  # noqa: E402
+from lifecycle.precision import tf32  # noqa: E402
 from lifecycle.train.config import TrainConfig  # noqa: E402
 from lifecycle.train.data import PreparedData  # noqa: E402
 from lifecycle.train.distributed import DistContext, pick_device  # noqa: E402
@@ -282,8 +283,9 @@ def main() -> None:
         tmp_tracking = tempfile.mkdtemp(prefix="bench-mlflow-")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_tracking}/mlflow.db"
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for the whole benchmark process, as the project's loop has it inside fit(): the bare
+        # and HF loops do the same math. Entered, never exited: the process ends with main().
+        tf32(True).__enter__()
     gen = torch.Generator().manual_seed(0)
     rows = max(4 * args.batch_size, 64)
     vocab = Vocab(args.vocab)

@@ -242,6 +242,7 @@ def train_smoke(cpu: bool, fig: Figures) -> None:
     import torch
 
     from benchmarks._models import flops_per_token
+    from lifecycle.precision import tf32_matmul_enabled
     from lifecycle.train.distributed import pick_device
 
     s = TRAIN["cpu" if cpu else "gpu"]
@@ -269,7 +270,7 @@ def train_smoke(cpu: bool, fig: Figures) -> None:
                 checkpoint_stall_s=round(rec_a.at[last + 1] - rec_a.at[last] - step_s, 3),
                 checkpoint_gib=round(folder_bytes(ckpt) / 2**30, 3), run_s=round(time.perf_counter() - start, 1),
                 final_train_loss=rec_a.loss[s.steps], val_loss=rec_a.val,
-                tf32_matmul_after_fit=torch.backends.cuda.matmul.allow_tf32)
+                tf32_matmul_after_fit=tf32_matmul_enabled())
         final_a = {k: v.detach().to("cpu", copy=True) for k, v in res_a.model.state_dict().items()}
         del res_a
         after = range(s.checkpoint_at + 1, s.steps + 1)
@@ -309,6 +310,7 @@ def eval_precisions(cpu: bool, fig: Figures) -> None:
 
     from benchmarks._models import build_on, corpus, corpus_tokenizer
     from lifecycle.evaluate.loss import block_losses, pack_documents
+    from lifecycle.precision import tf32, tf32_matmul_enabled
     from lifecycle.train.data import PreparedData
     from lifecycle.train.distributed import DistContext, pick_device
     from lifecycle.train.loop import Trainer
@@ -332,7 +334,7 @@ def eval_precisions(cpu: bool, fig: Figures) -> None:
         shutil.rmtree(work, ignore_errors=True)
     model = result.model.float().eval()
     fig.add(train_steps=result.steps, final_train_loss=result.final_train_loss,
-            tf32_matmul_after_fit=torch.backends.cuda.matmul.allow_tf32)
+            tf32_matmul_after_fit=tf32_matmul_enabled())
     held_out = blocks[-n_eval:].numpy()
     dev = str(device)
 
@@ -344,14 +346,12 @@ def eval_precisions(cpu: bool, fig: Figures) -> None:
         fig.add(**{f"loss_{label}": r.loss, f"tokens_per_s_{label}": round(r.tokens_per_s, 1)})
         return r.loss
 
-    # The evaluate stage runs in its own process, where TF32 is off unless something turned it on.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    fp32 = score("fp32")
+    # The evaluate stage scopes TF32 off (lifecycle.precision); fp32_tf32 shows what it would cost.
+    with tf32(False):
+        fp32 = score("fp32")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        score("fp32_tf32")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+        with tf32(True):
+            score("fp32_tf32")
     autocast = score("bf16_autocast", autocast=True)
     model.to(torch.bfloat16)
     bf16 = score("bf16_weights")

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,7 +29,17 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: Texts that unset an optional non-string field (see :func:`_unsets`); YAML's own nulls arrive as None.
 _NULL = {"", "none", "null", "~"}
+#: A number as text: ASCII digits only. Python's int()/float() also read other scripts' digits ("٥"),
+#: underscores ("1_000") and "infinity"; a user's text is never re-parsed into a number it does not show.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|nan)",
+                     re.ASCII | re.IGNORECASE)
+
+
+def number_text(value: Any) -> bool:
+    """Whether ``value`` (text from a flag, ``--set`` or a mapping) is written as a plain number."""
+    return not isinstance(value, str) or _NUMBER.fullmatch(value.strip()) is not None
 
 
 class SetText(str):
@@ -123,6 +134,12 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _unsets(text: str, tp: Any, optional: bool) -> bool:
+    """Whether ``text`` unsets an optional field of type ``tp``: an empty value does, and ``none``/``null``/``~``
+    do where the field is not a string (a string field keeps them as its text, whatever their source)."""
+    return optional and (text == "" or (tp is not str and text.strip().lower() in _NULL))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     tp, optional = _strip_optional(tp)
     if isinstance(value, SetText):
@@ -131,7 +148,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = str(value)
         if tp is str:
             return value  # a string flag is taken exactly as written: "none", "" and "012" included
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+    if value is None or (isinstance(value, str) and _unsets(value, tp, optional)):
         if optional:
             return None
         raise ConfigError(f"{key}: a value is required")
@@ -158,6 +175,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        if not number_text(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(str(value).strip())
         except ValueError:
@@ -171,6 +190,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not number_text(value):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
@@ -201,7 +222,7 @@ def _coerce_text(text: str, tp: Any, optional: bool, key: str) -> Any:
     A ``str`` field takes the text exactly. An optional field is unset by an empty value
     (``--set KEY=``), or by ``none``/``null`` where the field is not a string.
     """
-    if optional and (text == "" or (tp is not str and text.strip().lower() in _NULL)):
+    if _unsets(text, tp, optional):
         return None
     if tp is str:
         return text
@@ -217,6 +238,8 @@ def _coerce_text(text: str, tp: Any, optional: bool, key: str) -> Any:
     if tp in (bool, int):
         return _coerce(text, tp, key)  # a string already takes the one path for true/false and integers
     if tp is float:
+        if not number_text(text):
+            raise ConfigError(f"{key}: expected a number, got {text!r}")
         try:
             number = float(text)
         except ValueError:

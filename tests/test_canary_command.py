@@ -88,18 +88,25 @@ def test_challenger_defaults_to_the_canary_in_progress(unique_name, tmp_path):
     assert code == 5 and "no registered model" in out
 
 
+def _shadow_started(client, name: str, tmp_path: Path):
+    """Two versions, @staging as a shadow challenger started in the ledger, a policy file: (v1, v2, records, policy)."""
+    from lifecycle.registry import canary as registry_canary
+
+    v1, v2 = _model(client, name, tmp_path)
+    client.set_registered_model_alias(name, "staging", v2)
+    registry_canary.start(name, registry_canary.arms(name, "staging"), mode="shadow", share=None)
+    records, policy = tmp_path / "records.jsonl", tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    return v1, v2, records, policy
+
+
 def test_dropped_copies_reach_the_ledger_and_the_report_counted_apart(unique_name, tmp_path):
     from mlflow import MlflowClient
 
-    from lifecycle.registry import canary as registry_canary
     from lifecycle.registry.ledger import Ledger
 
     client = MlflowClient()
-    v1, v2 = _model(client, unique_name, tmp_path)
-    client.set_registered_model_alias(unique_name, "staging", v2)
-    registry_canary.start(unique_name, registry_canary.arms(unique_name, "staging"), mode="shadow", share=None)
-    records, policy = tmp_path / "records.jsonl", tmp_path / "policy.yaml"
-    policy.write_text(POLICY, encoding="utf-8")
+    v1, v2, records, policy = _shadow_started(client, unique_name, tmp_path)
     _shadow_records(records, unique_name, v1, v2, dropped=400)
 
     code, out = cli_output("canary", unique_name, "--records", str(records), "--policy", str(policy))
@@ -146,3 +153,44 @@ def test_mlproject_entry_point_runs_the_canary_command(unique_name, tmp_path):
     assert f"shadow v{v2} (@blue, from canary_start #1)" in proc.stdout and "shadow copies dropped 3" in proc.stdout
     proc = entry_point(challenger="nosuch", act="true")
     assert proc.returncode == 5 and "no @nosuch alias" in proc.stderr, proc.stdout + proc.stderr[-2000:]
+
+
+def test_canary_reads_what_the_records_file_really_holds(unique_name, tmp_path):
+    """An empty records file: verdict 10 with 0 requests. Damaged lines: skipped, counted on screen and in the
+    verdict. Another model's records (a file shared by two servers): left out and counted. A third version of
+    the model: refused (exit 4, one line naming it, nothing recorded)."""
+    from mlflow import MlflowClient
+
+    from lifecycle.registry.ledger import Ledger
+
+    client = MlflowClient()
+    v1, v2, records, policy = _shadow_started(client, unique_name, tmp_path)
+    args = ("canary", unique_name, "--records", str(records), "--policy", str(policy), "--since", "1h")
+
+    records.write_text("", encoding="utf-8")  # the server has answered nothing yet
+    code, out = cli_output(*args)
+    assert code == 10 and "requests: production 0, challenger 0" in out, out
+    assert Ledger(client).events(unique_name)[-1].gates[0]["records_skipped"] == 0
+
+    _shadow_records(records, unique_name, v1, v2, dropped=0)
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    with records.open("a", encoding="utf-8") as fh:
+        fh.write('{"ts": "not a time", "latency_ms": 1}\n{"ts": "2026-\n')  # damaged: skipped, said, counted
+        fh.write("".join(json.dumps(dict(rec(name="other-model", version="7"), ts=now)) + "\n" for _ in range(5)))
+    with records.open("ab") as fh:
+        fh.write(b"\xff\xfe garbage\n")
+    code, out = cli_output(*args)
+    assert code == 0, out
+    assert ("requests: production 150, challenger 150, damaged lines skipped 3, other models' records left out 5"
+            in out), out
+    head = Ledger(client).events(unique_name)[-1].gates[0]
+    assert (head["code"], head["production"], head["challenger"], head["records_skipped"]) == (0, 150, 150, 3)
+
+    before = len(Ledger(client).events(unique_name))
+    v3 = str(client.create_model_version(unique_name, client.get_model_version(unique_name, v1).source).version)
+    with records.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(dict(rec(name=unique_name, version=v3), ts=now)) + "\n")
+    code, out = cli_output(*args)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 4 and len(lines) == 1 and f"{unique_name} v{v3} (1)" in lines[0] and "--since" in lines[0], out
+    assert len(Ledger(client).events(unique_name)) == before

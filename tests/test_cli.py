@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lifecycle.errors import LifecycleError
 from tests.cli import cli
@@ -131,6 +133,39 @@ def test_train_pipeline_retrain_string_flags_reach_the_config_exactly(monkeypatc
         assert (name_arg, new_data, cfg.text_column) == ("m", text, text)
     else:
         assert _one_line_refusal(code, err), (code, err)
+
+
+PLAIN_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+DIGITS = st.sampled_from(["٥", "５", "۳", "१", "1_000", "Infinity", "½", "0x10", "1e", "", "-", "7 7"])
+
+
+@pytest.mark.tried("cli", "any text to integer and number flags (train --max-steps/--learning-rate): other scripts' "
+                   "digits, underscores, 'Infinity', whitespace (hypothesis)",
+                   "a plain ASCII number reaches the config as written; anything else is one line, exit 2")
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(TEXT, DIGITS, st.integers(-10**6, 10**6).map(str)))
+def test_number_flags_take_plain_ascii_numbers_only(monkeypatch, capsys, text):
+    seen = _record(monkeypatch, "lifecycle.train.run:train")
+    code = cli("train", "--data", "d", "--max-steps", text)
+    err = capsys.readouterr().err
+    if "args" in seen:
+        assert PLAIN_INT.fullmatch(text.strip()) and seen["args"][0].max_steps == int(text)
+    else:
+        assert _one_line_refusal(code, err), (code, err)
+        assert not PLAIN_INT.fullmatch(text.strip()) or int(text) <= 0, text
+    seen = _record(monkeypatch, "lifecycle.train.run:train")
+    code = cli("train", "--data", "d", "--learning-rate", text)
+    err = capsys.readouterr().err
+    if "args" in seen:
+        assert text.strip().isascii() and "_" not in text and seen["args"][0].learning_rate == float(text)
+    else:
+        assert _one_line_refusal(code, err), (code, err)
+
+
+def test_usage_errors_are_one_line(capsys):
+    for args in (["train", "--bogus"], ["nocmd"], ["train", "--max-steps"], ["serve", "--port", "١"]):
+        assert _one_line_refusal(cli(*args), err := capsys.readouterr().err), (args, err)
+        assert err.rstrip().endswith("--help')"), err
 
 
 def test_set_on_the_command_line_is_typed_by_the_field(monkeypatch, capsys):

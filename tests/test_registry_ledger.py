@@ -299,3 +299,18 @@ def test_model_names_of_any_text(client, unique_name, capsys):
 
     one()
     assert snapshot(client, unique_name) == before
+
+
+def test_an_event_without_a_sequence_number_is_refused_before_any_write(client, unique_name):
+    """Numbering an event inside write/append would read the ledger outside the caller's lock (two writers could
+    take one number): every writer takes its seq under the lock, and a missing one is refused, nothing written."""
+    make_version(client, unique_name)
+    led = L.Ledger(client)
+    before = snapshot(client, unique_name)
+    for write in (led.append, led.write):
+        with pytest.raises(ValueError, match="has no sequence number"):
+            write(L.Event(model=unique_name, action=L.GUARD_FAILED, target="production", reason="r"))
+    assert snapshot(client, unique_name) == before and led.events(unique_name) == []
+    first = led.append(L.Event(model=unique_name, action=L.GUARD_FAILED, target="production", reason="r",
+                               seq=led.next_seq(unique_name)))
+    assert [e.seq for e in led.events(unique_name)] == [first.seq] == [1]

@@ -128,10 +128,10 @@ def test_guard_failed_is_shown_until_repaired(client, unique_name, capsys):
     name = unique_name
     v1 = make_version(client, name)
     assert cli("promote", name, v1, "--to", "production") == 0
-    # Exactly what the guard writes after giving up (no lock, no sequence number).
-    L.Ledger(client).append(L.Event(action="guard_failed", model=name, target="production",
-                                    reason="reconcile failed 5 times: cannot reach the tracking server",
-                                    actor="guard:ops"))
+    # What the guard writes after giving up (its receiver numbers it with next_seq under the lock).
+    led = L.Ledger(client)
+    led.append(L.Event(action="guard_failed", model=name, target="production", seq=led.next_seq(name),
+                       reason="reconcile failed 5 times: cannot reach the tracking server", actor="guard:ops"))
     for _ in range(6):
         assert cli("promote", name, v1, "--to", "staging", "--dry-run") == 0
     capsys.readouterr()
@@ -202,3 +202,40 @@ def test_status_tells_a_move_in_progress_from_a_half_done_one(client, unique_nam
         assert len(problems) == 1 and problems[0].startswith("IN PROGRESS: event #1 (promote @staging -> v1)")
     problems = status(name, client=client)["problems"]
     assert len(problems) == 1 and problems[0].startswith("HALF-DONE: event #1"), problems
+
+
+def test_repair_settles_a_half_done_canary_rollback_of_a_custom_alias(client, unique_name, capsys):
+    """`lifecycle canary --act` deletes the challenger's alias, whatever its name: a rollback killed half-way on
+    @candidate used to stay HALF-DONE forever, since repair only looked at staging and production."""
+    from lifecycle.registry.status import status
+
+    name = unique_name
+    v1, v2 = make_version(client, name), make_version(client, name)
+    assert cli("promote", name, v1, "--to", "production") == 0
+    client.set_registered_model_alias(name, "candidate", v2)
+
+    def half_done_rollback() -> L.Event:  # what `canary --act` leaves when killed between its ledger write and its end
+        return _write(client, L.Event(model=name, action=L.CANARY_ROLLBACK, target="candidate", from_version=v2,
+                                      to_version=None, effective=True, challenger_alias="candidate",
+                                      reason="canary verdict 11"), L.PENDING)
+
+    # Killed before the alias was deleted: the rollback never happened, the alias stays.
+    first = half_done_rollback()
+    assert any(p.startswith(f"HALF-DONE: event #{first.seq} (canary_rollback @candidate")
+               for p in status(name, client=client)["problems"])
+    capsys.readouterr()
+    assert cli("repair", name) == 0
+    out = capsys.readouterr().out
+    assert f"settled @candidate: #{first.seq} canary_rollback -> no alias never happened (marked failed)" in out, out
+    assert aliases(client, name) == {"production": v1, "candidate": v2}
+    assert status(name, client=client)["problems"] == []
+
+    # Killed after the delete, before confirming it: the registry shows the rollback, so it is done.
+    second = half_done_rollback()
+    client.delete_registered_model_alias(name, "candidate")
+    assert cli("repair", name) == 0
+    assert f"#{second.seq} canary_rollback -> no alias done (the registry shows the move)" in capsys.readouterr().out
+    states = {e.seq: e.state for e in L.Ledger(client).events(name)}
+    assert (states[first.seq], states[second.seq]) == (L.FAILED, L.DONE)
+    assert aliases(client, name) == {"production": v1} and status(name, client=client)["problems"] == []
+    assert cli("repair", name) == 0 and "nothing to repair" in capsys.readouterr().out

@@ -119,10 +119,10 @@ def test_torchrun_budget_too_small_is_refused_by_every_rank_before_any_run(prepa
     refusals = [x for x in done.stderr.splitlines() if x.startswith("Error: ")]
     assert len(refusals) == 1 and "too small" in refusals[0] and "give at least" in refusals[0], done.stderr[-3000:]
     # torchrun's summary names each failed rank with its exit code: both refused with the usage code.
-    # Rank 1 prints nothing (only rank 0 reports errors): exit 2 is its own refusal. Rank 0 refused
-    # with the line above; its slower teardown (MLflow, the printing) may still be under way when
-    # torchrun looks (it was, on a loaded machine, 5 s after the refusal), and then torchrun ends it (-15).
+    # Rank 1 prints nothing (only rank 0 reports errors): exit 2 is its own refusal. Each rank ends
+    # about 0.3 s after refusing (train_cmd.exit_promptly skips the final GC walk, which took 2-3 s
+    # per rank here and let torchrun, looking 5 s later on a loaded machine, kill rank 0 with -15).
     exits = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", done.stderr))
-    assert exits.get("1") == "2" and exits.get("0") in ("2", "-15"), done.stderr[-3000:]
+    assert exits == {"0": "2", "1": "2"}, done.stderr[-3000:]
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
-    assert not CheckpointManager(tmp_path / "o").checkpoints()
+    assert not (tmp_path / "o").exists()  # the lock's folder too: removed by the refusing rank 0

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifecycle.errors import ConcurrencyError, ConfigError, NotFoundError
-from lifecycle.precision import tf32
+from lifecycle.precision import tf32_matmul_enabled
 from lifecycle.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lifecycle.train.config import TrainConfig
 from lifecycle.train.data import load_prepared
@@ -130,32 +130,18 @@ def test_resume_on_cuda_restores_the_devices_rng_and_continues(data, tmp_path):
 # -- TF32 -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("before", [True, False])
-def test_tf32_context_restores_the_previous_setting(before):
-    torch.backends.cuda.matmul.allow_tf32 = before
-    torch.backends.cudnn.allow_tf32 = before
-    try:
-        with tf32(not before):
-            assert torch.backends.cuda.matmul.allow_tf32 is (not before)
-            assert torch.backends.cudnn.allow_tf32 is (not before)
-        assert torch.backends.cuda.matmul.allow_tf32 is before and torch.backends.cudnn.allow_tf32 is before
-        with pytest.raises(RuntimeError), tf32(not before):
-            raise RuntimeError("a failing block restores too")
-        assert torch.backends.cuda.matmul.allow_tf32 is before and torch.backends.cudnn.allow_tf32 is before
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-
-
 def test_training_leaves_the_process_tf32_setting_as_it_found_it(data, tmp_path):
-    torch.backends.cuda.matmul.allow_tf32 = True  # e.g. the user's own choice before training
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"  # e.g. the user's own choice before training
     try:
         _trainer(TrainConfig(**{**FAST, "max_steps": 2}, output=str(tmp_path / "ck")), data).fit()
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert tf32_matmul_enabled() is True and matmul.fp32_precision == "tf32"
+        matmul.fp32_precision = "ieee"
+        _trainer(TrainConfig(**{**FAST, "max_steps": 2}, output=str(tmp_path / "ck2")), data).fit()
+        assert tf32_matmul_enabled() is False and matmul.fp32_precision == "ieee"
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    _trainer(TrainConfig(**{**FAST, "max_steps": 2}, output=str(tmp_path / "ck2")), data).fit()
-    assert torch.backends.cuda.matmul.allow_tf32 is False
+        matmul.fp32_precision = before
 
 
 # -- background saves -----------------------------------------------------------------------------

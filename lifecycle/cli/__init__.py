@@ -152,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line, as every other refusal: click's own form adds a usage block and a hint.
+        if not quiet_rank:
+            where = exc.ctx.command_path if exc.ctx is not None else "lifecycle"
+            message = "; ".join(line.strip() for line in _shown(exc.format_message()).splitlines() if line.strip())
+            click.echo(f"Error: {message} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.message = _shown(exc.message)
         exc.show()

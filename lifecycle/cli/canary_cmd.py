@@ -70,12 +70,15 @@ def canary(name: str, challenger_alias: str | None, since: str | None, records: 
     click.echo(f"  requests: production {verdict.production.requests}, challenger {verdict.challenger.requests}"
                + (f", shadow copies dropped {verdict.shadow_dropped} (queue full; not errors)"
                   if verdict.shadow_dropped else "")
-               + (f", damaged lines skipped {len(read.skipped)}" if read.skipped else ""))
+               + (f", damaged lines skipped {len(read.skipped)}" if read.skipped else "")
+               + (f", other models' records left out {sum(split.other_models.values())}"
+                  if split.other_models else ""))
     gates = [dict(c.to_gate(), mode=rules.mode) for c in verdict.comparisons]
     event = registry_canary.record_verdict(name, arms, code=verdict.code, reason=verdict.reason, gates=gates,
                                            policy=pol, requests=(verdict.production.requests,
                                                                  verdict.challenger.requests),
-                                           shadow_dropped=verdict.shadow_dropped)
+                                           shadow_dropped=verdict.shadow_dropped,
+                                           records_skipped=len(read.skipped))
     click.echo(f"Verdict: {verdict.code} ({verdict.word}: {verdict.reason}) [ledger #{event.seq}]")
     if act:
         _act(name, arms, verdict, gates, pol, shadow=shadow)

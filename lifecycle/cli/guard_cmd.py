@@ -6,6 +6,8 @@ import os
 
 import click
 
+from lifecycle.cli.params import FloatRange, IntRange
+
 
 @click.group()
 def guard() -> None:
@@ -16,19 +18,19 @@ def guard() -> None:
 @click.option("--policy", "policy", default=None,
               help="Policy YAML (default: ./registry_policies/default.yaml, else the copy in the package).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8787, show_default=True, type=IntRange(0, 65535))
 @click.option("--secret", default=None, help="Webhook secret (default: env LIFECYCLE_GUARD_SECRET).")
-@click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-attempts", default=8, show_default=True, type=IntRange(min=1),
               help="Reconcile tries per delivery before a guard_failed ledger event is recorded.")
-@click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(min=0.001, max=86_399),
+@click.option("--retry-delay", default=1.0, show_default=True, type=FloatRange(min=0.001, max=86_399),
               help="Seconds before the first retry of a failed reconcile; doubles per attempt.")
-@click.option("--retry-max-delay", default=60.0, show_default=True, type=click.FloatRange(min=0.001, max=86_399),
+@click.option("--retry-max-delay", default=60.0, show_default=True, type=FloatRange(min=0.001, max=86_399),
               help="Longest wait between retries.")
-@click.option("--queue-size", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--queue-size", default=256, show_default=True, type=IntRange(min=1),
               help="Reconciles that may wait; when full, deliveries get 503 (MLflow retries them).")
-@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.001, max=86_399),
+@click.option("--read-timeout", default=10.0, show_default=True, type=FloatRange(min=0.001, max=86_399),
               help="Seconds a client has to send a request's headers, and then its body (else 408).")
-@click.option("--max-connections", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-connections", default=64, show_default=True, type=IntRange(min=1),
               help="Open connections; more get 503.")
 def guard_serve(policy: str | None, host: str, port: int, secret: str | None, max_attempts: int,
                 retry_delay: float, retry_max_delay: float, queue_size: int, read_timeout: float,

@@ -6,14 +6,16 @@ import sys
 
 import click
 
+from lifecycle.cli.params import FLOAT, INT
+
 
 @click.command("tune")
 @click.option("--data", required=True, help="Prepared data: a folder or runs:/<run_id>/prepared.")
 @click.option("--space", "space_path", required=True, type=click.Path(dir_okay=False),
               help="Search-space YAML (params, fixed, pruner, sampler, enqueue); see examples/tune_space.yaml.")
-@click.option("--trials", type=int, required=True,
+@click.option("--trials", type=INT, required=True,
               help="Finished trials the study should hold (a resume runs the rest).")
-@click.option("--jobs", type=int, default=1, show_default=True,
+@click.option("--jobs", type=INT, default=1, show_default=True,
               help="Trials run in parallel (threads of this process).")
 @click.option("--study-name", help="Optuna study name (default: <model-name>-tune); the same name resumes.")
 @click.option("--storage", help="Optuna storage URL (default: optuna.db beside a sqlite tracking database).")
@@ -24,7 +26,7 @@ import click
               help="Override a shared TrainConfig key (repeatable).")
 @click.option("--output", help="Folder for the trials' checkpoints (default: tune/<study-name>).")
 @click.option("--experiment", help="MLflow experiment of the parent run.")
-@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--timeout", type=FLOAT, help="Stop starting new trials after this many seconds.")
 @click.option("--no-register", is_flag=True, help="Do not register the best trial's model.")
 def tune(data: str, space_path: str, trials: int, jobs: int, study_name: str | None, storage: str | None,
          model_name: str | None, config_path: str | None, overrides: tuple[str, ...], output: str | None,

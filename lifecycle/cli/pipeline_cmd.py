@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lifecycle.cli.params import INT
+
 
 @click.command("pipeline")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -13,7 +15,7 @@ import click
 @click.option("--source", help="Corpus to prepare (default: builtin:pydoc).")
 @click.option("--model-name", help="Registered model name (default: lifecycle-lm).")
 @click.option("--preset", help="Model size: tiny, small or gpt2 (default: tiny).")
-@click.option("--max-steps", type=int, help="Training steps (default: 300; with --time-budget: no limit but the time).")
+@click.option("--max-steps", type=INT, help="Training steps (default: 300; with --time-budget: no limit but the time).")
 @click.option("--time-budget", help="Wall-clock budget of the training step (90s, 10m, 1h or seconds).")
 @click.option("--workdir", help="Folder for prepared data and checkpoints (default: outputs).")
 @click.option("--policy", help="Promotion policy file (default: registry_policies/default.yaml).")

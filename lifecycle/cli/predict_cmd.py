@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lifecycle.cli.params import FLOAT, INT
+
 
 @click.command("predict")
 @click.argument("model_uri")
@@ -12,15 +14,15 @@ import click
               help="Output: .jsonl (a file) or .parquet (a folder of part files). Rerunning resumes it.")
 @click.option("--prompt-column", default="prompt", show_default=True, help="Input column holding the prompts.")
 @click.option("--id-column", help="Input column of unique row ids (default: id if present, else the row number).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Rows per pyfunc call.")
-@click.option("--max-new-tokens", type=int, help="Most tokens generated per row (default: the model's).")
-@click.option("--temperature", type=float, help="Sampling temperature (with --do-sample).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold (with --do-sample).")
-@click.option("--top-k", type=int, help="Top-k sampling (with --do-sample; 0 = off).")
+@click.option("--batch-size", type=INT, default=16, show_default=True, help="Rows per pyfunc call.")
+@click.option("--max-new-tokens", type=INT, help="Most tokens generated per row (default: the model's).")
+@click.option("--temperature", type=FLOAT, help="Sampling temperature (with --do-sample).")
+@click.option("--top-p", type=FLOAT, help="Nucleus sampling threshold (with --do-sample).")
+@click.option("--top-k", type=INT, help="Top-k sampling (with --do-sample; 0 = off).")
 @click.option("--do-sample", is_flag=True, default=None, help="Sample instead of greedy decoding.")
-@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--seed", type=INT, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--repetition-penalty", type=float, help="Repetition penalty (> 0).")
+@click.option("--repetition-penalty", type=FLOAT, help="Repetition penalty (> 0).")
 @click.option("--truncate", is_flag=True, default=None, help="Cut prompts over the context instead of refusing.")
 @click.option("--device", help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--overwrite", is_flag=True, help="Replace an output that belongs to another job.")

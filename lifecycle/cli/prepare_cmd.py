@@ -6,6 +6,8 @@ import json
 
 import click
 
+from lifecycle.cli.params import INT
+
 
 def _whole_or_auto(text: str | None, flag: str) -> int | None:
     """``--vocab-size`` / ``--block-size``: a whole number (the config checks its range) or ``auto``."""
@@ -30,7 +32,7 @@ def _whole_or_auto(text: str | None, flag: str) -> int | None:
               help="Vocabulary size of a trained BPE tokenizer, or auto (sized by the train split).")
 @click.option("--block-size", default=None, metavar="N|auto",
               help="Tokens per packed block, or auto (sized by the train split; raw text, tokenizer trained here).")
-@click.option("--max-documents", type=int, default=None, help="Read at most this many documents.")
+@click.option("--max-documents", type=INT, default=None, help="Read at most this many documents.")
 @click.option("--text-column", default=None, help="Column holding the text (jsonl/json/csv/parquet/datasets).")
 @click.option("--format", "data_format", type=click.Choice(["auto", "lm", "sft"]), default=None,
               help="lm: raw text packed into blocks; sft: prompt/response or chat records (loss on responses); "
@@ -46,8 +48,8 @@ def _whole_or_auto(text: str | None, flag: str) -> int | None:
 @click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
               help="Non-UTF-8 bytes: fail (strict) or replace and count.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output folder.")
-@click.option("--num-proc", type=int, default=None, help="Worker processes for the per-document steps.")
-@click.option("--seed", type=int, default=None, help="Seed of the split hash and MinHash permutations.")
+@click.option("--num-proc", type=INT, default=None, help="Worker processes for the per-document steps.")
+@click.option("--seed", type=INT, default=None, help="Seed of the split hash and MinHash permutations.")
 def prepare(source: str | None, output: str, config_path: str | None, overrides: tuple[str, ...],
             tokenizer: str | None, vocab_size: str | None, block_size: str | None, max_documents: int | None,
             text_column: str | None, data_format: str | None, prompt_column: str | None,

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from lifecycle.cli.params import INT
 from lifecycle.errors import GateRejected
 
 
@@ -20,7 +21,7 @@ from lifecycle.errors import GateRejected
 @click.option("--since", help="Only served prompts since this ISO time or duration (24h, 7d). [default: all]")
 @click.option("--text-column", help="Column of the text in jsonl/csv/parquet new data (default: text).")
 @click.option("--from-alias", help="Alias of the version to fine-tune from (default: production).")
-@click.option("--max-steps", type=int, help="Fine-tuning steps (default: 100).")
+@click.option("--max-steps", type=INT, help="Fine-tuning steps (default: 100).")
 @click.option("--workdir", help="Folder for the prepared new data and the checkpoints (default: retrain).")
 @click.option("--policy", type=click.Path(dir_okay=False),
               help="Promotion policy file (default: registry_policies/default.yaml).")

@@ -23,6 +23,7 @@ import sys
 
 import click
 
+from lifecycle.cli.params import FLOAT, INT
 from lifecycle.errors import ConfigError
 from lifecycle.serving.launch import check_port, serve_env
 
@@ -34,44 +35,44 @@ log = logging.getLogger(__name__)
 @click.option("--alias", default="production", show_default=True, help="Registry alias to serve.")
 @click.option("--version", "version", default=None, help="Serve this version number instead of an alias.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", "-p", default=5001, show_default=True, type=int,
+@click.option("--port", "-p", default=5001, show_default=True, type=INT,
               help="Port to listen on (1-65535; out of range or in use: exit 2).")
-@click.option("--workers", "-w", default=1, show_default=True, type=int,
+@click.option("--workers", "-w", default=1, show_default=True, type=INT,
               help="Server worker processes (each loads its own copy of the model; on one GPU prefer 1).")
 @click.option("--device", default=None,
               help="cuda, cuda:N or cpu (default: CUDA when available; an int8-dynamic variant falls back to cpu).")
-@click.option("--max-batch-size", type=int, default=None, help="Most rows per generate call.")
-@click.option("--batch-wait-ms", type=float, default=None,
+@click.option("--max-batch-size", type=INT, default=None, help="Most rows per generate call.")
+@click.option("--batch-wait-ms", type=FLOAT, default=None,
               help="Longest a starting batch waits for requests still being parsed (default 5; a lone request "
                    "never waits).")
 @click.option("--coalesce/--no-coalesce", default=None, help="Batch concurrent requests together (default on).")
-@click.option("--max-new-tokens-cap", type=int, default=None, help="Largest max_new_tokens a request may ask for.")
-@click.option("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")
-@click.option("--max-rows", type=int, default=None, help="Most prompts per request (default 256; more: HTTP 400).")
-@click.option("--max-body-bytes", type=int, default=None,
+@click.option("--max-new-tokens-cap", type=INT, default=None, help="Largest max_new_tokens a request may ask for.")
+@click.option("--max-prompt-tokens", type=INT, default=None, help="Cap on prompt tokens.")
+@click.option("--max-rows", type=INT, default=None, help="Most prompts per request (default 256; more: HTTP 400).")
+@click.option("--max-body-bytes", type=INT, default=None,
               help="Largest request body in bytes (default 4 MiB; larger: HTTP 413).")
-@click.option("--max-stop-chars", type=int, default=None, help="Longest stop string (default 64; longer: HTTP 400).")
+@click.option("--max-stop-chars", type=INT, default=None, help="Longest stop string (default 64; longer: HTTP 400).")
 @click.option("--inference-log", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per request here (LIFECYCLE_INFERENCE_LOG).")
 @click.option("--log-text", is_flag=True, default=False,
               help="Also record prompts and completions, PII-scrubbed (LIFECYCLE_INFERENCE_LOG_TEXT=1).")
-@click.option("--timeout", type=int, default=None, help="Request timeout in seconds (MLflow's default: 60).")
+@click.option("--timeout", type=INT, default=None, help="Request timeout in seconds (MLflow's default: 60).")
 @click.option("--canary", "canary", metavar="ALIAS", default=None,
               help="Also serve the version behind ALIAS (e.g. staging) to --canary-share of the requests.")
-@click.option("--canary-share", type=float, default=None,
-              help="Share of requests for the canary, strictly between 0 and 1 (default 0.1). Sticky by the "
-                   "X-Routing-Key header or the routing_key param.")
+@click.option("--canary-share", default=None, metavar="SHARE",
+              help="Share of requests for the canary, a decimal strictly between 0 and 1 such as 0.1 (the "
+                   "default). Sticky by the X-Routing-Key header or the routing_key param.")
 @click.option("--shadow", "shadow", metavar="ALIAS", default=None,
               help="Answer from production; send a copy of each request to the version behind ALIAS (recorded only).")
-@click.option("--refresh-s", type=float, default=None,
+@click.option("--refresh-s", type=FLOAT, default=None,
               help="With --canary/--shadow: seconds between re-reads of the aliases and the share (default 5).")
-@click.option("--shadow-queue", type=int, default=None,
+@click.option("--shadow-queue", type=INT, default=None,
               help="With --shadow: copies waiting at most; more are dropped and counted (default 8).")
 def serve(name: str, alias: str, version: str | None, host: str, port: int, workers: int, device: str | None,
           max_batch_size: int | None, batch_wait_ms: float | None, coalesce: bool | None,
           max_new_tokens_cap: int | None, max_prompt_tokens: int | None, max_rows: int | None,
           max_body_bytes: int | None, max_stop_chars: int | None, inference_log: str | None,
-          log_text: bool, timeout: int | None, canary: str | None, canary_share: float | None,
+          log_text: bool, timeout: int | None, canary: str | None, canary_share: str | None,
           shadow: str | None, refresh_s: float | None, shadow_queue: int | None) -> None:
     """Serve registered model NAME (at --alias, default production) over HTTP.
 
@@ -136,9 +137,12 @@ def _on_cuda(device: str | None) -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _router_settings(name: str, alias: str, version: str | None, canary: str | None, share: float | None,
+def _router_settings(name: str, alias: str, version: str | None, canary: str | None, share: str | None,
                      shadow: str | None, refresh_s: float | None, shadow_queue: int | None) -> dict | None:
-    """The router's settings from the flags, or None for a plain server; ConfigError for a bad combination."""
+    """The router's settings from the flags, or None for a plain server; ConfigError for a bad combination.
+
+    Checked before the registry is read: everything here is a usage error (exit 2).
+    """
     from lifecycle.serving.router import check_share
 
     if canary is None and shadow is None:
@@ -149,24 +153,36 @@ def _router_settings(name: str, alias: str, version: str | None, canary: str | N
         return None
     if canary is not None and shadow is not None:
         raise ConfigError("give --canary ALIAS or --shadow ALIAS, not both")
+    flag, challenger = ("--canary", canary) if canary is not None else ("--shadow", shadow)
+    if not challenger.strip():
+        raise ConfigError(f"{flag} needs the challenger's alias (e.g. {flag} staging), got {challenger!r}")
     if version is not None or alias != "production":
         raise ConfigError("--canary/--shadow serve a challenger beside the production alias: drop --version/--alias")
+    if challenger == alias:
+        raise ConfigError(f"{flag} {challenger}: that is the production alias itself; name the challenger's alias "
+                          "(e.g. staging)")
     if shadow is not None and share is not None:
         raise ConfigError("--canary-share goes with --canary; a shadow answers no request")
+    value = 0.0
     if canary is not None:
         try:
-            share = check_share(0.1 if share is None else share)
+            value = check_share("0.1" if share is None else share)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    settings = {"model_name": name, "production_alias": alias, "challenger_alias": canary or shadow,
-                "mode": "canary" if canary else "shadow", "share": share or 0.0}
+    settings = {"model_name": name, "production_alias": alias, "challenger_alias": challenger,
+                "mode": "canary" if canary is not None else "shadow", "share": value}
     if refresh_s is not None:
         settings["refresh_s"] = refresh_s
     if shadow_queue is not None:
         settings["shadow_queue"] = shadow_queue
     from lifecycle.serving.router_model import router_config
 
-    router_config({"router": settings})  # a bad --refresh-s / --shadow-queue: exit 2 before anything
+    try:
+        router_config({"router": settings})  # a bad --refresh-s / --shadow-queue: exit 2 before anything
+    except ConfigError as exc:
+        # Name the flag the user typed, not the routing model's config key.
+        raise ConfigError(str(exc).replace("router.refresh_s", "--refresh-s")
+                          .replace("router.shadow_queue", "--shadow-queue")) from None
     return settings
 
 

@@ -208,17 +208,31 @@ class StreamingPacker:
             sink.abort()
 
     def _train(self) -> None:
-        from lifecycle.data.tokenizer import batched, choose_block, choose_vocab, train_tokenizer
+        from lifecycle.data.tokenizer import (
+            FIT_CHECK_BYTES,
+            batched,
+            choose_block,
+            choose_vocab,
+            encode_batch,
+            fit_block,
+            train_tokenizer,
+        )
 
         t = time.perf_counter()
         self.sample_used = self._train_bytes
         # vocab_size 0: --vocab-size auto, sized by the train text read so far (all of it: no sample);
         # block_size 0: --block-size auto, the same way (a tokenizer trained here always reads all of it).
         vocab = self.vocab_size or choose_vocab(self._train_bytes)
-        if not self.block_size:
+        auto_block = not self.block_size
+        if auto_block:
             self.block_size = choose_block(self._train_bytes)
         self.tokenizer = train_tokenizer(batched(self._waiting["train"], 1000), vocab_size=vocab,
                                          min_frequency=self.min_frequency)
+        if auto_block and self._train_bytes < FIT_CHECK_BYTES:
+            # Every split still waits here (nothing is encoded before the tokenizer exists): count them.
+            tokens = {split: sum(len(ids) + 1 for ids in encode_batch(self.tokenizer, texts))
+                      for split, texts in self._waiting.items()}
+            self.block_size = fit_block(self.block_size, tokens)
         self.seconds["tokenizer"] += time.perf_counter() - t
         self._ready()
         for split in self.splits:

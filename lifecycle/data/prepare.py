@@ -95,6 +95,10 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
         try:
             with stage_run("prepare", run_name=run_name or "prepare") as run:
                 params = {f"cfg.{k}": v for k, v in flatten(cfg).items()}
+                # An auto size is chosen from the text later: the config's default number is not what
+                # runs, so its param says "auto" and the choice is logged as auto.* once made.
+                auto = {"pack.block_size": cfg.pack.auto_block, "tokenizer.vocab_size": cfg.tokenizer.auto_vocab}
+                params.update({f"cfg.{k}": "auto" for k, on in auto.items() if on})
                 params.update({"source": source_uri, "output": str(output)})
                 # Params are shown to every reader: a source's user:password@ never reaches them.
                 mlflow.log_params({k: v[:6000] for k, v in mask_mapping(params).items()})
@@ -102,6 +106,9 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
                 result = prepare_folder(cfg, work, data_format=fmt, source_uri=source_uri,
                                         tokenizer_path=tokenizer_path, reference_dir=reference)
                 _log_run(result, work, mask_secrets(source_uri))
+                card = result.card
+                chosen = {"pack.block_size": card["block_size"], "tokenizer.vocab_size": card["vocab_size"]}
+                mlflow.log_params({f"auto.{k}": chosen[k] for k, on in auto.items() if on})
                 mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
                 run_id = run.info.run_id
             publish(work, output)

@@ -49,6 +49,28 @@ def choose_block(corpus_bytes: int) -> int:
     return 128 * 2**steps
 
 
+#: ``--block-size auto`` never picks a block the data cannot fill: the train split holds at least this
+#: many blocks and every other split that has text at least one (halving down to MIN_AUTO_BLOCK).
+MIN_TRAIN_BLOCKS = 32
+MIN_AUTO_BLOCK = 16
+#: Below this much train text the splits are counted in tokens to check that (cheap at this size;
+#: above it the train split alone is ~250k tokens, hundreds of blocks of any size choose_block picks).
+FIT_CHECK_BYTES = 2**20
+
+
+def fit_block(block: int, tokens: dict[str, int]) -> int:
+    """``block`` halved until the splits' ``tokens`` (EOS included) fill it; see :data:`MIN_TRAIN_BLOCKS`.
+
+    A block longer than a split leaves that split with no block at all (validation then has
+    nothing to measure), and a train split of a few blocks is a few distinct examples.
+    """
+    train = tokens.get("train", 0)
+    others = [n for split, n in tokens.items() if split != "train" and n > 0]
+    while block > MIN_AUTO_BLOCK and (train < MIN_TRAIN_BLOCKS * block or any(n < block for n in others)):
+        block //= 2
+    return block
+
+
 def sample_bytes(configured: int | None, vocab_size: int) -> int | None:
     """Bytes of train text to train a tokenizer on: ``None`` means all of it.
 

@@ -53,18 +53,22 @@ class Arms:
     challenger: list[dict[str, Any]]
     shadow_dropped: int = 0
     roles: Counter = field(default_factory=Counter)
+    #: Records of other registered models in the window (a records file shared by several servers), left out.
+    other_models: Counter = field(default_factory=Counter)
 
 
 def split_arms(records: Iterable[dict[str, Any]], *, name: str, production: str, challenger: str,
                since: datetime | None = None, until: datetime | None = None) -> Arms:
     """Production's and the challenger's records of ``name`` inside ``[since, until]``.
 
-    Records of any other model or version in the window are refused (:class:`DataError` listing
-    them): a comparison must not mix in a third version.
+    Records of any other version of ``name`` in the window are refused (:class:`DataError` listing
+    them): a comparison must not mix in a third version. Records of other models (several servers
+    writing one file) are no version of ``name``: left out, counted in ``other_models``.
     """
     prod: list[dict[str, Any]] = []
     chal: list[dict[str, Any]] = []
     others: Counter = Counter()
+    other_models: Counter = Counter()
     roles: Counter = Counter()
     dropped = 0
     for rec in records:
@@ -72,7 +76,10 @@ def split_arms(records: Iterable[dict[str, Any]], *, name: str, production: str,
         if ts is not None and ((since is not None and ts < since) or (until is not None and ts > until)):
             continue
         version = str(rec.get("model_version"))
-        if rec.get("model_name") != name or version not in (production, challenger):
+        if rec.get("model_name") != name:
+            other_models[identity(rec)] += 1
+            continue
+        if version not in (production, challenger):
             others[identity(rec)] += 1
             continue
         if is_dropped(rec):
@@ -84,7 +91,7 @@ def split_arms(records: Iterable[dict[str, Any]], *, name: str, production: str,
         found = ", ".join(f"{k} ({n})" for k, n in others.most_common())
         raise DataError(f"the window holds records of other versions than {name} v{production} (production) and "
                         f"v{challenger} (challenger): {found}; narrow it with --since")
-    return Arms(production=prod, challenger=chal, shadow_dropped=dropped, roles=roles)
+    return Arms(production=prod, challenger=chal, shadow_dropped=dropped, roles=roles, other_models=other_models)
 
 
 @dataclass

@@ -81,13 +81,16 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _problem(rec: Any) -> str | None:
-    """Why ``rec`` is not a usable inference record, or None when every field monitor reads is sound."""
+def _problem(rec: Any, ts: datetime | None) -> str | None:
+    """Why ``rec`` is not a usable inference record, or None when every field monitor reads is sound.
+
+    ``ts`` is ``rec["ts"]`` as :func:`_timestamp` parsed it (once per record, by the caller).
+    """
     if not isinstance(rec, dict):
         return f"a JSON {type(rec).__name__}, not a record"
     if "ts" not in rec or "latency_ms" not in rec:
         return "not an inference record (needs at least 'ts' and 'latency_ms')"
-    if _timestamp(rec["ts"]) is None:
+    if ts is None:
         return "'ts' is not an ISO time"
     if not _number(rec["latency_ms"]):
         return "'latency_ms' is not a non-negative number"
@@ -120,10 +123,11 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
         rec = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         return None, f"not a JSON record ({getattr(exc, 'msg', 'nested too deeply')})"
-    why = _problem(rec)
+    ts = _timestamp(rec.get("ts")) if isinstance(rec, dict) else None
+    why = _problem(rec, ts)
     if why is not None:
         return None, why
-    rec["_ts"] = _timestamp(rec["ts"])
+    rec["_ts"] = ts
     return rec, None
 
 

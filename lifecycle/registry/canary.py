@@ -28,7 +28,7 @@ from lifecycle.registry import ledger as L
 from lifecycle.registry.client import actor, call, get_client
 from lifecycle.registry.lock import RegistryLock
 from lifecycle.registry.promote import move_alias, record_only
-from lifecycle.serving.router import SHARE_TAG
+from lifecycle.serving.router import SHARE_TAG, tag_share
 
 #: Ledger events of a canary name the production endpoint as their target (the rollback names the alias).
 TARGET = "production"
@@ -45,16 +45,22 @@ class ArmVersions:
 
 
 def _share(model: Any) -> float | None:
-    raw = (model.tags or {}).get(SHARE_TAG)
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
+    # As the router reads it: a hand-edited tag that is no share (nan, 5) is no share here either, so
+    # --act starts the policy's steps over instead of taking the canary for finished and promoting.
+    return tag_share((model.tags or {}).get(SHARE_TAG))
 
 
 def arms(name: str, challenger_alias: str, *, production_alias: str = "production", client: Any = None) -> ArmVersions:
-    """Resolve both arms; NotFoundError for a missing alias, ConfigError when both name one version."""
+    """Resolve both arms; NotFoundError for a missing alias, ConfigError when both name one version.
+
+    An empty challenger alias, or the production alias itself, is refused (ConfigError) before the registry is read.
+    """
     facts.check_name(name)
+    if not challenger_alias.strip():
+        raise ConfigError(f"the challenger alias is empty: name it (e.g. staging), got {challenger_alias!r}")
+    if challenger_alias == production_alias:
+        raise ConfigError(f"@{challenger_alias} is the production alias itself: name the challenger's alias "
+                          "(e.g. staging)")
     client = client or get_client()
     model = facts.get_model(client, name)
     aliases = dict(model.aliases or {})
@@ -120,12 +126,14 @@ def step(name: str, a: ArmVersions, share: float, *, client: Any = None) -> L.Ev
 
 def record_verdict(name: str, a: ArmVersions, *, code: int, reason: str, gates: list[dict[str, Any]],
                    policy: Any, requests: tuple[int, int] = (0, 0), shadow_dropped: int = 0,
-                   client: Any = None) -> L.Event:
-    """Record ``canary_verdict``: the code, each arm's request count and the shadow copies dropped under
-    load (counted apart, never as errors) as the first gate entry (``kind`` canary_verdict), then the figures."""
+                   records_skipped: int = 0, client: Any = None) -> L.Event:
+    """Record ``canary_verdict``: the code, each arm's request count, the shadow copies dropped under load
+    (counted apart, never as errors) and the damaged record lines skipped (the evidence the verdict lacks)
+    as the first gate entry (``kind`` canary_verdict), then the figures."""
     head = {"gate": "canary verdict", "kind": "canary_verdict", "mode": policy.canary.mode if policy.canary else
             "disabled", "status": {0: "pass", 11: "fail"}.get(code, "undecided"), "reason": reason, "code": code,
-            "production": requests[0], "challenger": requests[1], "shadow_dropped": shadow_dropped}
+            "production": requests[0], "challenger": requests[1], "shadow_dropped": shadow_dropped,
+            "records_skipped": records_skipped}
     return _record(name, a, L.CANARY_VERDICT, f"verdict {code}: {reason}", client=client, gates=[head, *gates],
                    policy_path=policy.path, policy_digest=policy.digest)
 

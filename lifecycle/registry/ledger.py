@@ -309,6 +309,11 @@ class Ledger:
         written ``pending`` and counts once :meth:`confirm` marks it done. The run stays RUNNING
         until :meth:`finish` / :meth:`confirm`.
         """
+        if event.seq < 1:
+            # Numbering an event here would read the ledger outside the caller's lock (two writers
+            # could take one number): a missing seq is a caller's bug, refused before any write.
+            raise ValueError(f"ledger event {event.action} of {event.model} has no sequence number (seq "
+                             f"{event.seq}): take it under the lock with next_seq()/next_seq_of()")
         tags = event.tags()  # refuses an event too large to store before anything is written
         exp_id = self.experiment_id()
         fault_point("write the ledger event")
@@ -332,13 +337,7 @@ class Ledger:
         event.state = state
 
     def append(self, event: Event) -> Event:
-        """Write ``event`` as a finished run; the caller holds the model's lock and set ``seq``.
-
-        An event without a sequence number (``seq`` 0, e.g. the guard's ``guard_failed`` written
-        when it could not take the lock) gets the next one, read without the lock.
-        """
-        if event.seq <= 0:
-            event.seq = self.next_seq(event.model)
+        """Write ``event`` as a finished run; the caller holds the model's lock and set ``seq``."""
         self.write(event)
         self.finish(event)
         return event

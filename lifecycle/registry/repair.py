@@ -11,6 +11,9 @@ Repair, under the model's lock, for each alias:
    does (:func:`lifecycle.registry.guard.reconcile`): a version that passes is recorded, one that
    fails is moved back to the ledger's version.
 
+Pending moves of any other alias (a canary rollback killed half-way deletes a challenger alias of
+any name) are settled the same way (step 1); no policy holds such an alias.
+
 ``--break-lock`` first removes a stale lock (expired, ownerless, or its holder process gone),
 which on a basic-auth server only the lock model's owner or an admin may delete.
 """
@@ -24,6 +27,7 @@ from lifecycle.registry import TARGETS, facts
 from lifecycle.registry.client import get_client
 from lifecycle.registry.guard import reconcile
 from lifecycle.registry.lock import break_lock
+from lifecycle.registry.settle import settle_other_aliases
 
 
 def repair(name: str, *, policy_path: str | None = None, break_stale_lock: bool = False,
@@ -40,4 +44,5 @@ def repair(name: str, *, policy_path: str | None = None, break_stale_lock: bool 
         outcome = reconcile(client, policy, name, target, by="repair")
         if outcome is not None:
             lines.extend(outcome.message.splitlines())
+    lines.extend(event.reason for event in settle_other_aliases(client, name, by="repair"))
     return lines

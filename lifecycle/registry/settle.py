@@ -2,6 +2,9 @@
 
 Used under the model's lock by ``lifecycle repair`` and by the guard's reconcile, so that a move
 killed half-way is recorded as done or failed before anyone compares the alias with the ledger.
+Moves of other aliases than staging and production (a canary rollback deletes the challenger's
+alias, whatever its name) are settled by :func:`settle_other_aliases`: no policy and no legacy
+stage belongs to such an alias, so settling is all there is to do.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def settle(client: Any, led: L.Ledger, lock: RegistryLock, name: str, model: Any
                      ("done (the registry shows the move)" if done else "never happened (marked failed)"))
         if not done and ev.to_version and ev.to_version != current:
             _unmirror(client, name, model, ev)
-    if current:
+    if current and target in facts.STAGE_OF:
         # A move killed half-way may have mirrored the stage of one version and not the other.
         facts.mirror_stage(client, name, current, target, None)
     event = L.Event(model=name, action=L.REPAIR, target=target, seq=L.next_seq_of(events, led.damaged.get(name, [])),
@@ -70,6 +73,8 @@ def settle(client: Any, led: L.Ledger, lock: RegistryLock, name: str, model: Any
 
 def _unmirror(client: Any, name: str, model: Any, ev: L.Event) -> None:
     """Undo the stage a move that never happened may have mirrored onto its version."""
+    if ev.target not in facts.STAGE_OF:
+        return  # no stage mirrors a custom alias
     mv = facts.get_version(client, name, ev.to_version)
     if mv.current_stage != facts.STAGE_OF[ev.target]:
         return
@@ -78,3 +83,21 @@ def _unmirror(client: Any, name: str, model: Any, ev: L.Event) -> None:
     stage = next((facts.STAGE_OF[a] for a in TARGETS if a in others), "None")
     if stage != mv.current_stage:
         facts.transition(client, name, ev.to_version, stage)
+
+
+def settle_other_aliases(client: Any, name: str, *, by: str = "repair") -> list[L.Event]:
+    """Settle the pending moves of aliases other than staging and production; the ``repair`` events written.
+
+    The ledger is read first without the lock (nothing pending: nothing taken), then again under it.
+    """
+    led = L.Ledger(client)
+    if not any(ev.target not in TARGETS for ev in L.unsettled(led.events(name))):
+        return []
+    written: list[L.Event] = []
+    with RegistryLock(client, name, purpose=f"{by} other aliases") as lock:
+        events, model = led.events(name), facts.get_model(client, name)
+        for target in sorted({ev.target for ev in L.unsettled(events)} - set(TARGETS)):
+            event = settle(client, led, lock, name, model, events, target, by=by)
+            if event is not None:
+                written.append(event)
+    return written

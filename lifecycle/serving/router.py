@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ ROLES = (PRODUCTION, CANARY, SHADOW)
 SHARE_TAG = "lifecycle.canary.share"
 #: Longest routing key accepted (a key is hashed, never stored; this only bounds the work).
 MAX_KEY_CHARS = 256
+#: A share as text: an unsigned ASCII decimal, optionally with an exponent (``0.1``, ``.5``, ``1e-3``).
+_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_PERCENT = re.compile(r"[0-9]+(?:\.[0-9]*)?%", re.ASCII)
 
 #: The routing key of the request being served (set by :class:`RoutingKeyHeader`).
 header_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("lifecycle_routing_key", default=None)
@@ -51,26 +55,72 @@ class RoutingKeyError(ValueError):
     """A routing key that is not a non-empty string of at most :data:`MAX_KEY_CHARS` characters."""
 
 
-def check_share(share: float, *, what: str = "--canary-share") -> float:
-    """``share`` as a float strictly between 0 and 1, else ValueError saying so."""
-    try:
+def check_share(share: Any, *, what: str = "--canary-share") -> float:
+    """``share`` as a float strictly between 0 and 1, else ValueError (one line, naming ``what``).
+
+    Text must be a plain decimal as written on a command line (``0.1``, ``.25``, ``1e-3``): no sign,
+    no surrounding blanks, no ``%``, no ``nan``/``inf`` and no non-ASCII digits, so what the router
+    uses is what the user wrote. A number (not a bool) is taken as it is.
+    """
+    if isinstance(share, str):
+        value = float(share) if _DECIMAL.fullmatch(share) else None
+    elif isinstance(share, (int, float)) and not isinstance(share, bool):
         value = float(share)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number between 0 and 1 (exclusive), got {share!r}") from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{what} must be between 0 and 1 (exclusive), got {share!r}")
+    else:
+        value = None
+    if value is None or not 0.0 < value < 1.0:
+        hint = f" ({share.strip()} is {float(share.strip()[:-1]) / 100:g})" if (
+            isinstance(share, str) and _PERCENT.fullmatch(share.strip())) else ""
+        raise ValueError(f"{what} must be a number between 0 and 1 (exclusive), written like 0.1; "
+                         f"got {share!r}{hint}")
     return value
 
 
-def check_key(key: Any) -> str | None:
-    """The routing key as given (None when absent or empty), or RoutingKeyError for a bad one."""
+def tag_share(raw: str | None) -> float | None:
+    """The share a :data:`SHARE_TAG` value holds (0..1, as we write it), or None when absent or not a share.
+
+    The tag can be edited by hand in the registry UI: ``nan``, ``5`` or ``50%`` are no share, and
+    every reader (the router, ``lifecycle canary --act``) treats them alike, as no tag.
+    """
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def check_key(key: Any, *, what: str = ROUTING_PARAM) -> str | None:
+    """The routing key as given (None when absent or empty), or RoutingKeyError (naming ``what``) for a bad one."""
     if key is None or (isinstance(key, float) and key != key):  # MLflow fills absent params with None
         return None
     if not isinstance(key, str):
-        raise RoutingKeyError(f"{ROUTING_PARAM} must be a string, got {type(key).__name__}")
+        raise RoutingKeyError(f"{what} must be a string, got {type(key).__name__}")
     if len(key) > MAX_KEY_CHARS:
-        raise RoutingKeyError(f"{ROUTING_PARAM} may have at most {MAX_KEY_CHARS} characters, got {len(key)}")
+        raise RoutingKeyError(f"{what} may have at most {MAX_KEY_CHARS} characters, got {len(key)}")
     return key or None
+
+
+def request_key(param: Any, header: str | None) -> str | None:
+    """A request's routing key: the ``routing_key`` param when given (non-empty), else the header's.
+
+    None (a random split) when neither carries one; RoutingKeyError, naming the one at fault, for
+    a key that is not a string or is longer than :data:`MAX_KEY_CHARS` (HTTP 400, never a 500).
+    """
+    return check_key(param) or check_key(header, what="X-Routing-Key header")
+
+
+def header_text(raw: bytes) -> str:
+    """The text of a raw header value: UTF-8 when it is, else Latin-1 (what HTTP clients send for str).
+
+    Both decodings are exact (no replacement character), so distinct keys stay distinct and a
+    key sent as a UTF-8 header meets the same key sent as a param.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def route_fraction(key: str) -> float:
@@ -213,7 +263,7 @@ class RoutingKeyHeader:
             await self.app(scope, receive, send)
             return
         raw = dict(scope.get("headers") or []).get(ROUTING_HEADER)
-        token = header_key.set(raw.decode("utf-8", errors="replace") if raw else None)
+        token = header_key.set(header_text(raw) if raw else None)
         try:
             await self.app(scope, receive, send)
         finally:

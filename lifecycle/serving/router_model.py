@@ -45,8 +45,9 @@ from lifecycle.serving.router import (
     RoutingKeyHeader,
     ShadowQueue,
     agreement,
-    check_key,
     header_key,
+    request_key,
+    tag_share,
     to_canary,
 )
 
@@ -78,8 +79,9 @@ class RouterConfig:
             raise ConfigError(f"router.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0.0 <= self.share <= 1.0:
             raise ConfigError(f"router.share must be between 0 and 1, got {self.share}")
-        if self.refresh_s <= 0:
-            raise ConfigError(f"router.refresh_s must be > 0, got {self.refresh_s}")
+        # Event.wait() needs a finite timeout it can represent (nan or inf would kill the follower thread).
+        if not 0 < self.refresh_s <= threading.TIMEOUT_MAX:
+            raise ConfigError(f"router.refresh_s must be a number of seconds > 0, got {self.refresh_s}")
         if self.shadow_queue < 1:
             raise ConfigError(f"router.shadow_queue must be >= 1, got {self.shadow_queue}")
 
@@ -92,14 +94,10 @@ def router_config(model_config: Mapping[str, Any] | None) -> RouterConfig:
 def share_from_tags(tags: Mapping[str, str] | None, default: float) -> float:
     """The share the registry tag names (0..1), else ``default`` (a bad tag is logged and ignored)."""
     raw = (tags or {}).get(SHARE_TAG)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        log.warning("ignoring tag %s=%r: not a share between 0 and 1", SHARE_TAG, raw)
+    value = tag_share(raw)
+    if value is None:
+        if raw is not None:
+            log.warning("ignoring tag %s=%r: not a share between 0 and 1", SHARE_TAG, raw)
         return default
     return value
 
@@ -248,7 +246,7 @@ class RouterModel(mlflow.pyfunc.PythonModel):
         request_id = uuid.uuid4().hex
         try:
             given = params.pop(ROUTING_PARAM, None) if isinstance(params, dict) else None
-            key = check_key(given) or check_key(header_key.get())
+            key = request_key(given, header_key.get())
         except RoutingKeyError as exc:
             state.production.engine.record_refusal(str(exc), params=params, extra=_fields(PRODUCTION, request_id))
             raise MlflowException.invalid_parameter_value(str(exc)) from None

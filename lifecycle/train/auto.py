@@ -19,7 +19,7 @@ override any part).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from lifecycle.train.model import Preset, get_preset
 
@@ -85,18 +85,25 @@ def choose_shape(*, vocab: int, block_size: int, train_tokens: int, budget_s: fl
     return best, figures
 
 
-def resolve_shape(cfg: Any, *, vocab: int, block_size: int, train_tokens: int,
-                  world_size: int = 1) -> tuple[Preset, dict[str, str]]:
-    """The shape a from-scratch run builds (preset or auto, then ``model.*`` overrides) and its params."""
+def resolve_shape(cfg: Any, *, vocab: int, block_size: int, train_tokens: int, world_size: int = 1,
+                  sized_by: Mapping[str, Any] | None = None) -> tuple[Preset, dict[str, str]]:
+    """The shape a from-scratch run builds (preset or auto, then ``model.*`` overrides) and its params.
+
+    ``sized_by``: the saved config of the run being resumed. A resume may change ``time_budget`` and
+    ``max_steps``, but the checkpoint holds the shape that the run's first budget or steps chose.
+    """
     from lifecycle.train.budget import parse_duration
 
+    budget, max_steps = cfg.time_budget, cfg.max_steps
+    if sized_by and (sized_by.get("time_budget") or sized_by.get("max_steps")):
+        budget, max_steps = sized_by.get("time_budget"), sized_by.get("max_steps")
     params: dict[str, str] = {"shape.source": cfg.preset}
     if cfg.preset == "auto":
-        if cfg.time_budget is not None:
+        if budget is not None:
             base, figures = choose_shape(vocab=vocab, block_size=block_size, train_tokens=train_tokens,
-                                         budget_s=parse_duration(cfg.time_budget))
+                                         budget_s=parse_duration(budget))
         else:
-            seen = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size * block_size
+            seen = max_steps * cfg.batch_size * cfg.grad_accum * world_size * block_size
             base, figures = choose_shape(vocab=vocab, block_size=block_size, train_tokens=train_tokens, tokens=seen)
         figures["learning_rate"] = auto_learning_rate(base)
         params.update({f"shape.auto_{k}": str(v) for k, v in figures.items()})

@@ -24,6 +24,8 @@ from lifecycle.errors import ConfigError
 #: ``90s``, ``10m``, ``1h``, ``1.5h`` or plain seconds (``600``); nothing else.
 _DURATION = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[smh]?)")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: The longest budget taken (366 days): a longer one is a typo, and ``9...9h`` overflows to infinity.
+MAX_BUDGET_S = 366 * 24 * 3600.0
 
 #: Where the planner aims the end of the loop, as a fraction of the budget: the rest absorbs the
 #: noise of step times on a shared machine (a 2-core box shared by other jobs varies by +-20 %).
@@ -37,15 +39,18 @@ GROW_UNTIL = 0.85
 def parse_duration(text: str) -> float:
     """Seconds in ``text``: ``90s``, ``10m``, ``1h``, ``1.5h`` or plain seconds; anything else is refused.
 
-    Strict on purpose (no spaces, no ``1h30m``, no negative or zero values): a budget that is
-    misread trains for the wrong time without telling anyone.
+    Strict on purpose (no spaces, no ``1h30m``, no exponent, only ASCII digits, nothing zero,
+    negative or over :data:`MAX_BUDGET_S`): a budget that is misread trains for the wrong time
+    without telling anyone.
     """
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise ConfigError(f"time_budget: {text!r} is not a duration; write it like 90s, 10m, 1h or plain seconds")
     seconds = float(match["num"]) * _UNIT_S[match["unit"]]
-    if not (seconds > 0 and math.isfinite(seconds)):
+    if not seconds > 0:
         raise ConfigError(f"time_budget: {text!r} must be more than zero seconds")
+    if seconds > MAX_BUDGET_S:  # also what float() makes infinite: a budget nobody means
+        raise ConfigError(f"time_budget: {text!r} is more than a year; give at most {MAX_BUDGET_S / 3600:g}h")
     return seconds
 
 
@@ -214,13 +219,23 @@ def start_planner(cfg: Any, model: Any, data: Any, device: Any,
     return planner
 
 
-def too_small(budget_s: float, step_s: float, eval_s: float, text: str) -> ConfigError | None:
-    """The error for a budget that cannot hold one step and the final evaluation, else None."""
-    need = step_s + eval_s
-    if need <= budget_s * TARGET:
+def too_small(planner: BudgetPlanner, text: str, step: int = 0, used_s: float = 0.0) -> ConfigError | None:
+    """The error for a budget whose plan from ``step`` holds no step at all, else None.
+
+    Judged by the planner's own arithmetic (a step, the final evaluation, checkpoint and write),
+    so a budget that passes here always plans at least one step. ``used_s``: what a resumed run
+    already spent of the budget (one budget for the whole run).
+    """
+    if planner.affordable(step, used_s) > step:
         return None
-    return ConfigError(f"time_budget {text} is too small: one step and the final evaluation take about "
-                       f"{need:.2f} s here; give at least {math.ceil(need / TARGET + 0.5)}s or a smaller model")
+    need = planner.predicted_end(step, used_s, step + 1) - used_s
+    at_least = f"give at least {math.ceil((used_s + need) / TARGET + 0.5)}s"
+    if step > 0 or used_s > 0:
+        return ConfigError(f"time_budget {text} is used up: the run spent {used_s:.1f} s of it by step {step}, "
+                           f"and one more step with the final evaluation and checkpoint takes about {need:.2f} s "
+                           f"here; {at_least} to continue it")
+    return ConfigError(f"time_budget {text} is too small: one step with the final evaluation and checkpoint takes "
+                       f"about {need:.2f} s here; {at_least} or a smaller model")
 
 
 def autocast_dtype(cfg: Any, device: Any) -> Any:

@@ -8,8 +8,10 @@ model is built, with a message that says what would be valid.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from lifecycle.errors import ConfigError
 from lifecycle.train.budget import parse_duration
@@ -142,6 +144,17 @@ class TrainConfig:
             raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}, auto")
         if self.base_model is not None and self.model.given:
             raise ConfigError("model.* shapes a model trained from scratch; a --base-model has its own shape")
+        if self.base_model is None and self.preset in PRESETS:
+            # Checked against the named preset here, before any data is read (auto: once the shape is chosen).
+            base = PRESETS[self.preset]
+            n_embd, n_head = self.model.n_embd or base.n_embd, self.model.n_head or base.n_head
+            if n_embd % n_head:
+                raise ConfigError(f"model.n_embd ({n_embd}) must be a multiple of model.n_head ({n_head}) "
+                                  f"(unset keys are the {self.preset} preset's); set both")
+        # A float field takes no infinity or NaN (--set learning_rate=inf would train to NaN at step 1).
+        for name, value in _floats(self):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.learning_rate is None and not (self.preset == "auto" and self.base_model is None):
             self.learning_rate = 1e-3
         if self.time_budget is not None:
@@ -176,6 +189,10 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.max_grad_norm < 0:
             raise ConfigError("max_grad_norm must be >= 0 (0 turns clipping off)")
+        # torch's AdamW refuses a negative decay only once the run exists: refused here, before it.
+        for name in ("weight_decay", "early_stopping_min_delta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
             raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
         if not self.model_name.strip():
@@ -185,6 +202,16 @@ class TrainConfig:
         if self.register_checkpoint == "last" and not self.log_checkpoints:
             raise ConfigError("register_checkpoint=last registers the last logged checkpoint: "
                               "it needs log_checkpoints=true")
+
+
+def _floats(cfg: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The float values of a config tree, with their dotted names."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
 
 
 #: Keys a resumed run may change (everything else must match the checkpoint's config).

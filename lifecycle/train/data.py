@@ -79,6 +79,16 @@ class PreparedData:
         return str(self.card.get("digest", ""))
 
 
+def _no_data_files(path: Path) -> bool:
+    """Whether a ``save_to_disk`` folder lists no data files (a split of zero blocks)."""
+    import json
+
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: load_from_disk says why
+
+
 def _load_split(root: Path, split: str) -> Any:
     import numpy as np
     import torch
@@ -87,6 +97,9 @@ def _load_split(root: Path, split: str) -> Any:
     path = root / split
     if not path.is_dir():
         raise DataError(f"prepared data {root} has no {split}/ split; make it with `lifecycle prepare --output {root}`")
+    empty = f"{path} is empty: prepare more documents (--max-documents) or a smaller --block-size"
+    if _no_data_files(path):  # saved with no rows: datasets itself fails on it with an IndexError
+        raise DataError(empty)
     try:
         ds = load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - datasets raises several types for a broken folder
@@ -95,7 +108,7 @@ def _load_split(root: Path, split: str) -> Any:
         raise DataError(f"{path} has no input_ids column (columns: {', '.join(ds.column_names)}); "
                         "training needs LM-format prepared data")
     if len(ds) == 0:
-        raise DataError(f"{path} is empty: prepare more documents (--max-documents) or a smaller --block-size")
+        raise DataError(empty)
     ds = ds.with_format("numpy", columns=["input_ids"])
     try:
         arr = np.stack(list(ds["input_ids"]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lifecycle.errors import ConfigError, DataError, NotFoundError
 from lifecycle.train.config import LoraConfig, TrainConfig
@@ -51,13 +51,16 @@ def tokenizer_mismatch(data_tok: Any, base_tok: Any) -> str | None:
 
 
 def load_starting_point(cfg: TrainConfig, data_tokenizer: Any, block_size: int, *, train_tokens: int = 0,
-                        world_size: int = 1) -> StartingPoint:
-    """Build the preset (or the ``auto`` shape for ``train_tokens``) from scratch, or load ``cfg.base_model``."""
+                        world_size: int = 1, resumed: Mapping[str, Any] | None = None) -> StartingPoint:
+    """Build the preset (or the ``auto`` shape for ``train_tokens``) from scratch, or load ``cfg.base_model``.
+
+    ``resumed``: the saved config of the run a resume continues (its ``auto`` shape is rebuilt).
+    """
     if cfg.base_model is None:
         from lifecycle.train.auto import resolve_shape
 
         shape, params = resolve_shape(cfg, vocab=len(data_tokenizer), block_size=block_size,
-                                      train_tokens=train_tokens, world_size=world_size)
+                                      train_tokens=train_tokens, world_size=world_size, sized_by=resumed)
         if cfg.learning_rate is None:  # --preset auto without --learning-rate: the rule's, logged as the param
             cfg.learning_rate = float(params["shape.auto_learning_rate"])
         model = build_model(shape, data_tokenizer, dropout=cfg.dropout, seed=cfg.seed)

@@ -259,7 +259,9 @@ def _chain(sink: Any, callbacks: Sequence[Callable[[Mapping[str, float], int], N
 def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStack, *, resume: bool,
            resume_run: str | None, overwrite: bool,
            callbacks: Sequence[Callable[[Mapping[str, float], int], None]] = ()) -> TrainOutcome:
-    data, lineage = resolve_data(data_uri, search_runs=ctx.is_main)
+    # The prepare run is looked up (an MLflow query, which creates the tracking database) only once
+    # every refusal below has had its say: a refused run leaves nothing behind.
+    data, lineage = resolve_data(data_uri, search_runs=False)
     folder: Path | None = None
     if ctx.is_main:
         folder = checkpoint_folder(cfg, resume=resume, resume_run=resume_run)
@@ -303,18 +305,24 @@ def _train(cfg: TrainConfig, data_uri: str, ctx: Any, stack: contextlib.ExitStac
     from lifecycle.train.finetune import finalize_model, load_starting_point
 
     start = load_starting_point(cfg, data.tokenizer, data.block_size, train_tokens=int(data.train.numel()),
-                                world_size=ctx.world_size)
+                                world_size=ctx.world_size, resumed=resume_state.get("config") if resume_state else None)
     probe = None
     if cfg.time_budget is not None:
         # Timed before any run or checkpoint exists: a budget too small for one step changes nothing.
         # Under torchrun rank 0 times it and every rank judges the same figures, so every rank
         # refuses (or plans) alike; the trainer's planner starts from them too.
-        from lifecycle.train.budget import parse_duration, probe_step, too_small
+        from lifecycle.train.budget import probe_step, start_planner, too_small
 
-        probe = ctx.broadcast_object(probe_step(cfg, start.model, data, ctx.device or _cpu()) if ctx.is_main else None)
-        refused = too_small(parse_duration(cfg.time_budget), *probe, cfg.time_budget)
+        device = ctx.device or _cpu()
+        probe = ctx.broadcast_object(probe_step(cfg, start.model, data, device) if ctx.is_main else None)
+        # A resume is judged by what is left of the budget: an exhausted one is refused the same way.
+        step = int(resume_state["step"]) if resume_state else 0
+        used = float(resume_state.get("time_used_s", 0.0)) if resume_state else 0.0
+        refused = too_small(start_planner(cfg, start.model, data, device, probe), cfg.time_budget, step, used)
         if refused is not None:
             raise refused
+    if ctx.is_main and not lineage.run_id:
+        lineage.run_id = _find_prepare_run(lineage.digest)
     if (data.sft and getattr(data.tokenizer, "chat_template", None)
             and not getattr(start.tokenizer, "chat_template", None)):
         # The examples were rendered with the data's chat template: the model must carry it, so
