@@ -158,7 +158,7 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
         from lifecycle.optimize import structural as shrink
 
         # amount, preset, student, data (its splits), tokenizer
-        checked = shrink.check(method, parent_dir, data, scfg, card=eval_data.card)
+        checked = shrink.check(method, parent_dir, data, scfg)
     cfg = _with(cfg, write_tags=True, compare=_with(cfg.compare, default_to_production=False))
 
     lineage = {k: parent_tags[k] for k in (tracking.TAG_DATA_DIGEST, tracking.TAG_DATA_RUN, tracking.TAG_TRAIN_RUN,

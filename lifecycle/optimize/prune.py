@@ -34,24 +34,25 @@ from typing import Any, Literal, Sequence
 from lifecycle.errors import ConfigError
 from lifecycle.optimize.importance import IMPORTANCE
 
-# ASCII digits only: ``\d`` (and ``float``) would also take other scripts' digits ("٠.٣").
-_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-
 
 def parse_amount(text: str) -> float:
     """``--amount`` text: a fraction strictly between 0 and 1 (``0.3``, ``3e-1``) or a percentage (``30%``).
 
-    The text is taken exactly as written: surrounding or inner whitespace (``" 0.3"``, ``"30 %"``,
-    what a mis-quoted MLproject parameter passes on) is refused, not stripped, like anything else
-    that is not such a number (empty, negative, 0, 1 or more, nan, inf, words): a ConfigError
-    naming the text.
+    The number follows the project's one rule for numbers as written
+    (:func:`lifecycle.config.number_text`, also behind every numeric flag and ``--set``): plain
+    ASCII digits, surrounding whitespace ignored; other scripts' digits (``٠.٣``), underscores and
+    a space before the ``%`` (``30 %``) are refused, never re-read. So is anything outside the
+    open interval (empty, negative, 0, 1 or more, nan, inf, words): a ConfigError naming the text.
     """
+    from lifecycle.config import number_text
+
     raw = str(text)
-    percent = raw.endswith("%")
-    number = raw[:-1] if percent else raw
-    if not _DECIMAL.fullmatch(number):
+    body = raw.strip()
+    percent = body.endswith("%")
+    number = body[:-1] if percent else body
+    if not number or number != number.strip() or not number_text(number):
         raise ConfigError(f"--amount {raw!r} is not a number: give the fraction of block parameters to remove, "
-                          "strictly between 0 and 1, with no spaces (e.g. 0.3 or 30%)")
+                          "strictly between 0 and 1 (e.g. 0.3 or 30%)")
     value = float(number) / (100.0 if percent else 1.0)
     if not 0.0 < value < 1.0:
         raise ConfigError(f"--amount {raw!r} must be strictly between 0 and 1 (0 removes nothing, 1 everything); "

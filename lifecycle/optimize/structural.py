@@ -74,27 +74,11 @@ def split_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str], 
     return mine, [o for o in overrides if not o.startswith(SECTIONS)]
 
 
-def _require_training_splits(method: str, card: Mapping[str, Any] | None) -> None:
-    """DataError unless the data card says the train and validation splits hold blocks.
-
-    The student trains on ``train`` and keeps its best ``validation`` weights; a split that packed
-    into no block would otherwise fail deep in the data loader with an unhelpful message.
-    """
-    blocks = (card or {}).get("blocks")
-    if not isinstance(blocks, Mapping):
-        return  # not a packed language-model card: the loader below decides
-    empty = [s for s in ("train", "validation") if s in blocks and not blocks[s]]
-    if empty:
-        raise DataError(f"--method {method} trains on --data, but its {' and '.join(empty)} split "
-                        f"{'holds' if len(empty) == 1 else 'hold'} no block of {card.get('block_size', '?')} tokens "
-                        "(0 blocks): prepare more documents or a smaller --block-size")
-
-
-def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig, *,
-          card: Mapping[str, Any] | None = None) -> Checked:
+def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig) -> Checked:
     """Refuse what cannot work before anything is written (ConfigError: exit 2, DataError: exit 4).
 
-    ``card``: the prepared data's card, when the caller already read it (its block counts per split).
+    The training data's own checks (prepared, readable, no empty split) are the training stage's
+    :func:`lifecycle.train.run.resolve_data`.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -116,12 +100,11 @@ def check(method: str, parent_dir: Path, data_uri: str, scfg: StructuralConfig, 
             the_plan = plan(config, scfg.prune.amount, layers=scfg.prune.layers)
         if scfg.distill.steps <= 0:
             raise ConfigError("--method distill trains its student against the parent: distill.steps must be positive")
-    _require_training_splits(method, card)
     try:
         data, _ = resolve_data(data_uri, search_runs=False)
     except DataError as exc:
-        raise DataError(f"--method {method} trains on --data, which must be prepared data "
-                        f"(`lifecycle prepare` output): {exc}") from None
+        raise DataError(f"--method {method} trains on --data (prepared data, `lifecycle prepare` output): "
+                        f"{exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(str(parent_dir))
     why = tokenizer_mismatch(data.tokenizer, tokenizer)
     if why:
