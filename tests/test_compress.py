@@ -373,6 +373,7 @@ def foreign_data(prepared_tiny, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("foreign-data")
     for folder, docs, tokenizer in (("tokenizer", "60", ["--vocab-size", "300"]),
+                                    ("same-size", "400", ["--vocab-size", "512", "--seed", "7"]),  # another split
                                     ("empty-split", "3", ["--tokenizer", str(prepared_tiny)])):
         code = cli("prepare", "--source", "builtin:pydoc", "--output", str(root / folder), *tokenizer,
                    "--block-size", "64", "--max-documents", docs)
@@ -384,6 +385,7 @@ def foreign_data(prepared_tiny, tmp_path_factory):
     (["--method", "int8-dynamic"], "tokenizer", "was tokenized with a different tokenizer than models:/"),
     (["--method", "prune", "--amount", "0.3"], "tokenizer", "was tokenized with a different tokenizer"),
     (["--method", "distill", "--preset", "tiny"], "tokenizer", "was tokenized with a different tokenizer"),
+    (["--method", "int8-dynamic"], "same-size", "(both have 512 tokens, but not the same ones)"),
     (["--method", "prune", "--amount", "0.3"], "empty-split", "trains on --data (prepared data"),
     (["--method", "distill", "--amount", "0.3"], "empty-split", "validation is empty: prepare more"),
     (["--method", "int8-dynamic"], "missing", "not found"),

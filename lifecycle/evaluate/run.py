@@ -58,7 +58,7 @@ def _model_dir(uri: str) -> Path:
     return path
 
 
-def _check_model(data: EvalData, model_dir: Path, uri: str, *, same_tokenizer: bool = True) -> Any:
+def check_model(data: EvalData, model_dir: Path, uri: str, *, same_tokenizer: bool = True) -> Any:
     """Refuse, before any run exists, a model that cannot read ``data``: another tokenizer than
     the prepared data's (unless ``same_tokenizer`` is False: a baseline re-packs the raw text
     with its own) or a context shorter than the prepared blocks."""
@@ -70,9 +70,10 @@ def _check_model(data: EvalData, model_dir: Path, uri: str, *, same_tokenizer: b
                     if isinstance(v, int) and v > 0), None)
     matches = tokenizers_match(data, tokenizer)
     if same_tokenizer and not matches:
-        theirs = data.card.get("vocab_size", "?")
-        raise DataError(f"{data.source} was tokenized with a different tokenizer than {uri} "
-                        f"(vocabularies differ: data {theirs} tokens, model {len(tokenizer)}); "
+        theirs, ours = data.card.get("vocab_size", "?"), len(tokenizer)
+        how = (f"vocabularies differ: data {theirs} tokens, model {ours}" if theirs != ours
+               else f"both have {ours} tokens, but not the same ones")
+        raise DataError(f"{data.source} was tokenized with a different tokenizer than {uri} ({how}); "
                         "evaluate on data prepared with the model's tokenizer, or on a raw text source")
     if matches and data.block_size and context and data.block_size > context:
         raise DataError(f"{data.source} has blocks of {data.block_size} tokens but {uri} reads at most "
@@ -146,7 +147,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
     precision = resolve_precision(cfg.precision, device)
     version = results.registered_version(model)
     eval_data = load_eval_data(data, cfg.split)
-    _check_model(eval_data, model_dir, model)
+    check_model(eval_data, model_dir, model)
     if prompts_file:
         prompts = generation.load_prompts(prompts_file, limit=cfg.generation.num_prompts)
         prompt_source = prompts_file
@@ -168,7 +169,7 @@ def evaluate_model(model: str, data: str, *, cfg: EvalConfig | None = None, base
             baseline_uri = prod.uri
     baseline_dir = _model_dir(baseline_uri) if baseline_uri else None
     if baseline_uri and baseline_dir:
-        _check_model(eval_data, baseline_dir, baseline_uri, same_tokenizer=False)
+        check_model(eval_data, baseline_dir, baseline_uri, same_tokenizer=False)
 
     # --- measure, log, then tag ---------------------------------------------------------------
     run_tags = {TAG_DATA_DIGEST: eval_data.digest, results.TAG_EVAL_DIGEST: eval_data.digest,

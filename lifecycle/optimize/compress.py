@@ -148,10 +148,10 @@ def compress(name: str, version: str, method: str, *, data: str | None = None, c
     data = data or _parent_data(client, name, version, parent_tags)
     # Unreadable data, an empty split or another tokenizer fails here, before the variant is made
     # (every method keeps the parent's tokenizer, so the parent answers for the variant).
-    from lifecycle.evaluate.run import _check_model
+    from lifecycle.evaluate.run import check_model
 
     eval_data = load_eval_data(data, cfg.split)
-    _check_model(eval_data, parent_dir, parent_uri)
+    check_model(eval_data, parent_dir, parent_uri)
     scfg = structural or StructuralConfig()
     checked = None
     if method in STRUCTURAL:
