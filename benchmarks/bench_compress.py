@@ -186,7 +186,8 @@ def run(args: argparse.Namespace, work: Path, steps: int, small: bool) -> None:
     from lifecycle.evaluate.config import EvalConfig
     from lifecycle.optimize.compress import compress, format_table
     from lifecycle.policies import load_policy
-    from lifecycle.train.config import TrainConfig
+    from lifecycle.train.config import ModelShape, TrainConfig
+    from lifecycle.train.model import get_preset
     from lifecycle.train.run import train
 
     t0 = time.perf_counter()
@@ -197,7 +198,11 @@ def run(args: argparse.Namespace, work: Path, steps: int, small: bool) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
-    cfg = TrainConfig(preset=args.preset, max_steps=steps, batch_size=8, eval_every=max(steps // 4, 1), eval_batches=8,
+    # A `tiny` parent gets one more layer than its preset, so that a fresh `tiny` student is smaller
+    # than its teacher (compress refuses one that is not) and --quick still runs every method.
+    shape = ModelShape(n_layer=get_preset("tiny").n_layer + 1) if args.preset == "tiny" else ModelShape()
+    cfg = TrainConfig(preset=args.preset, model=shape, max_steps=steps, batch_size=8, eval_every=max(steps // 4, 1),
+                      eval_batches=8,
                       warmup_steps=max(steps // 20, 1), learning_rate=1e-3 if small else 3e-3, progress=True,
                       system_metrics=False, output=str(work / "ckpt"), model_name="bench-compress")
     parent = train(cfg, str(work / "data"))
@@ -215,7 +220,9 @@ def run(args: argparse.Namespace, work: Path, steps: int, small: bool) -> None:
     figures: dict = {"preset": args.preset, "steps": steps, "best_val_loss": parent.best_val_loss, "controls": {}}
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     order = ["tiny", "small", "gpt2"]  # the presets by size
-    if "distill" in labels and order.index(args.student) >= order.index(args.preset):
+    # A student preset must be smaller than the parent: a smaller preset, or `tiny` under the 3-layer tiny parent.
+    smaller = order.index(args.student) < order.index(args.preset) or args.student == args.preset == "tiny"
+    if "distill" in labels and not smaller:
         # compress refuses a student preset that is not smaller than its teacher (no compression).
         print(f"skipping distill: the --student preset {args.student} is not smaller than the parent's "
               f"{args.preset}")
