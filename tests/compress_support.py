@@ -16,8 +16,17 @@ LEAN_EVAL = ["--set", "generation.num_prompts=4", "--set", "generation.max_new_t
 
 
 #: A short recovery: the point here is the plumbing, the benchmark measures the quality.
-SHORT_DISTILL = ["--set", "distill.steps=6", "--set", "distill.eval_every=3", "--set", "distill.eval_batches=1",
-                 "--set", "prune.calibration_batches=2"]
+SHORT_DISTILL = ["--set", "distill.steps=6", "--set", "distill.eval_every=3", "--set", "distill.eval_batches=1"]
+#: A short importance measurement, for what prunes (--method prune, distill --amount).
+SHORT_PRUNE = ["--set", "prune.calibration_batches=2"]
+
+
+def short_for(args: list[str]) -> list[str]:
+    """The short settings that ``compress`` with ``args`` reads (it refuses a --set key it would ignore)."""
+    method = args[args.index("--method") + 1]
+    if method not in ("prune", "distill"):
+        return []
+    return SHORT_DISTILL + (SHORT_PRUNE if method == "prune" or "--amount" in args else [])
 
 
 

@@ -25,7 +25,7 @@ from lifecycle.policies.loader import load_policy, parse_policy
 from lifecycle.policies.schema import CompressionGate, TargetPolicy
 from lifecycle.serving import variant as V
 from tests import servers
-from tests.compress_support import LEAN_EVAL, SHORT_DISTILL
+from tests.compress_support import LEAN_EVAL, SHORT_DISTILL, SHORT_PRUNE, short_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,7 +325,7 @@ def test_pruned_variant_is_registered_loads_elsewhere_and_serves(compress_parent
 
     name = compress_parent["name"]
     main(["compress", name, compress_parent["version"], "--method", "prune", "--amount", "30%", "--data",
-          str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL])
+          str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL, *SHORT_PRUNE])
     printed = capsys.readouterr().out
     assert "prune" in printed and "params" in printed and "tokens/s bs1" in printed
     client = MlflowClient()
@@ -404,7 +404,7 @@ def test_bad_data_is_refused_before_any_run_or_version(compress_parent, foreign_
     versions_before = len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'"))
     with pytest.raises(SystemExit) as exc:
         main(["compress", compress_parent["name"], compress_parent["version"], "--data", str(foreign_data / data),
-              "--experiment", compress_parent["name"], *args, *SHORT_DISTILL])
+              "--experiment", compress_parent["name"], *args, *short_for(args)])
     err = capsys.readouterr().err
     assert exc.value.code == 4 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err

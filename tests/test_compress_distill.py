@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from lifecycle.errors import ConfigError
 from lifecycle.optimize import prune as P
 from lifecycle.optimize import student as S
-from tests.compress_support import LEAN_EVAL, SHORT_DISTILL
+from tests.compress_support import LEAN_EVAL, SHORT_DISTILL, SHORT_PRUNE, short_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,6 +188,11 @@ def foreign_students(compress_parent, prepared_tiny, tmp_path_factory):
     ("distill", ["--student", "models:/no-such-model-x/1"], 5, "no such version"),
     ("distill", ["--student", "models:/no-such-model-x@champion"], 5, "no such alias @champion"),
     ("distill", ["--student", "no/such/folder"], 5, "no such folder"),
+    ("distill", ["--preset", "tiny", "--set", "prune.importance=magnitude"], 2,
+     "--set prune.importance has no effect with --method distill --preset"),
+    ("distill", ["--student", "TEACHER", "--set", "prune.layers=false"], 2,
+     "--set prune.layers has no effect with --method distill --student"),
+    ("int8-dynamic", ["--set", "distill.steps=3"], 2, "--set distill.steps has no effect with --method int8-dynamic"),
 ])
 def test_bad_student_start_exits_with_nothing_written(compress_parent, prepared_tiny, foreign_students, method, args,
                                                        code, message, capsys):
@@ -203,7 +208,8 @@ def test_bad_student_start_exits_with_nothing_written(compress_parent, prepared_
     versions_before = len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'"))
     with pytest.raises(SystemExit) as exc:
         main(["compress", compress_parent["name"], compress_parent["version"], "--method", method,
-              "--data", str(prepared_tiny), "--experiment", compress_parent["name"], *args, *SHORT_DISTILL])
+              "--data", str(prepared_tiny), "--experiment", compress_parent["name"], *args,
+              *short_for(["--method", method, *args])])
     err = capsys.readouterr().err
     assert exc.value.code == code and message in err and "Traceback" not in err, err
     assert len(MlflowClient().search_model_versions(f"name='{compress_parent['name']}'")) == versions_before
@@ -233,7 +239,7 @@ def pruned_student(compress_parent, prepared_tiny):
 
     name = compress_parent["name"]
     main(["compress", name, compress_parent["version"], "--method", "distill", "--amount", "0.3", "--data",
-          str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL])
+          str(prepared_tiny), "--experiment", name, *LEAN_EVAL, *SHORT_DISTILL, *SHORT_PRUNE])
     return _latest(MlflowClient(), name)
 
 

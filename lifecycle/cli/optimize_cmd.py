@@ -98,7 +98,7 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
     from lifecycle.optimize.compress import compress as run_compress
     from lifecycle.optimize.compress import format_table
     from lifecycle.optimize.prune import parse_amount
-    from lifecycle.optimize.structural import StructuralConfig, split_overrides
+    from lifecycle.optimize.structural import SECTIONS, StructuralConfig, split_overrides
     from lifecycle.optimize.student import init_of
 
     # Every option is checked here, before a run or a version can exist.
@@ -115,6 +115,13 @@ def compress(name: str, version: str, method: str, amount: str | None, preset: s
             raise ConfigError(f"{flag} is for --method distill, not {method}")
     if method == "distill":
         init_of(preset, 0.0 if amount is not None else None, student)  # exactly one start, before --amount is read
+    # A --set key the chosen method never reads would be a flag that means nothing: refused.
+    used = {"prune": SECTIONS, "distill": SECTIONS if amount is not None else ("distill.",)}.get(method, ())
+    unused = [o.partition("=")[0].strip() for o in shrink_overrides if not o.startswith(used)]
+    if unused:
+        how = f"--method {method}" + (f" --{'preset' if preset else 'student'}" if method == "distill" else "")
+        raise ConfigError(f"--set {unused[0]} has no effect with {how} (prune.* keys are for --method prune or "
+                          "distill --amount, distill.* for prune and distill)")
     flags: dict[str, object] = {"preset": preset, "student": student}
     if amount is not None:
         flags["prune.amount"] = parse_amount(amount)
