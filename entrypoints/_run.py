@@ -2,7 +2,8 @@
 
 MLproject commands render every parameter, set or not, so each script receives ``key=value``
 words named like the command's options (``set=`` for ``--set``); empty values mean "not given" and
-boolean flags take ``true``/``false``. Every other value is passed on exactly as written (never
+boolean flags take ``true``/``false`` (or yes/no, on/off, 1/0; any other word is refused, never read
+as false). Every other value is passed on exactly as written (never
 re-read as YAML, never stripped). The script then runs the same click command a user runs, so
 `mlflow run . -e STEP` and `lifecycle STEP` cannot drift apart.
 """
@@ -10,7 +11,15 @@ re-read as YAML, never stripped). The script then runs the same click command a 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _refuse(message: str) -> NoReturn:
+    """A bad entry point word: one line and exit 2, as the CLI refuses a bad flag."""
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
@@ -23,7 +32,7 @@ def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
 
     ctx_cmd = cli.get_command(None, command)  # type: ignore[arg-type]
     if ctx_cmd is None:
-        raise SystemExit(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+        _refuse(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
     params = {p.name: p for p in ctx_cmd.params}
     # The option's own spelling (`set=...` for `--set`, whose click name is `overrides`) and the click name.
     for p in ctx_cmd.params:
@@ -40,7 +49,7 @@ def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
         name = key.replace("-", "_")
         param = params.get(name)
         if param is None:
-            raise SystemExit(f"{command}: unknown parameter {key!r}; valid: {', '.join(sorted(params))}")
+            _refuse(f"{command}: unknown parameter {key!r}; valid: {', '.join(sorted(params))}")
         if value == "":
             continue
         if getattr(param, "param_type_name", "") == "argument":
@@ -48,7 +57,10 @@ def to_cli_args(command: str, words: Sequence[str]) -> list[str]:
             continue
         opt = max(param.opts, key=len)
         if getattr(param, "is_flag", False):
-            if value.strip().lower() in ("1", "true", "yes", "on"):
+            word = value.strip().lower()
+            if word not in _TRUE + _FALSE:
+                _refuse(f"{command}: {key}={value!r} is not true or false")
+            if word in _TRUE:
                 flags.append(opt)
             continue
         if getattr(param, "multiple", False):

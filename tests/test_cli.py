@@ -199,6 +199,20 @@ def test_entry_point_words_reach_the_command_exactly(source, column, item, name)
         assert ctx.params["name"] == name and ctx.params["out"] == "r.html"
 
 
+@pytest.mark.parametrize("word, given", [("true", True), ("Yes", True), (" on ", True), ("1", True),
+                                         ("false", False), ("no", False), ("OFF", False), ("0", False)])
+def test_entry_point_booleans_are_true_or_false(word, given):
+    assert ("--overwrite" in to_cli_args("prepare", ["source=s", f"overwrite={word}"])) is given
+
+
+@pytest.mark.parametrize("words", [["overwrite=ture"], ["overwrite=maybe"], ["overwrite=2"], ["no_such=1"]])
+def test_bad_entry_point_words_exit_2_in_one_line(words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        to_cli_args("prepare", ["source=s", *words])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("Error: prepare: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_mlproject_parameters_are_the_cli_option_names():
     """Every MLproject parameter is an option (or argument) of its command, spelled the same way."""
     import yaml
