@@ -21,6 +21,7 @@ per step (no loader worker to tune: a batch is one tensor gather).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -282,10 +283,12 @@ def main() -> None:
     if tracking and not os.environ.get("MLFLOW_TRACKING_URI"):
         tmp_tracking = tempfile.mkdtemp(prefix="bench-mlflow-")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_tracking}/mlflow.db"
+    # TF32 for every loop measured on CUDA, as the project's loop has it inside fit(): the bare and
+    # HF loops do the same math. The stack holds the scope until main() returns (a context manager
+    # entered without a reference is collected at once, and its exit would restore the setting).
+    precision = contextlib.ExitStack()
     if device.type == "cuda":
-        # TF32 for the whole benchmark process, as the project's loop has it inside fit(): the bare
-        # and HF loops do the same math. Entered, never exited: the process ends with main().
-        tf32(True).__enter__()
+        precision.enter_context(tf32(True))
     gen = torch.Generator().manual_seed(0)
     rows = max(4 * args.batch_size, 64)
     vocab = Vocab(args.vocab)
