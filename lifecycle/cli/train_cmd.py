@@ -10,7 +10,7 @@ from typing import Iterable
 import click
 
 from lifecycle.cli.params import FLOAT, INT
-from lifecycle.errors import ConfigError
+from lifecycle.errors import ConfigError, LifecycleError
 
 
 def refuse_repeated_keys(overrides: Iterable[str]) -> None:
@@ -70,7 +70,6 @@ def train(data: str, config_path: str | None, overrides: tuple[str, ...], model_
     """
     from lifecycle.cli import check_writable
     from lifecycle.config import load_config
-    from lifecycle.errors import LifecycleError
     from lifecycle.train.config import DEFAULT_CHECKPOINT_ROOT, TrainConfig
     from lifecycle.train.loop import TrainingInterrupted
     from lifecycle.train.run import train as run_train

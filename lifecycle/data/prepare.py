@@ -109,7 +109,7 @@ def prepare(cfg: PrepareConfig, output: str | Path, *, overwrite: bool = False,
                 card = result.card
                 chosen = {"pack.block_size": card["block_size"], "tokenizer.vocab_size": card["vocab_size"]}
                 mlflow.log_params({f"auto.{k}": chosen[k] for k, on in auto.items() if on})
-                mlflow.set_tag(TAG_DATA_DIGEST, result.card["digest"])
+                mlflow.set_tag(TAG_DATA_DIGEST, card["digest"])
                 run_id = run.info.run_id
             publish(work, output)
         except BaseException:

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from lifecycle.config import number_text
 from lifecycle.errors import ConfigError
 from lifecycle.optimize.importance import IMPORTANCE
 
@@ -44,13 +45,11 @@ def parse_amount(text: str) -> float:
     a space before the ``%`` (``30 %``) are refused, never re-read. So is anything outside the
     open interval (empty, negative, 0, 1 or more, nan, inf, words): a ConfigError naming the text.
     """
-    from lifecycle.config import number_text
-
     raw = str(text)
     body = raw.strip()
     percent = body.endswith("%")
     number = body[:-1] if percent else body
-    if not number or number != number.strip() or not number_text(number):
+    if number != number.strip() or not number_text(number):
         raise ConfigError(f"--amount {raw!r} is not a number: give the fraction of block parameters to remove, "
                           "strictly between 0 and 1 (e.g. 0.3 or 30%)")
     value = float(number) / (100.0 if percent else 1.0)

@@ -115,11 +115,6 @@ def fresh_student(preset: str, tokenizer: Any, block_size: int, *, seed: Optiona
     return build_model(preset, tokenizer, seed=seed, n_positions=max(shape.n_positions, block_size))
 
 
-def teacher_params(teacher_config: Any) -> int:
-    """The teacher's parameter count, from its config alone (tied head counted once)."""
-    return _meta_params(teacher_config)
-
-
 def refuse_not_smaller(what: str, params: int, teacher: int) -> None:
     """ConfigError (exit 2) unless a student of ``params`` parameters is smaller than the teacher's ``teacher``.
 
@@ -140,7 +135,7 @@ def check_preset(preset: str, teacher_config: Any, tokenizer: Any, block_size: i
     with torch.device("meta"):
         params = count_params(fresh_student(preset, tokenizer, block_size))
     refuse_not_smaller(f"--preset {preset} (for this tokenizer and {block_size}-token blocks)", params,
-                       teacher_params(teacher_config))
+                       _meta_params(teacher_config))
     return params
 
 
@@ -177,7 +172,7 @@ def check_student(uri: str, teacher_config: Any, teacher_tokenizer: Any, block_s
     limit = int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0) or 0)
     if limit and block_size > limit:
         raise ConfigError(f"--student {uri} takes at most {limit} tokens but the data's blocks have {block_size}")
-    params, teacher = _meta_params(config), teacher_params(teacher_config)
+    params, teacher = _meta_params(config), _meta_params(teacher_config)
     refuse_not_smaller(f"--student {uri}", params, teacher)
     version = registered_version(uri)
     return StudentModel(folder=folder, resolved=version.uri if version else uri, params=params,

@@ -8,6 +8,7 @@ the same global batches as one process with micro-batch W*b.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,6 @@ class PreparedData:
 
 def _no_data_files(path: Path) -> bool:
     """Whether a ``save_to_disk`` folder lists no data files (a split of zero blocks)."""
-    import json
-
     try:
         return json.loads((path / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
     except (OSError, ValueError, AttributeError):
